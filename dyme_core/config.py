@@ -1,0 +1,375 @@
+"""One validated configuration tree for every step (DESIGN.md section 5: config flows one way).
+
+Dataclass defaults -> a YAML file laid out one section per step (the same layout as params.yaml)
+-> ``section.key=value`` overrides from the command line or a KFP component, merged once by
+:func:`load_config` into one :class:`Config`. Unknown keys and bad values raise :class:`ConfigError`
+naming the key. Library code receives the object; it never reads YAML, environment or argv itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SynthConfig:
+    out_dir: str = _f("data/synth", "Dataset root to write (samples.jsonl + images/).")
+    seed: int = _f(0, "Random seed; the same seed gives byte-identical files.")
+    n_train: int = _f(96, "Number of training samples.")
+    n_val: int = _f(16, "Number of validation samples.")
+    n_test: int = _f(48, "Number of test samples.")
+    image_size: int = _f(224, "Rendered chart size in pixels (square).")
+    chart_types: list = _f(["bar", "grouped_bar", "line", "pie"], "Chart kinds to render.")
+    trace_quality: str = _f("medium", "Reference trace quality in `hint`: high | medium | low.",
+                            choices=("high", "medium", "low"))
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("data/synth", "Dataset: a dataset root, a .jsonl/.parquet/.json file, or a HF dataset id.")
+    format: str = _f("auto", "Loader: auto | project | dyme_json | hf.",
+                     choices=("auto", "project", "dyme_json", "hf"))
+    image_root: str = _f("", "Root that image paths are relative to (default: the file's folder).")
+    hf_split_map: dict = _f({"train": "train", "val": "val", "test": "test"},
+                            "Our split -> the HF dataset's split name.")
+    hf_columns: dict = _f({"question": "query", "answer": "label", "image": "image"},
+                          "Our field -> HF column (ChartQA's names by default).")
+    task: str = _f("chart", "Task for samples that do not say: chart (relaxed accuracy) | vqa.")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("models/tiny-smolvlm", "Hub id or local path of an image-text-to-text model.")
+    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    freeze_vision: bool = _f(True, "Freeze the vision tower (the paper does).")
+    lora_r: int = _f(0, "LoRA rank through peft; 0 trains the full model.")
+    lora_alpha: int = _f(16, "LoRA alpha.")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules LoRA wraps.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub (off unless you trust it).")
+    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa | eager | flash_attention_2.")
+
+
+@dataclass
+class InitModelConfig:
+    out_dir: str = _f("models/tiny-smolvlm", "Where to save the tiny random model and its processor.")
+    seed: int = _f(0, "Seed for the random weights and tokenizer training order.")
+    vocab_size: int = _f(1024, "BPE vocabulary size trained on the dataset's text.")
+    hidden_size: int = _f(128, "Text model width.")
+    num_layers: int = _f(2, "Text model layers.")
+    num_heads: int = _f(4, "Text model attention heads.")
+    vision_hidden_size: int = _f(64, "Vision tower width.")
+    vision_layers: int = _f(2, "Vision tower layers.")
+    image_size: int = _f(64, "Image size the vision tower sees.")
+    patch_size: int = _f(8, "Vision patch size.")
+    scale_factor: int = _f(2, "Pixel-shuffle factor of the connector.")
+
+
+@dataclass
+class LLMConfig:
+    base_url: str = _f("", "OpenAI-compatible endpoint, e.g. http://dyme-llm:8000/v1 ('' = not used).")
+    model: str = _f("Qwen/Qwen2.5-1.5B-Instruct", "Model name sent to the endpoint.")
+    api_key_env: str = _f("DYME_LLM_API_KEY", "Environment variable holding the API key (read by the CLI).")
+    timeout_s: float = _f(30.0, "Per-request timeout in seconds.")
+    max_retries: int = _f(3, "Retries after the first attempt, with exponential backoff.")
+    backoff_s: float = _f(0.5, "First backoff; doubles each retry.")
+    max_workers: int = _f(8, "Concurrent requests.")
+
+
+@dataclass
+class ValidateConfig:
+    report: str = _f("reports/validation.json", "Validation report (JSON) to write.")
+    min_image_px: int = _f(16, "Smallest accepted image side.")
+    max_image_px: int = _f(8192, "Largest accepted image side.")
+    min_rows: dict = _f({"train": 1, "test": 1}, "Minimum rows per split.")
+    require_answer_in_facts: bool = _f(False, "Fail rows whose answer is a table label not found in the facts.")
+
+
+@dataclass
+class RefineConfig:
+    backend: str = _f("rule", "rule (deterministic) | llm (OpenAI-compatible endpoint, rule fallback).",
+                      choices=("rule", "llm"))
+    out: str = _f("refined/targets.jsonl", "Refined reference traces, one per training sample.")
+    template_pool: str = _f("refined/templates.json", "Persisted, versioned template pool.")
+    cache_dir: str = _f(".cache/refine", "Refinement cache keyed by content hash.")
+    splits: list = _f(["train"], "Splits to refine.")
+    llm: LLMConfig = field(default_factory=LLMConfig, metadata={"help": "LLM refiner endpoint."})
+
+
+@dataclass
+class TrainConfig:
+    method: str = _f("dyme", "dyme | grpo | sft | two_stage.", choices=("dyme", "grpo", "sft", "two_stage"))
+    output_dir: str = _f("runs/train", "Checkpoints, final model (model/), metrics.jsonl.")
+    refined: str = _f("refined/targets.jsonl", "Refined targets from the refine step ('' = refine online).")
+    seed: int = _f(0, "Seed for data order, sampling and initialisation of LoRA.")
+    max_steps: int = _f(12, "Optimizer steps.")
+    batch_size: int = _f(4, "Prompts per process per generation batch.")
+    num_generations: int = _f(4, "K: completions sampled per prompt.")
+    grad_accum_steps: int = _f(1, "Generation batches accumulated per optimizer step.")
+    micro_batch_size: int = _f(8, "Rows per forward/backward in the update.")
+    learning_rate: float = _f(8e-5, "AdamW learning rate (paper: 8e-5 for DyME, 1e-5 baselines).")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    lr_scheduler: str = _f("constant", "constant | linear | cosine.", choices=("constant", "linear", "cosine"))
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    max_new_tokens: int = _f(64, "Longest completion (paper: 300).")
+    max_target_tokens: int = _f(256, "Longest memorised reference trace; longer ones are truncated.")
+    temperature: float = _f(1.0, "Sampling temperature for rollouts.")
+    top_p: float = _f(1.0, "Nucleus sampling for rollouts.")
+    beta: float = _f(0.0, "KL coefficient against the initial model (0 = no reference model).")
+    clip_eps: float = _f(0.2, "PPO clip; only matters when num_iterations > 1.")
+    num_iterations: int = _f(1, "Updates per generation batch.")
+    scale_rewards: bool = _f(True, "Divide group-centred rewards by (std + eps).")
+    adv_eps: float = _f(1e-4, "eps in (r - mean) / (std + eps).")
+    loss_type: str = _f("grpo", "Aggregation: grpo | bnpo | dr_grpo | weighted_mean.",
+                        choices=("grpo", "bnpo", "dr_grpo", "weighted_mean"))
+    reward_weights: list = _f([1.0, 1.0, 1.0], "Weights of format, accuracy, thinking rewards.")
+    min_thinking_chars: int = _f(10, "Shortest thinking the format reward accepts.")
+    checker: str = _f("rule", "Visual checker: rule | llm | none (none = thinking reward 0).",
+                      choices=("rule", "llm", "none"))
+    use_refiner: bool = _f(True, "Memorise refined traces (False: the raw hint, the no-refiner ablation).")
+    sft_target: str = _f("hint", "Target for sft/two_stage: hint | refined.", choices=("hint", "refined"))
+    sft_fraction: float = _f(0.5, "two_stage: fraction of max_steps spent on SFT before GRPO.")
+    template_evolution: bool = _f(False, "Propose top-scoring correct traces as new templates.")
+    prompt_style: str = _f("reason", "reason (think, then 'Answer:') | direct (answer only).",
+                           choices=("reason", "direct"))
+    save_steps: int = _f(0, "Checkpoint every N optimizer steps (0 = only at the end).")
+    resume_from: str = _f("", "'' | auto (latest checkpoint in output_dir) | a checkpoint path.")
+    logging_steps: int = _f(1, "Log every N steps.")
+    report_to: list = _f(["jsonl"], "Metric sinks: jsonl | mlflow | none.")
+    bf16: str = _f("auto", "auto (on GPU) | true | false.", choices=("auto", "true", "false"))
+    generation_batch_size: int = _f(0, "Prompts per generate call (0 = all of the batch).")
+    static_cache: bool = _f(False, "Use a static KV cache in generate (faster on GPU after compile).")
+    progress_bar: bool = _f(True, "Show a progress bar on the main process.")
+    llm: LLMConfig = field(default_factory=LLMConfig, metadata={"help": "LLM judge/refiner endpoint."})
+
+
+@dataclass
+class EvaluateConfig:
+    model_path: str = _f("runs/train/model", "Model directory to evaluate.")
+    split: str = _f("test", "Split to evaluate.", choices=("train", "val", "test"))
+    out_dir: str = _f("reports/eval", "predictions.jsonl, metrics.json, plots.")
+    batch_size: int = _f(16, "Prompts per greedy generate call.")
+    max_new_tokens: int = _f(64, "Longest generated answer.")
+    limit: int = _f(0, "Evaluate at most this many samples (0 = all).")
+    prompt_style: str = _f("reason", "reason | direct.", choices=("reason", "direct"))
+
+
+@dataclass
+class RegisterConfig:
+    model_name: str = _f("dyme-chart", "Registered model name in MLflow.")
+    experiment: str = _f("dyme", "MLflow experiment.")
+    tracking_uri: str = _f("sqlite:///mlruns.db", "Default tracking URI (MLFLOW_TRACKING_URI wins).")
+    gate_metric: str = _f("relaxed_accuracy", "Evaluation metric compared against the champion.")
+    gate_margin: float = _f(0.0, "Promote if challenger >= champion - margin.")
+
+
+@dataclass
+class Config:
+    synth: SynthConfig = field(default_factory=SynthConfig, metadata={"help": "Synthetic chart data."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Which dataset steps read."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model to train."})
+    init_model: InitModelConfig = field(default_factory=InitModelConfig, metadata={"help": "Tiny model."})
+    validate: ValidateConfig = field(default_factory=ValidateConfig, metadata={"help": "Data checks."})
+    refine: RefineConfig = field(default_factory=RefineConfig, metadata={"help": "Visual refiner."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training."})
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"help": "Evaluation."})
+    register: RegisterConfig = field(default_factory=RegisterConfig, metadata={"help": "Registry."})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+def _check(cfg: Config) -> None:
+    t = cfg.train
+    positive = {
+        "train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
+        "train.num_generations": t.num_generations, "train.grad_accum_steps": t.grad_accum_steps,
+        "train.micro_batch_size": t.micro_batch_size, "train.max_new_tokens": t.max_new_tokens,
+        "train.num_iterations": t.num_iterations, "evaluate.batch_size": cfg.evaluate.batch_size,
+        "init_model.vocab_size": cfg.init_model.vocab_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if t.method in ("dyme", "grpo", "two_stage") and t.num_generations < 2:
+        raise ConfigError(f"train.num_generations must be >= 2 for method {t.method!r}")
+    if t.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate must be > 0, got {t.learning_rate}")
+    if len(t.reward_weights) != 3:
+        raise ConfigError("train.reward_weights must list 3 weights: format, accuracy, thinking")
+    if not 0 <= t.sft_fraction <= 1:
+        raise ConfigError(f"train.sft_fraction must be in [0, 1], got {t.sft_fraction}")
+    if t.temperature <= 0:
+        raise ConfigError(f"train.temperature must be > 0, got {t.temperature}")
+    bad_sinks = set(t.report_to) - {"jsonl", "mlflow", "none"}
+    if bad_sinks:
+        raise ConfigError(f"train.report_to: unknown sink(s) {sorted(bad_sinks)}")
+    if cfg.synth.trace_quality not in ("high", "medium", "low"):
+        raise ConfigError(f"synth.trace_quality must be high|medium|low, got {cfg.synth.trace_quality!r}")
+    for section in dataclasses.fields(cfg):
+        _check_choices(getattr(cfg, section.name), section.name)
+
+
+def _check_choices(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}.{f.name}")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{prefix}.{f.name} must be one of {list(f.metadata['choices'])}, got {value!r}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise naming the key."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    if typ is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if typ is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if isinstance(typ, types.UnionType):
+        return value
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            kwargs[name] = _build(typ, value, key)
+        else:
+            kwargs[name] = _coerce(key, value, typ)
+    if cls is Config:
+        return cls(**kwargs)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.max_steps=3", ...]`` -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        value = yaml.safe_load(raw) if raw else ""
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults -> YAML file (one section per step) -> ``key=value`` overrides, validated once."""
+    tree: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+        tree = loaded
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return _build(Config, tree, "")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(key, help, default) for every leaf field: what `dyme <step> --help` prints."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        typ = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(typ):
+            rows.extend(describe(typ, key + "."))
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((key, f.metadata.get("help", ""), default))
+    return rows

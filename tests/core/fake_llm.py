@@ -1,0 +1,114 @@
+"""A fake OpenAI-compatible ``/v1/chat/completions`` server for tests (stdlib only).
+
+Runs a ``ThreadingHTTPServer`` on 127.0.0.1 (free port) in a daemon thread. Behaviour is switchable at
+run time through ``mode``:
+
+- ``"ok"``: 200 with ``reply`` as the assistant message; ``reply`` is a string or a function of the
+  request's messages returning one.
+- ``"error"``: HTTP 500.
+- ``"hang"``: waits ``hang_s`` (longer than the client timeout) before answering ok.
+- ``"garbage"``: 200 with ``garbage_body`` (non-JSON by default; set it to JSON without ``choices``).
+
+``queue`` holds modes for the next requests, consumed first (``["error"]`` = fail once, then ``mode``).
+Every request is counted (``count``) and recorded (``requests``: headers and parsed body).
+
+Usage: the ``fake_llm`` fixture in ``conftest.py``, or ``with FakeLLM() as fake: fake.base_url``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Reply = str | Callable[[list[dict]], str]
+
+
+class FakeLLM:
+    def __init__(self, reply: Reply = "ok", mode: str = "ok", hang_s: float = 2.0) -> None:
+        self.reply: Reply = reply
+        self.mode = mode
+        self.hang_s = hang_s
+        self.garbage_body = b"<html>upstream proxy error</html>"
+        self.queue: list[str] = []
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def start(self) -> FakeLLM:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()  # releases hanging handlers
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeLLM:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _record(self, headers: dict[str, str], body: Any) -> str:
+        with self._lock:
+            self.requests.append({"headers": headers, "body": body})
+            return self.queue.pop(0) if self.queue else self.mode
+
+    def _reply_text(self, body: Any) -> str:
+        messages = body.get("messages", []) if isinstance(body, dict) else []
+        return self.reply(messages) if callable(self.reply) else self.reply
+
+
+def _handler_for(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+            pass
+
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+            mode = fake._record(dict(self.headers), body)
+            if not self.path.endswith("/chat/completions"):
+                return self._send(404, b'{"error": "not found"}')
+            if mode == "error":
+                return self._send(500, b'{"error": "internal error"}')
+            if mode == "garbage":
+                return self._send(200, fake.garbage_body)
+            if mode == "hang" and fake._stop.wait(fake.hang_s):
+                return  # server stopping: drop the connection
+            content = fake._reply_text(body)
+            out = {"id": "fake", "object": "chat.completion",
+                   "model": (body or {}).get("model", ""),
+                   "choices": [{"index": 0, "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": content}}]}
+            self._send(200, json.dumps(out).encode())
+
+        def _send(self, status: int, data: bytes) -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:  # the client gave up (timeout) and closed the socket
+                pass
+
+    return Handler
