@@ -17,7 +17,6 @@ import json
 import re
 import threading
 import time
-from typing import Any
 
 import requests
 
@@ -195,9 +194,9 @@ def refine_with_llm(client: ChatClient, *, question: str, answer: str, template:
     if facts is None:
         if not hint:
             raise ValueError("refine_with_llm needs visual facts or a hint to extract them from")
+        extract = EXTRACT_PROMPT.format(question=question, hint=hint)
         facts = client.chat([{"role": "system", "content": EXTRACT_SYSTEM_PROMPT},
-                             {"role": "user", "content": EXTRACT_PROMPT.format(question=question, hint=hint)}])
-        facts = facts.strip()
+                             {"role": "user", "content": extract}]).strip()
         if not facts:
             raise LLMError("fact extraction returned an empty reply")
     prompt = REWRITE_PROMPT.format(question=question, answer=answer, facts=facts,

@@ -37,7 +37,8 @@ class FakeLLM:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # A short poll interval keeps shutdown (once per test) fast.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -86,7 +87,7 @@ def _handler_for(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 body = None
             mode = fake._record(dict(self.headers), body)
-            if not self.path.endswith("/chat/completions"):
+            if self.path != "/v1/chat/completions":
                 return self._send(404, b'{"error": "not found"}')
             if mode == "error":
                 return self._send(500, b'{"error": "internal error"}')

@@ -1,0 +1,104 @@
+"""DyME's mode rule, group advantages and loss aggregation (DESIGN.md section 2), as pure functions.
+
+Per prompt group of K rollouts with c correct: c == 0 -> MEMORIZE (SFT on the refined reference,
+advantage +1, the K rollouts weight 0), 0 < c < K -> EXPLORE (GRPO advantages), c == K -> SKIP.
+On-policy (num_iterations == 1) the PPO ratio is exp(logp - logp.detach()) == 1, so the clipped
+surrogate reduces to REINFORCE with group-normalised advantages, and a +1 row is exactly the
+gradient of token-mean NLL. Rows of weight 0 are dropped before the forward pass; the aggregation
+below normalises by the counts of the full batch so dropping them leaves the gradient unchanged.
+Tests: tests/core/test_algorithm.py (seeded random tensors, CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MEMORIZE, EXPLORE, SKIP = 0, 1, 2
+MODE_NAMES = {MEMORIZE: "memorize", EXPLORE: "explore", SKIP: "skip"}
+
+
+def select_modes(correct: torch.Tensor) -> torch.Tensor:
+    """correct: (B, K) bool -> (B,) long in {MEMORIZE, EXPLORE, SKIP}."""
+    c = correct.bool().sum(dim=1)  # (B,)
+    k = correct.shape[1]
+    modes = torch.full_like(c, EXPLORE, dtype=torch.long)
+    modes[c == 0] = MEMORIZE
+    modes[c == k] = SKIP
+    return modes
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """rewards: (B, K) -> (B, K): (r - mean) / (std + eps) per group, unbiased std; r - mean if not scale."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)  # (B, K)
+    if not scale:
+        return centred
+    std = rewards.std(dim=1, keepdim=True, unbiased=True)  # (B, 1)
+    return centred / (std + eps)
+
+
+def dyme_advantages(
+    rewards: torch.Tensor, modes: torch.Tensor, eps: float = 1e-4, scale: bool = True
+) -> torch.Tensor:
+    """(B, K) rollout advantages: GRPO advantages in EXPLORE groups, 0 in MEMORIZE and SKIP groups."""
+    adv = group_advantages(rewards, eps=eps, scale=scale)
+    return adv * (modes == EXPLORE).unsqueeze(1).to(adv.dtype)
+
+
+def policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float = 0.2,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> torch.Tensor:
+    """Per-token clipped surrogate (+ k3 KL to the reference when beta > 0).
+
+    logps, old_logps, ref_logps: (N, T) token log-probs; advantages: (N,). Returns (N, T).
+    """
+    ratio = torch.exp(logps - old_logps)  # (N, T); == 1 on-policy, but carries the gradient
+    adv = advantages.unsqueeze(1)  # (N, 1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    if beta > 0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs reference log-probs")
+        delta = ref_logps - logps
+        loss = loss + beta * (torch.exp(delta) - delta - 1)  # k3 estimator, >= 0
+    return loss
+
+
+def aggregate_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    total_rows: int,
+    total_tokens: int,
+    max_completion_len: int,
+    kept_rows: int,
+) -> torch.Tensor:
+    """Reduce (N, T) per-token losses of the kept rows to this micro-batch's share of the batch loss.
+
+    The denominators are the counts of the whole batch, dropped rows included, so summing the shares
+    of all micro-batches gives the loss of the full batch:
+      grpo:          sum_i mean_t(loss_it) / total_rows            (TRL's "grpo"; the official update)
+      bnpo:          sum_it loss_it / total_tokens
+      dr_grpo:       sum_it loss_it / (total_rows * max_completion_len)
+      weighted_mean: sum_i mean_t(loss_it) / kept_rows             (mean over weighted rows only)
+    """
+    mask = mask.to(per_token.dtype)
+    masked = per_token * mask
+    if loss_type in ("grpo", "weighted_mean"):
+        row_means = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (N,)
+        return row_means.sum() / (total_rows if loss_type == "grpo" else max(kept_rows, 1))
+    if loss_type == "bnpo":
+        return masked.sum() / max(total_tokens, 1)
+    if loss_type == "dr_grpo":
+        return masked.sum() / (total_rows * max_completion_len)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def mode_fractions(modes: torch.Tensor) -> dict[str, float]:
+    n = max(modes.numel(), 1)
+    return {f"mode/{name}": float((modes == m).sum()) / n for m, name in MODE_NAMES.items()}

@@ -1,0 +1,253 @@
+"""The `dyme` command line: one thin command per pipeline step, each over one library function.
+
+    dyme <command> [--config params.yaml] [section.key=value ...]
+
+Commands: synth, init-model, validate, refine, train, evaluate, register, promote, compare, submit.
+`dyme <command> --help` lists the keys the command reads, with their help and defaults. Bad input
+(missing file, bad config key, corrupt image, failed validation) ends with one line on stderr and a
+non-zero exit status, never a traceback. This module is the only place that reads argv and the
+environment (the LLM API key, torchrun's rank variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from dyme_core.config import Config, ConfigError, describe, load_config
+
+log = logging.getLogger("dyme")
+
+# command -> (config sections it reads, one-line description)
+COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "synth": (("synth",), "Render the deterministic synthetic chart-QA dataset."),
+    "init-model": (("data", "init_model"), "Build the tiny random SmolVLM-architecture model."),
+    "validate": (("data", "validate"), "Validate the dataset; non-zero exit if any check fails."),
+    "refine": (("data", "refine"), "Write grounded reference traces for the training split."),
+    "train": (("data", "model", "train"), "Train with dyme | grpo | sft | two_stage."),
+    "evaluate": (("data", "model", "evaluate"), "Greedy evaluation: predictions, metrics, plots."),
+    "register": (("train", "evaluate", "register"), "Log the run and model to MLflow; gate champion."),
+    "promote": (("register",), "Set an alias (default champion) on a registered version."),
+    "compare": (("register",), "Print a side-by-side table of runs."),
+    "submit": (("register",), "Compile the Kubeflow pipeline and start a run on a KFP endpoint."),
+}
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+def _llm_client(llm_cfg, needed: bool):
+    if not needed:
+        return None
+    if not llm_cfg.base_url:
+        raise UserError("an LLM backend is configured but llm.base_url is empty")
+    from dyme_core.llm import ChatClient
+
+    return ChatClient(llm_cfg, api_key=os.environ.get(llm_cfg.api_key_env))
+
+
+def _dataset(cfg: Config):
+    from dyme_core.data.loaders import load_dataset
+
+    return load_dataset(cfg.data)
+
+
+def cmd_synth(cfg: Config, args: argparse.Namespace) -> int:
+    from dyme_core.data.synth import synthesize
+
+    out = synthesize(cfg.synth)
+    print(f"wrote synthetic dataset to {out}")
+    return 0
+
+
+def cmd_init_model(cfg: Config, args: argparse.Namespace) -> int:
+    from dyme_core.models import init_tiny_model
+    from dyme_core.refiner import rule_refine
+
+    ds = _dataset(cfg)
+    texts = []
+    for s in ds.samples:
+        texts += [s.question, s.answer, s.hint or "", rule_refine(s)]
+        texts += [t for t in s.meta.get("traces", {}).values() if isinstance(t, str)]
+    out = init_tiny_model(cfg.init_model, [t for t in texts if t])
+    print(f"saved tiny model to {out}")
+    return 0
+
+
+def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
+    from dyme_core.validation import summarize, validate_path
+
+    path = Path(cfg.data.path)
+    if cfg.data.format not in ("auto", "project") or not path.exists():
+        if not path.exists():
+            raise UserError(f"dataset not found: {path}")
+        raise UserError(f"validate reads the project format; convert {path} first (data.format={cfg.data.format})")
+    report = validate_path(path, cfg.validate)
+    print(summarize(report))
+    return 0 if report["success"] else 1
+
+
+def cmd_refine(cfg: Config, args: argparse.Namespace) -> int:
+    from dyme_core.refiner import Refiner, TemplatePool
+
+    r = cfg.refine
+    ds = _dataset(cfg)
+    client = _llm_client(r.llm, r.backend == "llm")
+    refiner = Refiner(r.backend, cache_dir=r.cache_dir, client=client, max_workers=r.llm.max_workers)
+    pool = TemplatePool.load(r.template_pool)
+    samples = [s for s in ds.samples if s.split in r.splits]
+    results = refiner.refine(samples, pool.current["text"])
+    out = Path(r.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for s, (trace, fell_back) in zip(samples, results, strict=True):
+            row = {"id": s.id, "trace": trace, "template_version": pool.best,
+                   "backend": "rule" if fell_back else r.backend}
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+    tmp.replace(out)
+    pool.save(r.template_pool)
+    stats = {**refiner.stats.as_dict(), "n": len(samples), "template_version": pool.best}
+    out.with_name("refine_stats.json").write_text(json.dumps(stats, indent=2))
+    print(f"refined {len(samples)} samples -> {out} ({json.dumps(stats)})")
+    return 0
+
+
+def _init_distributed() -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from dyme_core.trainer import load_refined, train
+
+    report = Path(cfg.validate.report)
+    if report.is_file() and not json.loads(report.read_text()).get("success", True):
+        raise UserError(f"the dataset failed validation ({report}); fix it and rerun `dyme validate`")
+    ds = _dataset(cfg)
+    client = _llm_client(cfg.train.llm, cfg.train.checker == "llm")
+    _init_distributed()
+    metrics = train(cfg, ds, load_refined(cfg.train.refined), llm_client=client)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    return 0
+
+
+def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from dyme_core.evaluate import evaluate, plot_training
+
+    metrics = evaluate(cfg, _dataset(cfg))
+    history = Path(cfg.evaluate.model_path).parent / "metrics.jsonl"
+    if history.is_file():
+        plot_training(history, Path(cfg.evaluate.out_dir))
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    return 0
+
+
+def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
+    from dyme_core.tracking import register_model
+
+    result = register_model(cfg, Path(cfg.train.output_dir), Path(cfg.evaluate.out_dir))
+    out = Path(cfg.evaluate.out_dir).parent / "register.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
+    from dyme_core.tracking import promote
+
+    if not args.version:
+        raise UserError("promote needs --version N")
+    promote(cfg.register, args.version, alias=args.alias)
+    print(f"{cfg.register.model_name} version {args.version} is now @{args.alias}")
+    return 0
+
+
+def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
+    from dyme_core.tracking import compare
+
+    print(compare(cfg.register, run_ids=args.runs or None))
+    return 0
+
+
+def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
+    from pipelines.dyme_pipeline import submit
+
+    if not args.host:
+        raise UserError("submit needs --host URL of the KFP API")
+    run_id = submit(args.host, experiment=args.experiment, params_file=args.config,
+                    overrides=args.overrides)
+    print(f"submitted run {run_id} to {args.host}")
+    return 0
+
+
+HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "synth": cmd_synth, "init-model": cmd_init_model, "validate": cmd_validate, "refine": cmd_refine,
+    "train": cmd_train, "evaluate": cmd_evaluate, "register": cmd_register, "promote": cmd_promote,
+    "compare": cmd_compare, "submit": cmd_submit,
+}
+
+
+def _keys_help(sections: tuple[str, ...]) -> str:
+    rows = [r for r in describe() if r[0].split(".")[0] in sections]
+    return "config keys (section.key=value):\n" + "\n".join(
+        f"  {key:<34} {help_} [default: {default!r}]" for key, help_, default in rows
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dyme", description="DyME training pipeline for small VLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (sections, text) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, epilog=_keys_help(sections),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", default=None, help="YAML file laid out one section per step (params.yaml).")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Config overrides, e.g. train.max_steps=4.")
+        if name == "promote":
+            p.add_argument("--version", default="", help="Registered model version.")
+            p.add_argument("--alias", default="champion", help="Alias to set.")
+        if name == "compare":
+            p.add_argument("--runs", nargs="*", default=[], help="Run ids (default: latest runs).")
+        if name == "submit":
+            p.add_argument("--host", default="", help="KFP API endpoint, e.g. http://localhost:8080.")
+            p.add_argument("--experiment", default="dyme", help="KFP experiment name.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return HANDLERS[args.command](cfg, args)
+    except (ConfigError, UserError) as e:
+        print(f"dyme {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+        # DataError, LLMError and friends: a one-line message names what is wrong
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"dyme {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Models: load any image-text-to-text model through the Auto classes, and build the tiny default.
+
+`load_model` / `load_processor` take a hub id or a local directory (SmolVLM/Idefics3, LLaVA-OneVision,
+Qwen2-VL families), load safetensors only, and run hub code only when `model.trust_remote_code` is set.
+`init_tiny_model` builds the embedded default of DESIGN.md section 4: a random SmolVLM-architecture
+model (`Idefics3ForConditionalGeneration`) with a byte-level BPE tokenizer trained on the dataset's
+text, saved with `save_pretrained` so that the same `load_model` path reloads it.
+
+Prompts are built with the processor's chat template, so the tiny model and a hub model take the
+same code path (`build_prompt`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+)
+
+from dyme_core.config import InitModelConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+ANSWER_FLAG = "Answer:"
+REASON_INSTRUCTION = (
+    "Think step by step about the image, then give the final answer on a new line starting with 'Answer:'."
+)
+DIRECT_INSTRUCTION = "Answer with a single word or number."
+
+# A SmolVLM-style template: "User:<image>question<end_of_utterance>\nAssistant:".
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ message['role'] | capitalize }}:"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}<image>{%- else -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "<end_of_utterance>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+)
+IDEFICS3_SPECIAL_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
+]
+# Parameter-name fragments of vision towers across the supported families.
+VISION_MODULE_NAMES = ("vision_model", "vision_tower", "visual")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_processor(cfg: ModelConfig) -> ProcessorMixin:
+    processor = AutoProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    return processor
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Load weights (safetensors only), freeze the vision tower and wrap LoRA as configured."""
+    device = torch.device(device)
+    model = AutoModelForImageTextToText.from_pretrained(
+        cfg.name_or_path,
+        dtype=resolve_dtype(cfg.dtype, device),
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,
+        attn_implementation=cfg.attn_implementation,
+    ).to(device)
+    if cfg.freeze_vision:
+        for name, param in model.named_parameters():
+            if any(part in name for part in VISION_MODULE_NAMES):
+                param.requires_grad_(False)
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "|".join(cfg.lora_target_modules)
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            # language model only: the same projection names exist in the vision tower
+            target_modules=rf"^(?!.*({'|'.join(VISION_MODULE_NAMES)})).*\.({targets})$",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def save_model(model: PreTrainedModel, processor: ProcessorMixin, out_dir: str | Path) -> Path:
+    """Save a plain HF directory (LoRA merged) with its processor: what evaluate and register load."""
+    from peft import PeftModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    to_save = model.merge_and_unload() if isinstance(model, PeftModel) else model
+    to_save.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def suppressed_token_ids(model: PreTrainedModel, processor: ProcessorMixin) -> list[int]:
+    """Special tokens a completion must never contain (image placeholders and the like): all but eos.
+
+    A weak policy samples them, and an image token inside a completion would break the next forward.
+    """
+    tok = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    keep = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+    return sorted(set(tok.all_special_ids) - keep)
+
+
+def user_text(question: str, style: str) -> str:
+    return f"{question}\n{REASON_INSTRUCTION if style == 'reason' else DIRECT_INSTRUCTION}"
+
+
+def build_prompt(processor: ProcessorMixin, question: str, style: str = "reason") -> str:
+    """The chat-formatted prompt (with the image placeholder) that generation continues."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text(question, style)}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the dataset's own text, with the Idefics3 special tokens."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<|im_start|>", *IDEFICS3_SPECIAL_TOKENS]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        additional_special_tokens=IDEFICS3_SPECIAL_TOKENS,
+        padding_side="left",
+    )
+
+
+def init_tiny_model(cfg: InitModelConfig, texts: list[str]) -> Path:
+    """Build, save and return the directory of a tiny random Idefics3 (SmolVLM architecture) model."""
+    torch.manual_seed(cfg.seed)
+    prompt_texts = [REASON_INSTRUCTION, DIRECT_INSTRUCTION, ANSWER_FLAG, "User:", "Assistant:"]
+    tokenizer = train_tokenizer(sorted(set(texts)) + prompt_texts, cfg.vocab_size)
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": cfg.image_size},
+        max_image_size={"longest_edge": cfg.image_size},
+    )
+    image_seq_len = (cfg.image_size // cfg.patch_size) ** 2 // cfg.scale_factor**2
+    processor = Idefics3Processor(
+        image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=TINY_CHAT_TEMPLATE
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.hidden_size * 2,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision_config = {
+        "hidden_size": cfg.vision_hidden_size,
+        "intermediate_size": cfg.vision_hidden_size * 2,
+        "num_hidden_layers": cfg.vision_layers,
+        "num_attention_heads": max(1, cfg.vision_hidden_size // 32),
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+    }
+    config = Idefics3Config(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config,
+        scale_factor=cfg.scale_factor,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out = save_model(model, processor, cfg.out_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("saved tiny Idefics3 (%.2fM params, vocab %d) to %s", n_params / 1e6, len(tokenizer), out)
+    return out
