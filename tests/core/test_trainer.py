@@ -104,7 +104,7 @@ def test_resume_is_exact(tiny_setup: dict, tmp_path: Path) -> None:
 
 def test_two_processes_gloo(tiny_setup: dict, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "dyme_core.cli", "train", f"data.path={tiny_setup['data']}",
            f"model.name_or_path={tiny_setup['model']}", f"train.output_dir={out}", "train.refined=",
            "train.max_steps=2", "train.batch_size=1", "train.num_generations=2", "train.max_new_tokens=8",
