@@ -17,8 +17,8 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
+from dyme_core import steps
 from dyme_core.config import Config, ConfigError, describe, load_config
 
 log = logging.getLogger("dyme")
@@ -52,70 +52,27 @@ def _llm_client(llm_cfg, needed: bool):
     return ChatClient(llm_cfg, api_key=os.environ.get(llm_cfg.api_key_env))
 
 
-def _dataset(cfg: Config):
-    from dyme_core.data.loaders import load_dataset
-
-    return load_dataset(cfg.data)
-
-
 def cmd_synth(cfg: Config, args: argparse.Namespace) -> int:
-    from dyme_core.data.synth import synthesize
-
-    out = synthesize(cfg.synth)
-    print(f"wrote synthetic dataset to {out}")
+    print(f"wrote synthetic dataset to {steps.synth(cfg)}")
     return 0
 
 
 def cmd_init_model(cfg: Config, args: argparse.Namespace) -> int:
-    from dyme_core.models import init_tiny_model
-    from dyme_core.refiner import rule_refine
-
-    ds = _dataset(cfg)
-    texts = []
-    for s in ds.samples:
-        texts += [s.question, s.answer, s.hint or "", rule_refine(s)]
-        texts += [t for t in s.meta.get("traces", {}).values() if isinstance(t, str)]
-    out = init_tiny_model(cfg.init_model, [t for t in texts if t])
-    print(f"saved tiny model to {out}")
+    print(f"saved tiny model to {steps.init_model(cfg)}")
     return 0
 
 
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
-    from dyme_core.validation import summarize, validate_path
+    from dyme_core.validation import summarize
 
-    path = Path(cfg.data.path)
-    if cfg.data.format not in ("auto", "project") or not path.exists():
-        if not path.exists():
-            raise UserError(f"dataset not found: {path}")
-        raise UserError(f"validate reads the project format; convert {path} first (data.format={cfg.data.format})")
-    report = validate_path(path, cfg.validate)
+    report = steps.validate(cfg)
     print(summarize(report))
     return 0 if report["success"] else 1
 
 
 def cmd_refine(cfg: Config, args: argparse.Namespace) -> int:
-    from dyme_core.refiner import Refiner, TemplatePool
-
-    r = cfg.refine
-    ds = _dataset(cfg)
-    client = _llm_client(r.llm, r.backend == "llm")
-    refiner = Refiner(r.backend, cache_dir=r.cache_dir, client=client, max_workers=r.llm.max_workers)
-    pool = TemplatePool.load(r.template_pool)
-    samples = [s for s in ds.samples if s.split in r.splits]
-    results = refiner.refine(samples, pool.current["text"])
-    out = Path(r.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for s, (trace, fell_back) in zip(samples, results, strict=True):
-            row = {"id": s.id, "trace": trace, "template_version": pool.best,
-                   "backend": "rule" if fell_back else r.backend}
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-    tmp.replace(out)
-    pool.save(r.template_pool)
-    stats = {**refiner.stats.as_dict(), "n": len(samples), "template_version": pool.best}
-    out.with_name("refine_stats.json").write_text(json.dumps(stats, indent=2))
-    print(f"refined {len(samples)} samples -> {out} ({json.dumps(stats)})")
+    stats = steps.refine(cfg, _llm_client(cfg.refine.llm, cfg.refine.backend == "llm"))
+    print(f"refined {stats['n']} samples -> {cfg.refine.out} ({json.dumps(stats)})")
     return 0
 
 
@@ -132,38 +89,23 @@ def _init_distributed() -> None:
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
-    from dyme_core.trainer import load_refined, train
-
-    report = Path(cfg.validate.report)
-    if report.is_file() and not json.loads(report.read_text()).get("success", True):
-        raise UserError(f"the dataset failed validation ({report}); fix it and rerun `dyme validate`")
-    ds = _dataset(cfg)
     client = _llm_client(cfg.train.llm, cfg.train.checker == "llm")
+    steps.check_validated(cfg)
     _init_distributed()
-    metrics = train(cfg, ds, load_refined(cfg.train.refined), llm_client=client)
+    metrics = steps.train(cfg, client)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     return 0
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
-    from dyme_core.evaluate import evaluate, plot_training
-
-    metrics = evaluate(cfg, _dataset(cfg))
-    history = Path(cfg.evaluate.model_path).parent / "metrics.jsonl"
-    if history.is_file():
-        plot_training(history, Path(cfg.evaluate.out_dir))
+    metrics = steps.evaluate(cfg)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     return 0
 
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
-    from dyme_core.tracking import register_model
-
-    result = register_model(cfg, Path(cfg.train.output_dir), Path(cfg.evaluate.out_dir))
-    out = Path(cfg.evaluate.out_dir).parent / "register.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    print(json.dumps(steps.register(cfg)))
     return 0
 
 
@@ -239,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         return HANDLERS[args.command](cfg, args)
-    except (ConfigError, UserError) as e:
+    except (ConfigError, UserError, steps.ValidationFailed) as e:
         print(f"dyme {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:

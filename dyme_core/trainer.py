@@ -70,6 +70,7 @@ class Row:
     advantage: float
     temperature: float  # logits are scaled by it (1.0 for memorised references: plain NLL)
     old_logps: torch.Tensor | None = None  # (T,), filled when num_iterations > 1
+    memorized: bool = False  # a reference trace (SFT row), not a rollout
 
 
 @dataclass
@@ -278,8 +279,11 @@ class DymeTrainer:
         token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T)
         return token_logps, mask.to(self.device)
 
-    def _backward(self, batch: Batch, rows: list[Row], norm: dict) -> float:
-        """Forward/backward the kept rows in micro-batches; returns this batch's loss share."""
+    def _backward(self, batch: Batch, rows: list[Row], norm: dict, m: dict) -> float:
+        """Forward/backward the kept rows in micro-batches; returns this batch's loss share.
+
+        Also sums the token-mean NLL of memorised rows into m (the SFT loss, to watch memorisation).
+        """
         total = 0.0
         self.model.train()
         for lo in range(0, len(rows), self.t.micro_batch_size):
@@ -296,6 +300,12 @@ class DymeTrainer:
             loss = algorithm.aggregate_loss(per_token, mask, self.t.loss_type, **norm) / self.t.grad_accum_steps
             loss.backward()
             total += float(loss.detach())
+            with torch.no_grad():
+                mem = torch.tensor([r.memorized for r in chunk], device=self.device)
+                if mem.any():
+                    nll = -(logps * mask).sum(1) / mask.sum(1).clamp(min=1)
+                    m["nll_memorized"] += float(nll[mem].sum())
+                    m["n_memorized"] += int(mem.sum())
         return total
 
     def _sync_grads(self) -> None:
@@ -327,7 +337,7 @@ class DymeTrainer:
             if self.t.method == "dyme" and modes[b] == algorithm.MEMORIZE:
                 source = "refined" if self.t.use_refiner else "hint"
                 target = self._encode_target(self._target_text(batch.samples[b], source))
-                rows.append(Row(b, target, 1.0, 1.0))
+                rows.append(Row(b, target, 1.0, 1.0, memorized=True))
                 continue
             for j in range(k):
                 if adv[b, j] != 0:  # zero-weight rows never reach the forward pass
@@ -360,7 +370,7 @@ class DymeTrainer:
                 self.templates.propose(parse_completion(texts[b * k + j]).thinking, float(scores[j]))
 
     def _sft_rows(self, batch: Batch) -> tuple[list[Row], dict]:
-        rows = [Row(b, self._encode_target(self._target_text(s, self.t.sft_target)), 1.0, 1.0)
+        rows = [Row(b, self._encode_target(self._target_text(s, self.t.sft_target)), 1.0, 1.0, memorized=True)
                 for b, s in enumerate(batch.samples)]
         n_tok = int(sum(len(r.completion) for r in rows))
         return rows, {"total_rows": len(rows), "total_tokens": n_tok,
@@ -374,7 +384,7 @@ class DymeTrainer:
         keys = ["reward/format", "reward/accuracy", "reward/thinking", "reward/total", "mode/memorize",
                 "mode/explore", "mode/skip", "frac_reward_zero_std", "completion/mean_length",
                 "completion/clipped_ratio", "tokens", "time/generation_s", "time/reward_s", "time/update_s",
-                "loss", "rows/kept", "rows/total"]
+                "loss", "rows/kept", "rows/total", "nll_memorized", "n_memorized"]
         m = dict.fromkeys(keys, 0.0)
         self.optimizer.zero_grad(set_to_none=True)
         for accum in range(self.t.grad_accum_steps):
@@ -394,7 +404,7 @@ class DymeTrainer:
                             for r, lp, mk in zip(chunk, logps, mask, strict=True):
                                 r.old_logps = lp[mk].detach().cpu()
                 if rows:
-                    m["loss"] += self._backward(batch, rows, norm)
+                    m["loss"] += self._backward(batch, rows, norm, m)
                 if it < self.t.num_iterations - 1:
                     self._optimizer_step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -407,6 +417,7 @@ class DymeTrainer:
             if key.startswith(("reward/", "mode/", "frac_", "completion/")):
                 m[key] /= a
         m = self._reduce(m)
+        m["loss/nll_memorized"] = m.pop("nll_memorized") / max(m.pop("n_memorized"), 1.0)
         elapsed = time.perf_counter() - t_start
         n_samples = self.t.batch_size * a * self.world * (1 if phase == "sft" else self.t.num_generations)
         m.update({
@@ -443,7 +454,7 @@ class DymeTrainer:
         keys = sorted(m)
         t = torch.tensor([m[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        summed = ("rows/kept", "rows/total", "tokens")
+        summed = ("rows/kept", "rows/total", "tokens", "nll_memorized", "n_memorized")
         return {k: float(v) if k in summed else float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
 
     # ---------------------------------------------------------------- checkpoints
@@ -497,7 +508,7 @@ class DymeTrainer:
                 self._log(last)
             bar.update(1)
             bar.set_postfix(acc=f"{last['reward/accuracy']:.2f}", mem=f"{last['mode/memorize']:.2f}",
-                            loss=f"{last['loss']:.3f}")
+                            nll=f"{last['loss/nll_memorized']:.3f}")
             if self.t.save_steps and self.step % self.t.save_steps == 0 and self.step < self.t.max_steps:
                 self.save_checkpoint()
         bar.close()
@@ -527,7 +538,8 @@ class DymeTrainer:
     def _log(self, metrics: dict[str, float]) -> None:
         for report in self.reporters:
             report(metrics, int(metrics["step"]))
-        log.info("step %d: loss %.4f acc %.3f modes m/e/s %.2f/%.2f/%.2f", metrics["step"], metrics["loss"],
+        log.info("step %d: loss %.4f nll(mem) %.3f acc %.3f modes m/e/s %.2f/%.2f/%.2f", metrics["step"],
+                 metrics["loss"], metrics["loss/nll_memorized"],
                  metrics["reward/accuracy"], metrics["mode/memorize"], metrics["mode/explore"],
                  metrics["mode/skip"])
 
