@@ -1,0 +1,33 @@
+"""Layering (DESIGN.md section 5): dyme_core never imports kfp or dvc; only tracking.py imports mlflow."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[2] / "dyme_core"
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_kfp_or_dvc_anywhere_and_mlflow_only_in_tracking() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        found = _imports(path)
+        assert not found & {"kfp", "dvc"}, f"{path} imports {found & {'kfp', 'dvc'}}"
+        if path.name != "tracking.py":
+            assert "mlflow" not in found, f"{path} imports mlflow"
+
+
+def test_importing_the_library_loads_none_of_them() -> None:
+    code = ("import sys, dyme_core.cli, dyme_core.trainer, dyme_core.evaluate, dyme_core.steps; "
+            "print(sorted(m for m in ('kfp', 'dvc', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

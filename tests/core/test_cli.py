@@ -1,0 +1,99 @@
+"""The real `dyme` CLI in subprocesses with tiny settings: each step, --help, and one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dyme_core.config import ConfigError, load_config
+
+DYME = [sys.executable, "-m", "dyme_core.cli"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*DYME, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_help_lists_keys(tmp_path: Path) -> None:
+    proc = run("train", "--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "train.num_generations" in proc.stdout and "K: completions sampled per prompt" in proc.stdout
+
+
+@pytest.mark.slow
+def test_default_chain_synth_to_evaluate(tmp_path: Path) -> None:
+    tiny = ["synth.n_train=6", "synth.n_val=2", "synth.n_test=3", "synth.image_size=64",
+            "init_model.vocab_size=300", "init_model.hidden_size=32", "init_model.num_layers=1",
+            "init_model.vision_hidden_size=32", "init_model.vision_layers=1", "init_model.image_size=32",
+            "train.max_steps=2", "train.batch_size=2", "train.num_generations=2", "train.max_new_tokens=8",
+            "train.report_to=[jsonl]", "evaluate.max_new_tokens=8"]
+    params = Path(__file__).parents[2] / "params.yaml"
+    for step in ("synth", "init-model", "validate", "refine", "train", "evaluate"):
+        proc = run(step, "--config", str(params), *tiny, cwd=tmp_path)
+        assert proc.returncode == 0, f"{step}: {proc.stderr[-1500:]}"
+    metrics = json.loads((tmp_path / "reports/eval/metrics.json").read_text())
+    assert {"relaxed_accuracy", "format_rate", "grounding_score", "mean_thinking_length"} <= set(metrics)
+    assert any(k.startswith("accuracy/") for k in metrics)
+    assert len((tmp_path / "reports/eval/predictions.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "reports/eval/accuracy_by_type.png").stat().st_size > 0
+    assert (tmp_path / "reports/eval/rewards.png").is_file() and (tmp_path / "reports/eval/modes.png").is_file()
+    refined = (tmp_path / "refined/targets.jsonl").read_text().splitlines()
+    assert len(refined) == 6 and "Observation:" in json.loads(refined[0])["trace"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "train.nope=1"], "unknown config key train.nope"),
+    (["train", "train.max_steps=abc"], "train.max_steps: expected an integer"),
+    (["train", "train.method=ppo"], "train.method must be one of"),
+    (["train", "--config", "missing.yaml"], "config file not found: missing.yaml"),
+    (["validate", "data.path=nowhere/data"], "dataset not found"),
+    (["evaluate", "data.path=./nowhere/data"], "dataset not found"),
+])
+def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = run(*args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_corrupt_image_fails_validation_then_training_refuses(tmp_path: Path, tiny_setup: dict) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_setup["data"], data)
+    victim = sorted((data / "images").glob("*.png"))[0]
+    victim.write_bytes(b"not a png")
+    proc = run("validate", f"data.path={data}", "validate.report=report.json", cwd=tmp_path)
+    assert proc.returncode == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert victim.stem in {f["id"] for f in report["failures"]}
+    proc = run("train", f"data.path={data}", "validate.report=report.json", cwd=tmp_path)
+    assert proc.returncode == 2 and "failed validation" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_image_in_training_is_one_line(tmp_path: Path, tiny_setup: dict) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_setup["data"], data)
+    for png in (data / "images").glob("synth-train-*.png"):
+        png.write_bytes(b"garbage")
+    proc = run("train", f"data.path={data}", f"model.name_or_path={tiny_setup['model']}",
+               "train.max_steps=1", "train.refined=", "validate.report=none.json", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "cannot decode image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text("train:\n  max_steps: 7\n  method: grpo\n")
+    cfg = load_config(cfg_file, ["train.max_steps=3", "train.reward_weights=[1,2,0]"])
+    assert cfg.train.max_steps == 3 and cfg.train.method == "grpo" and cfg.train.reward_weights == [1, 2, 0]
+    with pytest.raises(ConfigError, match="unknown config key nosection"):
+        load_config(None, ["nosection.x=1"])
+    with pytest.raises(ConfigError, match="train.num_generations must be >= 2"):
+        load_config(None, ["train.num_generations=1"])
