@@ -151,7 +151,8 @@ class TrainConfig:
     template_evolution: bool = _f(False, "Propose top-scoring correct traces as new templates.")
     prompt_style: str = _f("reason", "reason (think, then 'Answer:') | direct (answer only).",
                            choices=("reason", "direct"))
-    save_steps: int = _f(0, "Checkpoint every N optimizer steps (0 = only at the end).")
+    save_steps: int = _f(0, "Checkpoint every N optimizer steps (0 = none; the final model is always saved).")
+    checkpoint_dir: str = _f("", "Where checkpoint-N/ go ('' = output_dir), e.g. a volume that outlives the pod.")
     resume_from: str = _f("", "'' | auto (latest checkpoint in output_dir) | a checkpoint path.")
     logging_steps: int = _f(1, "Log every N steps.")
     report_to: list = _f(["jsonl"], "Metric sinks: jsonl | mlflow | none.")

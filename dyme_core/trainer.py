@@ -51,7 +51,6 @@ from dyme_core.models import (
     build_prompt,
     load_model,
     load_processor,
-    resolve_dtype,
     save_model,
     suppressed_token_ids,
 )
@@ -114,6 +113,7 @@ class DymeTrainer:
         self.dataset = dataset
         self.refined = refined or {}
         self.out = Path(self.t.output_dir)
+        self.checkpoint_root = Path(self.t.checkpoint_dir or self.t.output_dir)
         self.processor: ProcessorMixin = load_processor(cfg.model)
         self.tokenizer = self.processor.tokenizer
         torch.manual_seed(self.t.seed)  # LoRA init
@@ -182,18 +182,24 @@ class DymeTrainer:
         prompt_ids = [ids[i][mask[i]] for i in range(len(samples))]
         return Batch(samples, prompt_ids, enc["pixel_values"], enc.get("pixel_attention_mask"))
 
-    def _target_text(self, sample: Sample, source: str) -> str:
-        """The memorised reference: refined or raw trace + answer flag (DESIGN.md section 2)."""
+    def _target_texts(self, samples: list[Sample], source: str) -> list[str]:
+        """Memorised references: refined or raw trace + answer flag (DESIGN.md section 2).
+
+        Offline refined traces are used while the template is the one they were written with;
+        otherwise only these samples are refined online, concurrently and through the cache.
+        """
         if self.t.prompt_style == "direct":
-            return sample.answer
+            return [s.answer for s in samples]
         if source == "refined":
-            if self.templates.best != self.offline_template_version or sample.id not in self.refined:
-                trace, _ = self.refiner.refine_one(sample, self.templates.current["text"])
-            else:
-                trace = self.refined[sample.id]
+            stale = self.templates.best != self.offline_template_version
+            todo = [s for s in samples if stale or s.id not in self.refined]
+            fresh = dict(zip([s.id for s in todo],
+                             [t for t, _ in self.refiner.refine(todo, self.templates.current["text"])], strict=True))
+            traces = [fresh.get(s.id) or self.refined[s.id] for s in samples]
         else:
-            trace = sample.hint or ""
-        return f"{trace}\n{ANSWER_FLAG} {sample.answer}" if trace else f"{ANSWER_FLAG} {sample.answer}"
+            traces = [s.hint or "" for s in samples]
+        return [f"{t}\n{ANSWER_FLAG} {s.answer}" if t else f"{ANSWER_FLAG} {s.answer}"
+                for t, s in zip(traces, samples, strict=True)]
 
     def _encode_target(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.t.max_target_tokens]
@@ -333,11 +339,14 @@ class DymeTrainer:
             adv = algorithm.group_advantages(rewards["total"], self.t.adv_eps, self.t.scale_rewards)
         k = self.t.num_generations
         rows: list[Row] = []
+        memorize = [b for b in range(len(batch.samples))
+                    if self.t.method == "dyme" and modes[b] == algorithm.MEMORIZE]
+        targets = self._target_texts([batch.samples[b] for b in memorize],
+                                     "refined" if self.t.use_refiner else "hint")
+        target_of = dict(zip(memorize, targets, strict=True))
         for b in range(len(batch.samples)):
-            if self.t.method == "dyme" and modes[b] == algorithm.MEMORIZE:
-                source = "refined" if self.t.use_refiner else "hint"
-                target = self._encode_target(self._target_text(batch.samples[b], source))
-                rows.append(Row(b, target, 1.0, 1.0, memorized=True))
+            if b in target_of:
+                rows.append(Row(b, self._encode_target(target_of[b]), 1.0, 1.0, memorized=True))
                 continue
             for j in range(k):
                 if adv[b, j] != 0:  # zero-weight rows never reach the forward pass
@@ -370,8 +379,8 @@ class DymeTrainer:
                 self.templates.propose(parse_completion(texts[b * k + j]).thinking, float(scores[j]))
 
     def _sft_rows(self, batch: Batch) -> tuple[list[Row], dict]:
-        rows = [Row(b, self._encode_target(self._target_text(s, self.t.sft_target)), 1.0, 1.0, memorized=True)
-                for b, s in enumerate(batch.samples)]
+        targets = self._target_texts(batch.samples, self.t.sft_target)
+        rows = [Row(b, self._encode_target(t), 1.0, 1.0, memorized=True) for b, t in enumerate(targets)]
         n_tok = int(sum(len(r.completion) for r in rows))
         return rows, {"total_rows": len(rows), "total_tokens": n_tok,
                       "max_completion_len": self.t.max_target_tokens, "kept_rows": len(rows)}
@@ -459,7 +468,7 @@ class DymeTrainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        ckpt = self.out / f"checkpoint-{self.step}"
+        ckpt = self.checkpoint_root / f"checkpoint-{self.step}"
         if self.rank == 0:
             ckpt.mkdir(parents=True, exist_ok=True)
             torch.save(self.model.state_dict(), ckpt / "model_state.pt")
@@ -481,7 +490,7 @@ class DymeTrainer:
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        ckpts = sorted(self.checkpoint_root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         return ckpts[-1] if ckpts else None
 
     # ---------------------------------------------------------------- main
@@ -527,7 +536,7 @@ class DymeTrainer:
             path = self.out / "metrics.jsonl"
             # a resumed run keeps the history up to its checkpoint and nothing after it
             path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
-            self.reporters.append(lambda metrics, step: path.open("a").write(json.dumps(metrics) + "\n"))
+            self.reporters.append(lambda metrics, step: _append_jsonl(path, metrics))
         if "mlflow" in sinks:
             from dyme_core.tracking import MlflowReporter  # the one module that imports mlflow
 
@@ -548,6 +557,11 @@ class DymeTrainer:
             self._mlflow.close()
 
 
+def _append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def train(cfg: Config, dataset: Dataset, refined: dict[str, str] | None = None,
           llm_client: ChatClient | None = None) -> dict[str, float]:
     """Library entry point of `dyme train`."""
@@ -563,4 +577,3 @@ def load_refined(path: str | Path) -> dict[str, str]:
         return {row["id"]: row["trace"] for row in map(json.loads, f) if row.get("trace")}
 
 
-__all__ = ["DymeTrainer", "train", "load_refined", "resolve_dtype"]

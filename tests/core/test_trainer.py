@@ -88,12 +88,14 @@ def test_resume_is_exact(tiny_setup: dict, tmp_path: Path) -> None:
     common = ["train.max_steps=4", "train.save_steps=2", "train.method=dyme", "train.template_evolution=true"]
     DymeTrainer(_cfg(tiny_setup, tmp_path / "straight", *common), tiny_setup["dataset"]).train()
     # "killed" after step 2: run only the first two steps, keeping their checkpoint
-    killed = _cfg(tiny_setup, tmp_path / "resumed", *common)
+    # checkpoints on their own volume (train.checkpoint_dir), as on a cluster
+    killed = _cfg(tiny_setup, tmp_path / "resumed", *common, f"train.checkpoint_dir={tmp_path / 'ckpt'}")
     killed.train.max_steps = 2
     killed.train.save_steps = 1
     DymeTrainer(killed, tiny_setup["dataset"]).train()
-    assert (tmp_path / "resumed" / "checkpoint-1").is_dir()
-    resumed = _cfg(tiny_setup, tmp_path / "resumed", *common, "train.resume_from=auto")
+    assert (tmp_path / "ckpt" / "checkpoint-1").is_dir()
+    resumed = _cfg(tiny_setup, tmp_path / "resumed", *common, "train.resume_from=auto",
+                   f"train.checkpoint_dir={tmp_path / 'ckpt'}")
     trainer = DymeTrainer(resumed, tiny_setup["dataset"])
     trainer.train()
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
