@@ -103,16 +103,10 @@ def evaluate_op(params: str, overrides: list, data: Input[Dataset], model: Input
 def register_op(params: str, overrides: list, model: Input[Model], results: Input[Artifact],
                 registration: Output[Artifact]):
     """Log the run and model to MLflow, register a version and gate it; register.json into `registration`."""
-    import shutil
-    import tempfile
-
     from components.runtime import step_config
     from dyme_core import steps
 
-    with tempfile.TemporaryDirectory() as tmp:
-        # steps.register writes register.json into evaluate.out_dir: give it a copy, not the input itself
-        eval_dir = shutil.copytree(results.path, f"{tmp}/eval")
-        result = steps.register(step_config(params, overrides, {"train.output_dir": model.path,
-                                                                 "evaluate.out_dir": eval_dir}))
-        shutil.copyfile(f"{eval_dir}/register.json", registration.path)
+    result = steps.register(step_config(params, overrides, {"train.output_dir": model.path,
+                                                             "evaluate.out_dir": results.path,
+                                                             "register.out": registration.path}))
     registration.metadata.update({k: result[k] for k in ("model_name", "version", "promoted")})

@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retries are reported as one error
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
         return HANDLERS[args.command](cfg, args)

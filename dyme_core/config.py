@@ -119,6 +119,8 @@ class TrainConfig:
     method: str = _f("dyme", "dyme | grpo | sft | two_stage.", choices=("dyme", "grpo", "sft", "two_stage"))
     output_dir: str = _f("runs/train", "Checkpoints, final model (model/), metrics.jsonl.")
     refined: str = _f("refined/targets.jsonl", "Refined targets from the refine step ('' = refine online).")
+    template_pool: str = _f("refined/templates.json", "Template pool the refine step used (missing = default).")
+    refine_cache_dir: str = _f(".cache/refine", "Cache for online refinement of MEMORIZE groups.")
     seed: int = _f(0, "Seed for data order, sampling and initialisation of LoRA.")
     max_steps: int = _f(12, "Optimizer steps.")
     batch_size: int = _f(4, "Prompts per process per generation batch.")
@@ -181,6 +183,7 @@ class RegisterConfig:
     tracking_uri: str = _f("sqlite:///mlruns.db", "Default tracking URI (MLFLOW_TRACKING_URI wins).")
     gate_metric: str = _f("relaxed_accuracy", "Evaluation metric compared against the champion.")
     gate_margin: float = _f(0.0, "Promote if challenger >= champion - margin.")
+    out: str = _f("reports/register.json", "Where the registration result (version, promoted, metrics) is written.")
 
 
 @dataclass

@@ -107,6 +107,7 @@ def register(cfg: Config) -> dict:
     from dyme_core.tracking import register_model
 
     result = register_model(cfg, Path(cfg.train.output_dir), Path(cfg.evaluate.out_dir))
-    out = Path(cfg.evaluate.out_dir) / "register.json"
+    out = Path(cfg.register.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return result

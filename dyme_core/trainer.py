@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import Idefics3ForConditionalGeneration, PreTrainedModel, ProcessorMixin
 
 from dyme_core import algorithm
 from dyme_core.checker import VisualChecker
@@ -132,9 +132,10 @@ class DymeTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.checker = VisualChecker(self.t.checker, client=llm_client, max_workers=self.t.llm.max_workers)
         self.refiner = Refiner("llm" if llm_client is not None else "rule",
-                               cache_dir=self.out / "refine_cache", client=llm_client,
+                               cache_dir=self.t.refine_cache_dir or None, client=llm_client,
                                max_workers=self.t.llm.max_workers)
-        self.templates = TemplatePool.load(self.out / "templates.json")
+        # the refine step's pool: the template the offline targets were written with
+        self.templates = TemplatePool.load(self.t.template_pool) if self.t.template_pool else TemplatePool()
         self.offline_template_version = self.templates.best
         self.step = 0
         self.history: list[dict] = []
@@ -143,6 +144,9 @@ class DymeTrainer:
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.suppress = suppressed_token_ids(self.model, self.processor)
+        # Frozen vision-encoder outputs of the current batch: (batch, {(id, training): (states, counts)}).
+        self._vision_cache: tuple[Batch | None, dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]] = (
+            None, {})
 
     # ---------------------------------------------------------------- schedule and data order
     def _lr_lambda(self, step: int) -> float:
@@ -208,7 +212,13 @@ class DymeTrainer:
     # ---------------------------------------------------------------- generation and scoring
     @torch.no_grad()
     def _generate(self, batch: Batch) -> list[torch.Tensor]:
-        """K completions per prompt, sample-major: (B*K) tensors trimmed after the first eos."""
+        """K completions per prompt, sample-major: (B*K) tensors trimmed after the first eos.
+
+        Idefics3 with a frozen vision encoder: the prompt embeddings (images merged in) are built once per
+        prompt and expanded K times by `generate`, so the vision tower runs B times, not B*K times.
+        With `train.static_cache` the cache length is rounded up to a multiple of 128 so that the
+        compiled decode step is reused across batches whose prompt lengths differ.
+        """
         self.model.eval()
         k = self.t.num_generations
         step_b = self.t.generation_batch_size or len(batch.samples)
@@ -216,14 +226,21 @@ class DymeTrainer:
         for lo in range(0, len(batch.samples), step_b):
             idx = list(range(lo, min(lo + step_b, len(batch.samples))))
             ids, attn = self._left_pad([batch.prompt_ids[i] for i in idx])
-            kwargs = {"pixel_values": batch.pixel_values[idx].to(self.device, self.model.dtype)}
-            if batch.pixel_attention_mask is not None:
-                kwargs["pixel_attention_mask"] = batch.pixel_attention_mask[idx].to(self.device)
+            ids = ids.to(self.device)
+            kwargs = {}
             if self.t.static_cache:
                 kwargs["cache_implementation"] = "static"
+                kwargs["max_cache_len"] = -(-(ids.shape[1] + self.t.max_new_tokens) // 128) * 128
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                embeds = self._merged_embeds(self.model, batch, idx, ids)
+                if embeds is not None:
+                    kwargs["inputs_embeds"] = embeds
+                else:
+                    kwargs["pixel_values"] = batch.pixel_values[idx].to(self.device, self.model.dtype)
+                    if batch.pixel_attention_mask is not None:
+                        kwargs["pixel_attention_mask"] = batch.pixel_attention_mask[idx].to(self.device)
                 out = self.model.generate(
-                    input_ids=ids.to(self.device), attention_mask=attn.to(self.device), **kwargs,
+                    input_ids=ids, attention_mask=attn.to(self.device), **kwargs,
                     do_sample=True, temperature=self.t.temperature, top_p=self.t.top_p,
                     max_new_tokens=self.t.max_new_tokens, num_return_sequences=k,
                     eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppress,
@@ -272,18 +289,77 @@ class DymeTrainer:
         for i, r in enumerate(rows):
             mask[i, t_max - len(r.completion):] = True
         idx = [r.prompt for r in rows]
-        kwargs = {"pixel_values": batch.pixel_values[idx].to(self.device, model.dtype)}
-        if batch.pixel_attention_mask is not None:
-            kwargs["pixel_attention_mask"] = batch.pixel_attention_mask[idx].to(self.device)
         ids, attn = ids.to(self.device), attn.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=t_max + 1, **kwargs).logits
-        logits = logits[:, :-1].float()  # (N, T, V): position j predicts token j+1
-        temps = torch.tensor([r.temperature for r in rows], device=self.device).view(-1, 1, 1)
-        logps = torch.log_softmax(logits / temps, dim=-1)
+            embeds = self._merged_embeds(model, batch, idx, ids)
+            if embeds is not None:  # vision encoder once per prompt, not once per row
+                out = model(inputs_embeds=embeds, attention_mask=attn, logits_to_keep=t_max + 1)
+            else:
+                kwargs = {"pixel_values": batch.pixel_values[idx].to(self.device, model.dtype)}
+                if batch.pixel_attention_mask is not None:
+                    kwargs["pixel_attention_mask"] = batch.pixel_attention_mask[idx].to(self.device)
+                out = model(input_ids=ids, attention_mask=attn, logits_to_keep=t_max + 1, **kwargs)
+        logits = out.logits[:, :-1].float()  # (N, T, V): position j predicts token j+1
+        temps = [r.temperature for r in rows]
+        if any(t != 1.0 for t in temps):
+            logits = logits / torch.tensor(temps, device=self.device).view(-1, 1, 1)
         targets = ids[:, -t_max:]
-        token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T)
+        # log_softmax gathered at the targets, without materialising the (N, T, V) log-probs
+        token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         return token_logps, mask.to(self.device)
+
+    def _merged_embeds(self, model: PreTrainedModel, batch: Batch, prompts: list[int],
+                       ids: torch.Tensor) -> torch.Tensor | None:
+        """Input embeddings of `ids` (one row per entry of `prompts`) with the image features merged in.
+
+        Only for Idefics3 models whose vision encoder is frozen; None otherwise (the caller then passes
+        pixel_values). A frozen encoder gives the same output for every row of a prompt and every
+        forward of the batch, so it runs once per batch image, without grad, and is cached; the
+        trainable connector still runs with grad on every call. Same computation as
+        Idefics3Model.get_image_features + inputs_merger (all-zero padding images are dropped), built
+        from `inputs_embeds`, which every transformers 5.x release accepts.
+        """
+        base = model
+        if not isinstance(base, PreTrainedModel):  # a peft wrapper
+            from peft import PeftModel
+
+            if not isinstance(model, PeftModel):
+                return None
+            base = model.get_base_model()
+        if not isinstance(base, Idefics3ForConditionalGeneration):
+            return None
+        inner = base.model
+        if any(p.requires_grad for p in inner.vision_model.parameters()):
+            return None
+        cached_batch, cache = self._vision_cache
+        if cached_batch is not batch:
+            cache = {}
+            self._vision_cache = (batch, cache)
+        key = (id(inner.vision_model), inner.vision_model.training)  # eval for generation, train for the update
+        if key not in cache:
+            b, n = batch.pixel_values.shape[:2]
+            pixels = batch.pixel_values.to(self.device, inner.dtype).flatten(0, 1)  # (B*N, C, H, W)
+            real = (pixels == 0.0).sum(dim=(-1, -2, -3)) != pixels.shape[1:].numel()  # (B*N,)
+            counts = real.view(b, n).sum(dim=1).cpu()  # real images per prompt
+            pixels = pixels[real].contiguous()
+            if batch.pixel_attention_mask is None:
+                pmask = torch.ones((pixels.shape[0], *pixels.shape[2:]), dtype=torch.bool, device=self.device)
+            else:
+                pmask = batch.pixel_attention_mask.to(self.device).flatten(0, 1)[real].contiguous()
+            ps = base.config.vision_config.patch_size
+            patch_mask = pmask.unfold(1, ps, ps).unfold(2, ps, ps).sum(dim=(-1, -2)) > 0  # (n_img, H/ps, W/ps)
+            with torch.no_grad():
+                states = inner.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask)[0]
+            cache[key] = (states, counts)  # states: (n_img, patches, D_vision)
+        states, counts = cache[key]
+        starts = (counts.cumsum(0) - counts).tolist()
+        sel = [i for p in prompts for i in range(starts[p], starts[p] + int(counts[p]))]  # row-major images
+        feats = inner.connector(states)[torch.tensor(sel, device=self.device)]  # (n_sel, S, D)
+        embeds = model.get_input_embeddings()(ids)  # (N, L, D)
+        image_mask = (ids == base.config.image_token_id).unsqueeze(-1)
+        if int(image_mask.sum()) * embeds.shape[-1] != feats.numel():
+            raise ValueError(f"image tokens ({int(image_mask.sum())}) do not match image features {tuple(feats.shape)}")
+        return embeds.masked_scatter(image_mask, feats.to(inner.dtype).to(embeds.dtype))
 
     def _backward(self, batch: Batch, rows: list[Row], norm: dict, m: dict) -> float:
         """Forward/backward the kept rows in micro-batches; returns this batch's loss share.
@@ -525,6 +601,8 @@ class DymeTrainer:
             save_model(self.model, self.processor, self.out / "model")
             self.templates.save(self.out / "templates.json")
             (self.out / "summary.json").write_text(json.dumps(last, indent=2))
+            # a JSON list: what `dvc plots` reads (it does not read JSON Lines)
+            (self.out / "history.json").write_text(json.dumps(self.history))
             self._close_sinks()
         if self.world > 1:
             dist.barrier()

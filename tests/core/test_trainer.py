@@ -26,7 +26,8 @@ METRICS = ["loss", "reward/format", "reward/accuracy", "reward/thinking", "rewar
 def _cfg(tiny_setup: dict, out: Path, *extra: str):
     return load_config(None, [
         f"data.path={tiny_setup['data']}", f"model.name_or_path={tiny_setup['model']}",
-        f"train.output_dir={out}", "train.refined=", "train.max_steps=2", "train.batch_size=2",
+        f"train.output_dir={out}", "train.refined=", "train.template_pool=",
+        f"train.refine_cache_dir={out}/refine_cache", "train.max_steps=2", "train.batch_size=2",
         "train.num_generations=2", "train.max_new_tokens=8", "train.progress_bar=false",
         "train.learning_rate=1e-3", *extra,
     ])
