@@ -85,7 +85,8 @@ def _init_distributed() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    # NCCL for the gradients on GPU; gloo for the small CPU tensors of metric reduction
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:

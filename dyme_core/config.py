@@ -136,6 +136,7 @@ class TrainConfig:
     max_target_tokens: int = _f(256, "Longest memorised reference trace; longer ones are truncated.")
     temperature: float = _f(1.0, "Sampling temperature for rollouts.")
     top_p: float = _f(1.0, "Nucleus sampling for rollouts.")
+    top_k: int = _f(50, "Top-k sampling for rollouts (0 = off; 50 is transformers' default).")
     beta: float = _f(0.0, "KL coefficient against the initial model (0 = no reference model).")
     clip_eps: float = _f(0.2, "PPO clip; only matters when num_iterations > 1.")
     num_iterations: int = _f(1, "Updates per generation batch.")

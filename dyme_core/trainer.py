@@ -241,7 +241,7 @@ class DymeTrainer:
                         kwargs["pixel_attention_mask"] = batch.pixel_attention_mask[idx].to(self.device)
                 out = self.model.generate(
                     input_ids=ids, attention_mask=attn.to(self.device), **kwargs,
-                    do_sample=True, temperature=self.t.temperature, top_p=self.t.top_p,
+                    do_sample=True, temperature=self.t.temperature, top_p=self.t.top_p, top_k=self.t.top_k,
                     max_new_tokens=self.t.max_new_tokens, num_return_sequences=k,
                     eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppress,
                 )

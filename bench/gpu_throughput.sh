@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU plan of issue 4 section 1 (bench/throughput.py), sized for ONE device call of <= 10 minutes.
+#
+#   bash bench/gpu_throughput.sh          one GPU (H100/H200), about 7-8 minutes (budget 480 s + timeouts):
+#     1. SmolVLM-256M shape, K=8, 8 prompts, 128 new tokens, mixes explore/skip75/memorize75:
+#        trl-default, trl-same-gen, dyme, grpo (2 warm-up + 3 timed steps each), then the DyME sweep
+#        over K (2,4,8,16), completion length (64,128,256) and prompts per step (4,8,16)
+#     2. SmolVLM-500M shape, mix explore: trl-default, trl-same-gen, dyme (1 warm-up + 2 timed steps)
+#   bash bench/gpu_throughput.sh multi    two GPUs of one host (nvidia-h100-x2), about 3 minutes:
+#     DyME alone on 1 GPU, then the same per-GPU batch under torchrun on 2 GPUs: samples/s, efficiency
+#
+# Results (JSON, Markdown, PNG) go to $OUT (default bench/out/gpu). Each part gets a time budget and
+# skips what would not fit, writing what it measured. The GPU image lacks trl, datasets and friends:
+# they install from .wheels/ (downloaded on the dev machine; pass `.wheels` in the run's carry list).
+# Local smoke test of the script itself: SKIP_INSTALL=1 DEVICE=cpu SHAPE_A=tiny SHAPE_B=tiny LABEL_B=tiny-b PY=.venv/bin/python \
+#   EXTRA="--new-tokens 16 --k 4 --prompts 4" bash bench/gpu_throughput.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out/gpu}
+SITE=${SITE:-/tmp/dyme-site}
+BUDGET=${BUDGET:-480}  # seconds for the whole plan; with the per-part hard timeouts it ends before 600
+T0=$(date +%s)
+# seconds left for a part: the plan's remainder minus what later parts need (at least 30)
+left() { local s=$(( BUDGET - ($(date +%s) - T0) - ${1:-0} )); echo $(( s < 30 ? 30 : s )); }
+mkdir -p "$OUT"
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+SHAPE_A=${SHAPE_A:-smolvlm-256m}
+SHAPE_B=${SHAPE_B:-smolvlm-500m}
+read -r -a extra <<< "${EXTRA:-}"
+
+# --- packages missing on the GPU image, from the wheels in .wheels/ (only what is not importable there)
+if [[ -z "${SKIP_INSTALL:-}" ]]; then
+need=(trl datasets dill multiprocess xxhash)
+python3 -c "import pandas" 2>/dev/null || need+=(pandas python_dateutil six)
+python3 -c "import matplotlib" 2>/dev/null || need+=(matplotlib contourpy cycler fonttools kiwisolver pyparsing \
+  python_dateutil six)
+python3 -c "import requests" 2>/dev/null || need+=(requests urllib3 charset_normalizer idna certifi)
+files=()
+for name in $(printf '%s\n' "${need[@]}" | sort -u); do files+=(.wheels/"$name"-[0-9]*.whl); done
+python3 -m pip install -q --no-index --no-deps --target "$SITE" "${files[@]}"
+fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export DYME_BENCH_WORK=${DYME_BENCH_WORK:-/tmp/dyme-bench-work}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$OUT/gpu.txt"
+"$PY" -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'trl', trl.__version__)" | tee -a "$OUT/gpu.txt"
+common=(--device "$DEVICE" --k 8 --prompts 8 --new-tokens 128 --work "$DYME_BENCH_WORK" --out "$OUT" "${extra[@]}")
+
+if [[ "${1:-single}" == "multi" ]]; then
+  "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_A" --trl off --trainers dyme --mix explore \
+    --warmup 2 --steps 5 --label ddp1 --budget-s "$(left 150)" 2>&1 | tee "$OUT/ddp1.log"
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 bench/throughput.py "${common[@]}" \
+    --shape "$SHAPE_A" --trl off --trainers dyme --mix explore --warmup 2 --steps 5 --label ddp2 --peak off \
+    --ddp-baseline "$OUT/throughput-ddp1.json" --budget-s "$(left 20)" 2>&1 | tee "$OUT/ddp2.log"
+  exit 0
+fi
+
+# 1. SmolVLM-256M: the main table, then the sweep with the same (already compiled) DyME trainer;
+#    leaves about 170 s for part 2
+b=$(left 170)  # each part also gets a hard timeout a little past its budget
+timeout -k 10 $(( b + 40 )) "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_A" \
+  --mix explore,skip75,memorize75 --warmup 2 --steps 3 --sweep --budget-s "$b" 2>&1 | tee "$OUT/256m.log" \
+  || echo "part 1 failed (see 256m.log)"
+# 2. SmolVLM-500M: explore only
+b=$(left 10)
+timeout -k 10 $(( b + 30 )) "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_B" --label "${LABEL_B:-$SHAPE_B}" \
+  --mix explore --trainers trl-default,trl-same-gen,dyme --warmup 1 --steps 2 --budget-s "$b" 2>&1 | tee "$OUT/500m.log" \
+  || echo "part 2 failed (see 500m.log)"
+echo "plan finished in $(( $(date +%s) - T0 )) s"
+# at most 8 files come back from a device call: keep the JSON and PNG results, pack the rest
+( cd "$OUT" && tar czf reports.tgz --remove-files ./*.log ./*.md gpu.txt 2>/dev/null || true )

@@ -1,0 +1,411 @@
+"""The DVC pipeline as a user meets it: a fresh clone, tiny params, `dvc repro` and friends.
+
+One module-scoped copy of the project (`git ls-files --cached --others --exclude-standard`, then
+`git init` + commit, so DVC sees a fresh clone) gets a tiny params.yaml (the real one with smaller
+sizes, same sections and keys) and one real `dvc repro`. The tests below then run in file order on
+that copy: what the first repro builds, `dvc status/metrics/plots`, a no-change repro, a train-param
+change, a refine-param change, a damaged stage output, `dvc pull` of the example dataset, and the
+validation gate. Subprocesses get `<repo>/.venv/bin` first on PATH, PYTHONPATH=<copy> (the copy's
+code runs) and MLFLOW_TRACKING_URI=sqlite in tmp (the repo's mlruns.db is never touched).
+About 2 minutes on 2 CPU cores; the timings print with `pytest -s`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO / ".venv" / "bin"
+STAGES = ("data", "init_model", "validate", "refine", "train", "evaluate", "register")
+# what repro may write besides stage outputs: DVC's own files, the MLflow store, caches, bytecode
+BOOKKEEPING = re.compile(r"^(\.git/|\.dvc/|mlruns/|mlartifacts/|\.cache/|dvc\.lock$|(.*/)?\.gitignore$|.*__pycache__/)")
+
+TINY = {
+    "synth": {"n_train": 8, "n_val": 2, "n_test": 4, "image_size": 64},
+    "init_model": {"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "vision_hidden_size": 32,
+                   "vision_layers": 1, "image_size": 32},
+    "train": {"max_steps": 2, "batch_size": 2, "num_generations": 2, "max_new_tokens": 8, "save_steps": 0,
+              "report_to": ["jsonl", "mlflow"]},
+    "evaluate": {"max_new_tokens": 8},
+}
+
+TIMINGS: dict[str, float] = {}
+
+
+@dataclass
+class Clone:
+    root: Path
+    env: dict[str, str] = field(repr=False)
+    tmp: Path
+    mlflow_db: Path
+    repro: subprocess.CompletedProcess | None = field(default=None, repr=False)
+    repro_s: float = 0.0
+    written: list[str] = field(default_factory=list, repr=False)
+
+
+def _run(clone: Clone, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command in the clone; stdout and stderr merged into .stdout."""
+    return subprocess.run(list(args), cwd=clone.root, env=clone.env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def _tail(done: subprocess.CompletedProcess, n: int = 4000) -> str:
+    # great_expectations logs hundreds of INFO lines per import; keep what a reader needs
+    lines = [ln for ln in done.stdout.splitlines() if "great_expectations" not in ln]
+    return "\n".join(lines)[-n:]
+
+
+def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if done.returncode != 0:
+        pytest.fail(f"`{' '.join(done.args)}` exited {done.returncode}:\n{_tail(done)}")
+    return done
+
+
+def _ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def _skipped(output: str) -> set[str]:
+    return set(re.findall(r"Stage '([^']+)' (?:didn't change, skipping|is cached - skipping run)", output))
+
+
+def _params(clone: Clone) -> dict:
+    return yaml.safe_load((clone.root / "params.yaml").read_text())
+
+
+def _write_params(clone: Clone, params: dict) -> None:
+    (clone.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[p.relative_to(root).as_posix()] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _status(clone: Clone) -> dict:
+    done = _run(clone, "dvc", "status", "--json")
+    _ok(done)
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def _dirty_stages(status: dict) -> set[str]:
+    return {name for name in status if name in STAGES}
+
+
+def _resolve(text: str, params: dict) -> str:
+    def lookup(m: re.Match) -> str:
+        node = params
+        for part in m.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    return re.sub(r"\$\{([^}]+)\}", lookup, text)
+
+
+def _cached_outs(root: Path, params: dict) -> list[str]:
+    """Paths of the dvc.yaml outputs DVC caches (and so git must not track)."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    paths = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path, opts = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+                if (opts or {}).get("cache", True):
+                    paths.append(_resolve(path, params))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Clone:
+    """A fresh clone of the working tree with the tiny params committed."""
+    tmp = tmp_path_factory.mktemp("dvc")
+    root = tmp / "clone"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, listed.split("\0")):
+        src = REPO / rel
+        if not src.exists() and not src.is_symlink():
+            continue  # deleted in the working tree, still in the index
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, root / rel, follow_symlinks=False)
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in TINY.items():
+        for key, value in values.items():
+            assert key in params[section], f"params.yaml has no {section}.{key}; update TINY in this test"
+            params[section][key] = value
+
+    mlflow_db = tmp / "mlflow" / "mlruns.db"
+    mlflow_db.parent.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(root),
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    c = Clone(root=root, env=env, tmp=tmp, mlflow_db=mlflow_db)
+    _write_params(c, params)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "fresh clone, tiny params"]):
+        _ok(_run(c, *cmd))
+    return c
+
+
+@pytest.fixture(scope="module")
+def repro(clone: Clone) -> Clone:
+    """The first `dvc repro` of the fresh clone (timed; what it wrote is recorded)."""
+    before = _snapshot(clone.root)
+    t0 = time.perf_counter()
+    clone.repro = _run(clone, "dvc", "repro")
+    clone.repro_s = TIMINGS["tiny dvc repro"] = time.perf_counter() - t0
+    print(f"\n[dvc] tiny dvc repro: {clone.repro_s:.1f} s (exit {clone.repro.returncode})")
+    after = _snapshot(clone.root)
+    clone.written = sorted(p for p, sig in after.items() if before.get(p) != sig)
+    return clone
+
+
+def _need_repro(clone: Clone) -> None:
+    if clone.repro is None or clone.repro.returncode != 0:
+        pytest.skip("the first dvc repro failed (see test_repro_builds_every_stage_output)")
+
+
+def test_no_cached_output_is_tracked_by_git(clone: Clone) -> None:
+    """DVC refuses to cache an output git tracks ("already tracked by SCM"): a fresh clone cannot repro."""
+    tracked = set(_run(clone, "git", "ls-files").stdout.splitlines())
+    bad = {}
+    for out in _cached_outs(clone.root, _params(clone)):
+        hits = [p for p in tracked if p == out or p.startswith(out.rstrip("/") + "/")]
+        if hits:
+            bad[out] = len(hits)
+    assert not bad, (
+        f"outputs that dvc.yaml caches are committed to git (path: files): {bad}; "
+        "`git rm -r --cached` them and let DVC's .gitignore entries cover them"
+    )
+
+
+def test_repro_builds_every_stage_output(repro: Clone) -> None:
+    c = repro
+    assert c.repro is not None
+    rc, output = c.repro.returncode, _tail(c.repro)
+    assert rc == 0, f"dvc repro failed:\n{output}"
+    assert _ran(c.repro.stdout) == list(STAGES), output
+    root = c.root
+
+    samples = _rows(root / "data/synth/samples.jsonl")
+    by_split = {s: sorted(r["id"] for r in samples if r["split"] == s) for s in ("train", "val", "test")}
+    assert {k: len(v) for k, v in by_split.items()} == {"train": 8, "val": 2, "test": 4}
+    assert all((root / "data/synth" / r["image"]).is_file() for r in samples)
+
+    assert (root / "models/tiny-smolvlm/model.safetensors").is_file()
+    assert json.loads((root / "reports/validation.json").read_text())["success"] is True
+
+    targets = _rows(root / "refined/targets.jsonl")
+    assert sorted(r["id"] for r in targets) == by_split["train"], "refine must write one row per train sample"
+    assert all(r["trace"] for r in targets)
+
+    assert (root / "runs/train/model/model.safetensors").is_file()
+    steps = [r["step"] for r in _rows(root / "runs/train/metrics.jsonl")]
+    assert steps == [1, 2], f"metrics.jsonl should hold one row per step of max_steps=2, got steps {steps}"
+
+    metrics = json.loads((root / "reports/eval/metrics.json").read_text())
+    assert metrics["n"] == 4 and 0.0 <= metrics["relaxed_accuracy"] <= 1.0
+    assert (root / "reports/eval/predictions.jsonl").is_file()
+
+    reg = json.loads((root / "reports/eval/register.json").read_text())
+    assert isinstance(reg["version"], int) and reg["version"] >= 1
+    # registered in the tmp MLflow store, not in a mlruns.db of the project
+    assert not (root / "mlruns.db").exists()
+    with sqlite3.connect(c.mlflow_db) as db:
+        versions = db.execute("select name, version from model_versions").fetchall()
+    assert (reg["model_name"], reg["version"]) in versions
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(STAGES)
+
+
+def test_repro_writes_only_declared_outputs(repro: Clone) -> None:
+    """Every file a stage writes is a dvc.yaml output: otherwise `dvc checkout` cannot restore it and a
+    stale copy survives into the next run."""
+    _need_repro(repro)
+    lock = yaml.safe_load((repro.root / "dvc.lock").read_text())["stages"]
+    declared = [o["path"].rstrip("/") for s in lock.values() for o in s.get("outs", [])]
+    undeclared = [p for p in repro.written if not BOOKKEEPING.match(p)
+                  and not any(p == d or p.startswith(d + "/") for d in declared)]
+    assert not undeclared, f"dvc repro wrote files no stage declares: {undeclared}"
+
+
+def test_status_up_to_date_after_repro(repro: Clone) -> None:
+    _need_repro(repro)
+    status = _status(repro)
+    assert not _dirty_stages(status), f"dvc status after repro: {status}"
+    # data.dvc (data/raw, not pulled in a fresh clone) is no stage's dependency by default
+    assert set(status) <= {"data.dvc"}, status
+
+
+def test_metrics_show(repro: Clone) -> None:
+    _need_repro(repro)
+    done = _run(repro, "dvc", "metrics", "show", "--json")
+    _ok(done)
+    shown = json.loads(done.stdout[done.stdout.index("{"):])[""]["data"]
+    assert "relaxed_accuracy" in shown["reports/eval/metrics.json"]["data"]
+    assert shown["reports/validation.json"]["data"]["success"] is True
+
+
+def test_plots_show_renders_every_plot(repro: Clone) -> None:
+    _need_repro(repro)
+    out = repro.tmp / "plots"
+    done = _run(repro, "dvc", "plots", "show", "-o", str(out))
+    _ok(done)
+    html = out / "index.html"
+    assert html.is_file() and html.stat().st_size > 0
+    # exit 0 does not mean every plot rendered: DVC lists the ones it could not load
+    done = _run(repro, "dvc", "plots", "show", "--json", "-o", str(out))  # -o: image plots go there too
+    errors = json.loads(done.stdout[done.stdout.index("{"):]).get("errors") or []
+    assert not errors, "dvc plots could not load: " + "; ".join(
+        f"{e['name']} ({e['source']}): {e['msg'].splitlines()[-1]}" for e in errors)
+
+
+def test_noop_repro_runs_no_stage(repro: Clone) -> None:
+    _need_repro(repro)
+    t0 = time.perf_counter()
+    done = _run(repro, "dvc", "repro")
+    TIMINGS["no-change dvc repro"] = elapsed = time.perf_counter() - t0
+    print(f"\n[dvc] no-change dvc repro: {elapsed:.1f} s")
+    _ok(done)
+    assert _ran(done.stdout) == [], _tail(done)
+    assert _skipped(done.stdout) == set(STAGES), _tail(done)
+
+
+def test_train_param_change_reruns_train_evaluate_register(repro: Clone) -> None:
+    _need_repro(repro)
+    params = _params(repro)
+    params["train"]["learning_rate"] = params["train"]["learning_rate"] / 2
+    _write_params(repro, params)
+    version_before = json.loads((repro.root / "reports/eval/register.json").read_text())["version"]
+
+    done = _run(repro, "dvc", "params", "diff", "--json")
+    _ok(done)
+    changed = json.loads(done.stdout[done.stdout.index("{"):])["params.yaml"]
+    assert list(changed) == ["train.learning_rate"], changed
+    assert _dirty_stages(_status(repro)) == {"train"}
+
+    t0 = time.perf_counter()
+    done = _run(repro, "dvc", "repro")
+    TIMINGS["train-param dvc repro"] = time.perf_counter() - t0
+    print(f"\n[dvc] dvc repro after a train param change: {TIMINGS['train-param dvc repro']:.1f} s")
+    _ok(done)
+    assert _ran(done.stdout) == ["train", "evaluate", "register"], _tail(done)
+    assert _skipped(done.stdout) >= {"data", "init_model", "validate", "refine"}
+    # DVC removed the old metrics.jsonl before train ran: no rows appended to the last run's
+    assert [r["step"] for r in _rows(repro.root / "runs/train/metrics.jsonl")] == [1, 2]
+    assert json.loads((repro.root / "reports/eval/register.json").read_text())["version"] == version_before + 1
+    assert not _dirty_stages(_status(repro))
+
+
+def test_refine_param_change_stops_when_targets_are_unchanged(repro: Clone) -> None:
+    """refine reruns on its own param; identical targets do not retrain (DVC compares the file, not the run)."""
+    _need_repro(repro)
+    params = _params(repro)
+    params["refine"]["cache_dir"] = params["refine"]["cache_dir"].rstrip("/") + "-moved"
+    _write_params(repro, params)
+    targets = _md5(repro.root / "refined/targets.jsonl")
+    assert _dirty_stages(_status(repro)) == {"refine"}
+    done = _run(repro, "dvc", "repro")
+    _ok(done)
+    assert _ran(done.stdout) == ["refine"], _tail(done)
+    assert _md5(repro.root / "refined/targets.jsonl") == targets
+    assert _skipped(done.stdout) >= {"train", "evaluate", "register"}
+
+
+def test_damaged_stage_output_is_restored_from_cache(repro: Clone) -> None:
+    """A hand-damaged file of data/synth (an output of the data stage) comes back from the DVC cache:
+    repro checks it out again and runs nothing. (So the validation gate is shown on data/raw below.)"""
+    _need_repro(repro)
+    image = repro.root / "data/synth/images" / sorted((repro.root / "data/synth/images").glob("*-train-*.png"))[0].name
+    good = image.read_bytes()
+    image.write_bytes(b"not an image at all")
+    assert "data" in _dirty_stages(_status(repro))
+    done = _run(repro, "dvc", "repro")
+    _ok(done)
+    assert _ran(done.stdout) == [], _tail(done)
+    assert image.read_bytes() == good
+    assert not _dirty_stages(_status(repro))
+
+
+def test_pull_restores_example_dataset(clone: Clone) -> None:
+    raw = clone.root / "data/raw"
+    assert not raw.exists(), "data/raw is DVC-tracked: a fresh clone must not have it before dvc pull"
+    done = _run(clone, "dvc", "pull", "data.dvc")
+    _ok(done)
+    samples = _rows(raw / "samples.jsonl")
+    assert samples and all((raw / r["image"]).is_file() for r in samples)
+    assert "data.dvc" not in _status(clone)
+    for config in ([], ["--config", "params.yaml"]):  # the defaults, then the pipeline's stricter checks
+        report = clone.tmp / f"raw-validation{len(config)}.json"
+        done = _run(clone, "dyme", "validate", *config, "data.path=data/raw", f"validate.report={report}")
+        _ok(done)
+        assert json.loads(report.read_text())["success"] is True
+
+
+def test_validation_gate_stops_repro_before_train(repro: Clone) -> None:
+    """A corrupt image in the dataset (data.path: data/raw, as the README says for your own data):
+    repro fails at validate, names the sample, and nothing downstream runs."""
+    _need_repro(repro)
+    raw = repro.root / "data/raw"
+    if not (raw / "samples.jsonl").is_file():
+        pytest.skip("data/raw was not pulled (see test_pull_restores_example_dataset)")
+    bad = next(r for r in _rows(raw / "samples.jsonl") if r["split"] == "train")
+    (raw / bad["image"]).write_bytes(b"\x00garbage, not a PNG\xff" * 8)
+    params = _params(repro)
+    params["data"]["path"] = "data/raw"
+    _write_params(repro, params)
+    model = repro.root / "runs/train/model/model.safetensors"
+    model_before = _md5(model)
+    lock_train = yaml.safe_load((repro.root / "dvc.lock").read_text())["stages"]["train"]
+
+    done = _run(repro, "dvc", "repro")
+    assert done.returncode != 0, _tail(done)
+    assert "failed to reproduce 'validate'" in done.stdout, _tail(done)
+    assert bad["id"] in done.stdout, f"the failure should name {bad['id']}:\n{_tail(done)}"
+    ran = _ran(done.stdout)
+    assert "validate" in ran and not {"refine", "train", "evaluate", "register"} & set(ran), ran
+    report = json.loads((repro.root / "reports/validation.json").read_text())
+    assert report["success"] is False
+    assert bad["id"] in {f["id"] for f in report["failures"]}, report["failures"]
+    assert _md5(model) == model_before
+    assert yaml.safe_load((repro.root / "dvc.lock").read_text())["stages"]["train"] == lock_train
+    print(f"\n[dvc] timings: {', '.join(f'{k} {v:.1f} s' for k, v in TIMINGS.items())}")
