@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
-STAGES = ("data", "init_model", "validate", "refine", "train", "evaluate", "register")
+STAGES = ("data", "validate", "init_model", "refine", "train", "evaluate", "register")
 # what repro may write besides stage outputs: DVC's own files, the MLflow store, caches, bytecode
 BOOKKEEPING = re.compile(r"^(\.git/|\.dvc/|mlruns/|mlartifacts/|\.cache/|dvc\.lock$|(.*/)?\.gitignore$|.*__pycache__/)")
 
@@ -245,7 +245,7 @@ def test_repro_builds_every_stage_output(repro: Clone) -> None:
     assert metrics["n"] == 4 and 0.0 <= metrics["relaxed_accuracy"] <= 1.0
     assert (root / "reports/eval/predictions.jsonl").is_file()
 
-    reg = json.loads((root / "reports/eval/register.json").read_text())
+    reg = json.loads((root / "reports/register.json").read_text())
     assert isinstance(reg["version"], int) and reg["version"] >= 1
     # registered in the tmp MLflow store, not in a mlruns.db of the project
     assert not (root / "mlruns.db").exists()
@@ -315,13 +315,14 @@ def test_train_param_change_reruns_train_evaluate_register(repro: Clone) -> None
     params = _params(repro)
     params["train"]["learning_rate"] = params["train"]["learning_rate"] / 2
     _write_params(repro, params)
-    version_before = json.loads((repro.root / "reports/eval/register.json").read_text())["version"]
+    version_before = json.loads((repro.root / "reports/register.json").read_text())["version"]
 
     done = _run(repro, "dvc", "params", "diff", "--json")
     _ok(done)
     changed = json.loads(done.stdout[done.stdout.index("{"):])["params.yaml"]
     assert list(changed) == ["train.learning_rate"], changed
-    assert _dirty_stages(_status(repro)) == {"train"}
+    # register reads the train section too (run naming, output_dir); evaluate follows once train reruns
+    assert _dirty_stages(_status(repro)) == {"train", "register"}
 
     t0 = time.perf_counter()
     done = _run(repro, "dvc", "repro")
@@ -332,7 +333,7 @@ def test_train_param_change_reruns_train_evaluate_register(repro: Clone) -> None
     assert _skipped(done.stdout) >= {"data", "init_model", "validate", "refine"}
     # DVC removed the old metrics.jsonl before train ran: no rows appended to the last run's
     assert [r["step"] for r in _rows(repro.root / "runs/train/metrics.jsonl")] == [1, 2]
-    assert json.loads((repro.root / "reports/eval/register.json").read_text())["version"] == version_before + 1
+    assert json.loads((repro.root / "reports/register.json").read_text())["version"] == version_before + 1
     assert not _dirty_stages(_status(repro))
 
 
