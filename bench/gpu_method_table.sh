@@ -2,11 +2,11 @@
 # One GPU call of the method table (bench/method_table.py): run the named pieces in order.
 #
 #   bash bench/gpu_method_table.sh base runs-seed0          # call 1, about 8 min on one H100/H200
-#   bash bench/gpu_method_table.sh runs-seed1 aggregate     # call 2, about 4.5 min
+#   bash bench/gpu_method_table.sh runs-seed0 runs-seed1 aggregate   # call 2, about 5 min
 #
 # Earlier calls' result files are read from $RESULTS (default bench/out/method_table: copy each call's
 # returned files there and carry that folder into the next call). New files go to $OUT when the GPU
-# runner sets it (so only they come back: at most 6 per call), else to $RESULTS. A call that runs out
+# runner sets it (so only they come back: at most 7 per call), else to $RESULTS. A call that runs out
 # of time stops cleanly before a run it could not finish (exit 3): carry its files and rerun the same
 # command to resume. Env: SCALE (full), WORK (/tmp/dyme-method-table-$SCALE), DEADLINE_S (560, counted
 # from this script's start), SET (extra `--set FIELD=VALUE ...` for bench/method_table.py), PYTHON (python3).

@@ -3,11 +3,13 @@
 The claim under test: on a small VLM, SFT on reasoning traces, GRPO and two-stage SFT->GRPO do not
 improve (or lower) chart-QA accuracy, while DyME raises it. At a scale one GPU allows in minutes:
 
-1. ``base``: a small Idefics3 (SmolVLM architecture, ~6.6M parameters) trained from scratch with
-   ``DymeTrainer`` on the synthetic chart task with *direct* answers only (``method=sft``,
-   ``prompt_style=direct``), saved in bf16 as the common starting point (``base.tar``) and evaluated
-   on the held-out test split with the direct prompt (its natural mode: the "base" row) and with the
-   reasoning prompt (what every method starts from).
+1. ``base``: a small Idefics3 (SmolVLM architecture, 6.4M parameters) trained from scratch with
+   ``DymeTrainer`` (``method=sft``) on the synthetic chart task with bare answers only, no reasoning:
+   by default under the reasoning prompt with the target ``Answer: <gt>`` (so the base answers, with the
+   flag the accuracy reward parses, but never thinks: the paper's starting point; ``base_prompt=direct``
+   trains on the direct prompt instead, see bench/README.md for why that start is degenerate). Saved in
+   bf16 as the common starting point (``base.tar``) and evaluated on the held-out test split with the
+   reasoning prompt (the reference every method is compared with) and the direct prompt.
 2. ``runs-seed<N>``: from that base, with the reasoning prompt, the same data, steps, prompts per step,
    K, completion length and learning rate: ``sft`` (medium traces), ``grpo``, ``two_stage``, ``dyme``,
    ``dyme_no_checker`` (thinking reward 0) and ``dyme_no_refiner`` (memorises the raw hint); each
@@ -27,7 +29,7 @@ great_expectations (checked at exit).
 Run (GPU, one call per line; bench/README.md has the budget math)::
 
     bash bench/gpu_method_table.sh base runs-seed0
-    bash bench/gpu_method_table.sh runs-seed1 aggregate
+    bash bench/gpu_method_table.sh runs-seed0 runs-seed1 aggregate
 
 CPU check of the whole flow at a tiny scale (about 2 minutes on 2 cores)::
 
@@ -69,15 +71,18 @@ PAPER = {
     "dyme_no_refiner": {"acc": 51.6, "model": "LLaVA-OV-0.5B, 3-domain avg"},
 }
 
-# Method runs: name -> the `train.*` overrides that make it (all else is shared, see run_overrides).
+# Method runs in the paper's table order: name -> the `train.*` overrides that make it (all else is
+# shared, see run_overrides).
 METHODS: dict[str, list[str]] = {
-    "dyme": ["train.method=dyme"],
-    "grpo": ["train.method=grpo"],
     "sft": ["train.method=sft", "train.sft_target=hint"],
+    "grpo": ["train.method=grpo"],
     "two_stage": ["train.method=two_stage", "train.sft_target=hint"],
+    "dyme": ["train.method=dyme"],
     "dyme_no_checker": ["train.method=dyme", "train.checker=none", "train.reward_weights=[1.0,1.0,0.0]"],
     "dyme_no_refiner": ["train.method=dyme", "train.use_refiner=false"],
 }
+# Training order: the cheapest runs last, so a call that runs out of time leaves them to the next one.
+RUN_ORDER = ("dyme", "grpo", "dyme_no_checker", "dyme_no_refiner", "two_stage", "sft")
 LABELS = {
     "base": "base (direct prompt)", "base_reason": "base (reasoning prompt)", "sft": "+SFT (medium traces)",
     "grpo": "+GRPO", "two_stage": "+two-stage SFT->GRPO", "dyme": "+DyME",
@@ -113,7 +118,10 @@ class Scale:
     vision_layers: int
     patch_size: int
     vocab_size: int
-    # the base: direct-answer SFT from scratch, vision tower trained, cosine schedule
+    # the base: SFT from scratch on bare answers, vision tower trained, cosine schedule. base_prompt
+    # "reason": the reasoning prompt with the target "Answer: <gt>" (no thinking); "direct": the direct
+    # prompt with the target "<gt>" (then no base output carries the answer flag the reward parses)
+    base_prompt: str
     base_steps: int
     base_batch: int
     base_lr: float
@@ -128,6 +136,7 @@ class Scale:
     micro_batch: int
     eval_max_new_tokens: int
     eval_batch: int
+    static_cache: bool  # speed only: HF's compiled static-cache decode step for the rollouts
     # planning only: expected seconds, for --deadline-s
     est_base_s: float
     est_run_s: float
@@ -139,18 +148,19 @@ SCALES = {
         shards=2, train_per_shard=28, val_per_shard=0, test_per_shard=14, image_size=64,
         hidden_size=128, num_layers=2, num_heads=4, vision_hidden_size=64, vision_layers=2, patch_size=8,
         vocab_size=1024,
-        base_steps=30, base_batch=16, base_lr=1e-3, base_warmup=5, base_eval_max_new_tokens=8,
-        steps=3, batch=4, k=4, max_new_tokens=24, lr=3e-4, micro_batch=16, eval_max_new_tokens=32,
-        eval_batch=28, est_base_s=60, est_run_s=20,
+        base_prompt="reason", base_steps=30, base_batch=16, base_lr=1e-3, base_warmup=5, base_eval_max_new_tokens=8,
+        steps=3, batch=4, k=4, max_new_tokens=24, lr=1e-3, micro_batch=16, eval_max_new_tokens=32,
+        eval_batch=28, static_cache=False, est_base_s=60, est_run_s=20,
     ),
     # one H100/H200: base about 3 min, six runs per seed about 4 min (bench/README.md)
     "full": Scale(
         shards=16, train_per_shard=504, val_per_shard=14, test_per_shard=42, image_size=224,
         hidden_size=256, num_layers=6, num_heads=4, vision_hidden_size=192, vision_layers=4, patch_size=16,
         vocab_size=2048,
-        base_steps=1000, base_batch=64, base_lr=1e-3, base_warmup=50, base_eval_max_new_tokens=16,
-        steps=16, batch=64, k=8, max_new_tokens=128, lr=3e-4, micro_batch=128, eval_max_new_tokens=160,
-        eval_batch=672, est_base_s=200, est_run_s=60,
+        base_prompt="reason", base_steps=1000, base_batch=64, base_lr=1e-3, base_warmup=50,
+        base_eval_max_new_tokens=16,
+        steps=32, batch=64, k=8, max_new_tokens=128, lr=1e-3, micro_batch=256, eval_max_new_tokens=160,
+        eval_batch=672, static_cache=False, est_base_s=240, est_run_s=75,
     ),
 }
 
@@ -362,7 +372,8 @@ def piece_base(ctx: Context) -> None:
         f"init_model.vision_hidden_size={s.vision_hidden_size}", f"init_model.vision_layers={s.vision_layers}",
         f"init_model.image_size={s.image_size}", f"init_model.patch_size={s.patch_size}",
         f"model.name_or_path={init_dir}", "model.freeze_vision=false",
-        "train.method=sft", "train.prompt_style=direct", f"train.output_dir={run_dir}", "train.refined=",
+        "train.method=sft", f"train.prompt_style={s.base_prompt}", "train.sft_target=hint",
+        f"train.output_dir={run_dir}", "train.refined=",
         "train.seed=0", f"train.max_steps={s.base_steps}", f"train.batch_size={s.base_batch}",
         f"train.micro_batch_size={s.base_batch}", f"train.learning_rate={s.base_lr}",
         f"train.warmup_steps={s.base_warmup}", "train.lr_scheduler=cosine",
@@ -370,10 +381,12 @@ def piece_base(ctx: Context) -> None:
     ])
     # the tokenizer is trained on the training split's text only: nothing of the test split leaks in
     steps.init_model(cfg, Dataset(ds.root, ds.split("train")))
-    trainer = DymeTrainer(cfg, ds)
+    # bare answers, no reasoning: without a hint the SFT target under the reasoning prompt is "Answer: <gt>"
+    answers_only = Dataset(ds.root, [dataclasses.replace(x, hint=None) for x in ds.samples])
+    trainer = DymeTrainer(cfg, answers_only)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    log(f"base: {n_params / 1e6:.2f}M params, {s.base_steps} steps x {s.base_batch} prompts, direct answers, "
-        f"device {trainer.device}, bf16 autocast {trainer.bf16}")
+    log(f"base: {n_params / 1e6:.2f}M params, {s.base_steps} steps x {s.base_batch} prompts, bare answers under "
+        f"the {s.base_prompt} prompt, device {trainer.device}, bf16 autocast {trainer.bf16}")
     t_train = time.perf_counter()
     last = trainer.train()
     train_s = time.perf_counter() - t_train
@@ -447,7 +460,8 @@ def run_overrides(ctx: Context, method: str, seed: int, base_dir: Path, refined:
         f"train.num_generations={s.k}", f"train.micro_batch_size={s.micro_batch}",
         f"train.learning_rate={s.lr}", "train.lr_scheduler=constant", "train.warmup_steps=0",
         f"train.max_new_tokens={s.max_new_tokens}", "train.temperature=1.0", "train.beta=0.0",
-        "train.loss_type=grpo", "train.sft_fraction=0.5", *METHODS[method],
+        "train.loss_type=grpo", "train.sft_fraction=0.5", f"train.static_cache={str(s.static_cache).lower()}",
+        *METHODS[method],
     ]
 
 
@@ -456,7 +470,7 @@ def piece_runs(ctx: Context, seed: int) -> None:
     name = f"runs-seed{seed}.json"
     found = ctx.find(name)
     done = json.loads(found.read_text()) if found else {"seed": seed, "runs": {}}
-    todo = [m for m in METHODS if m not in done["runs"]]
+    todo = [m for m in RUN_ORDER if m not in done["runs"]]
     if not todo:
         log(f"runs-seed{seed}: done already ({name}), skipped")
         return
@@ -474,10 +488,11 @@ def piece_runs(ctx: Context, seed: int) -> None:
     ctx.out.mkdir(parents=True, exist_ok=True)
     longest = ctx.scale.est_run_s
     for method in todo:
-        if ctx.time_left() < longest:
+        need = longest / 3 if method == "sft" else longest  # sft samples no rollouts
+        if ctx.time_left() < need:
             write_json(ctx.out / name, done)
-            raise Incomplete(f"runs-seed{seed}: {len(todo) - todo.index(method)} run(s) left, about "
-                             f"{longest:.0f}s each, {ctx.time_left():.0f}s left")
+            raise Incomplete(f"runs-seed{seed}: {len(todo) - todo.index(method)} run(s) left, the next about "
+                             f"{need:.0f}s, {ctx.time_left():.0f}s left")
         run_dir = ctx.work / "runs" / f"seed{seed}" / method
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = load_config(None, run_overrides(ctx, method, seed, base_dir, refined_path, run_dir))
@@ -587,7 +602,7 @@ def piece_aggregate(ctx: Context) -> None:
     (ctx.out / "table.md").write_text(render_table(results))
     plot_curves(methods, ctx.out / "curves.png")
     plot_modes(methods, ctx.out / "modes.png")
-    plot_by_type(base_direct, methods, ctx.out / "by_type.png")
+    plot_by_type(base_reason, methods, ctx.out / "by_type.png")
     log(f"aggregate: {len(methods)} methods over seeds {sorted(seeds)} -> results.json, table.md, "
         "curves.png, modes.png, by_type.png")
     print(render_table(results).split("\n\n## ")[0], flush=True)
@@ -602,26 +617,28 @@ def render_table(results: dict) -> str:
         "# Method table in miniature (bench/method_table.py)", "",
         f"Scale `{sc['name']}`{' with ' + json.dumps(sc['overrides']) if sc['overrides'] else ''}: a "
         f"{base['n_params'] / 1e6:.1f}M-parameter Idefics3 trained from scratch on "
-        f"{sc['shards'] * sc['train_per_shard']} synthetic charts ({sc['image_size']}px) with direct answers, then "
+        f"{sc['shards'] * sc['train_per_shard']} synthetic charts ({sc['image_size']}px) with bare answers (no "
+        f"reasoning) under the {results['base_scale'].get('base_prompt', 'direct')} prompt, then "
         f"{sc['steps']} steps x {sc['batch']} prompts x K={sc['k']}, {sc['max_new_tokens']} new tokens, "
         f"LR {sc['lr']:g} (the same for every method), seeds {seeds}. Test split: "
         f"{int(bd['n'])} held-out questions. Base: {results['env_base']['device']}, "
         f"{results['env_base']['date_utc']} UTC.", "",
-        "Relaxed accuracy, format rate and grounding in %, mean ± sd over seeds. Paper: ChartQA relaxed "
+        "Relaxed accuracy, format rate and grounding in %, mean ± sd over seeds; every method is evaluated "
+        "with the reasoning prompt, so Δ is against the base under that prompt. Paper: ChartQA relaxed "
         "accuracy; method rows SmolVLM-500M, ablation rows LLaVA-OV-0.5B 3-domain average (full DyME 55.4).", "",
         "| method | relaxed acc | Δ vs base | format | grounding | paper | paper Δ |",
         "|---|---|---|---|---|---|---|",
     ]
     paper_delta_ref = {"sft": "base", "grpo": "base", "two_stage": "base", "dyme": "base",
                        "dyme_no_checker": "dyme_full_ablation", "dyme_no_refiner": "dyme_full_ablation"}
-    for key, m in (("base", bd), ("base_reason", br)):
-        paper = f"{PAPER['base']['acc']:.1f}" if key == "base" else ""
+    for key, m in (("base_reason", br), ("base", bd)):
+        paper = f"{PAPER['base']['acc']:.1f}" if key == "base_reason" else ""
         lines.append(f"| {LABELS[key]} | {m['relaxed_accuracy'] * 100:.1f} | | {m['format_rate'] * 100:.1f} | "
                      f"{m['grounding_score'] * 100:.1f} | {paper} | |")
     for method, m in methods.items():
         ev = m["eval"]
         acc = ev["relaxed_accuracy"]
-        delta = {**one, "mean": acc["mean"] - bd["relaxed_accuracy"], "sd": acc["sd"], "n": acc["n"]}
+        delta = {**one, "mean": acc["mean"] - br["relaxed_accuracy"], "sd": acc["sd"], "n": acc["n"]}
         p, ref = PAPER[method]["acc"], PAPER[paper_delta_ref[method]]["acc"]
         lines.append(f"| {LABELS[method]} | {_pm(acc)} | {_pm(delta)} | {_pm(ev.get('format_rate'))} | "
                      f"{_pm(ev.get('grounding_score'))} | {p:.1f} | {p - ref:+.1f} |")
@@ -645,7 +662,8 @@ def render_table(results: dict) -> str:
     qtypes = sorted(k.split("/", 1)[1] for k in bd if k.startswith("accuracy/"))
     lines += ["", "## Accuracy by question type (%)", "",
               "| method | " + " | ".join(qtypes) + " |", "|---" * (len(qtypes) + 1) + "|"]
-    lines.append(f"| {LABELS['base']} | " + " | ".join(f"{bd[f'accuracy/{q}'] * 100:.0f}" for q in qtypes) + " |")
+    for key, m in (("base_reason", br), ("base", bd)):
+        lines.append(f"| {LABELS[key]} | " + " | ".join(f"{m[f'accuracy/{q}'] * 100:.0f}" for q in qtypes) + " |")
     for method, m in methods.items():
         lines.append(f"| {LABELS[method]} | " + " | ".join(_pm(m["eval"].get(f"accuracy/{q}"), digits=0)
                                                           for q in qtypes) + " |")
@@ -708,10 +726,10 @@ def plot_modes(methods: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_by_type(base_direct: dict, methods: dict, path: Path) -> None:
+def plot_by_type(base_reason: dict, methods: dict, path: Path) -> None:
     plt = _plt()
-    qtypes = sorted(k.split("/", 1)[1] for k in base_direct if k.startswith("accuracy/"))
-    series = [("base", [base_direct[f"accuracy/{q}"] for q in qtypes])]
+    qtypes = sorted(k.split("/", 1)[1] for k in base_reason if k.startswith("accuracy/"))
+    series = [("base_reason", [base_reason[f"accuracy/{q}"] for q in qtypes])]
     for method, m in methods.items():
         series.append((method, [m["eval"][f"accuracy/{q}"]["mean"] if f"accuracy/{q}" in m["eval"] else 0.0
                                 for q in qtypes]))
@@ -729,14 +747,21 @@ def plot_by_type(base_direct: dict, methods: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def parse_set(items: list[str], scale: Scale) -> dict[str, Any]:
-    types = {f.name: f.type for f in dataclasses.fields(Scale)}
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`FIELD=VALUE` overrides of Scale fields, typed like the field."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(Scale)}
+    parse = {"int": int, "float": float, "str": str, "bool": lambda v: {"true": True, "false": False}[v.lower()]}
     out: dict[str, Any] = {}
     for item in items:
         key, _, raw = item.partition("=")
         if key not in types or not raw:
-            raise SystemExit(f"--set {item!r}: expected one of {', '.join(types)} = value")
-        out[key] = float(raw) if types[key] in ("float", float) else int(raw)
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE, FIELD one of {', '.join(types)}")
+        try:
+            out[key] = parse[types[key]](raw)
+        except (KeyError, ValueError):
+            raise SystemExit(f"--set {item!r}: not a {types[key]}") from None
+    if out.get("base_prompt", "reason") not in ("reason", "direct"):
+        raise SystemExit("--set base_prompt: reason | direct")
     return out
 
 
@@ -757,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    overrides = parse_set(args.sets, SCALES[args.scale])
+    overrides = parse_set(args.sets)
     scale = dataclasses.replace(SCALES[args.scale], **overrides)
     ctx = Context(args, scale, args.scale, overrides)
     pieces = [p for piece in args.pieces
