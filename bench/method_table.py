@@ -89,6 +89,8 @@ LABELS = {
     "dyme_no_checker": "DyME w/o checker", "dyme_no_refiner": "DyME w/o refiner",
 }
 RL_METHODS = ("dyme", "dyme_no_checker", "dyme_no_refiner", "grpo", "two_stage")
+COLORS = {"base_reason": "#7f7f7f", "base": "#c7c7c7", "sft": "#8c564b", "grpo": "#ff7f0e", "two_stage": "#2ca02c",
+          "dyme": "#1f77b4", "dyme_no_checker": "#d62728", "dyme_no_refiner": "#9467bd"}
 # Per-step metrics kept from each run's metrics.jsonl (the trainer logs more).
 HISTORY_KEYS = (
     "step", "phase_sft", "loss", "loss/nll_memorized", "reward/format", "reward/accuracy", "reward/thinking",
@@ -373,7 +375,7 @@ def piece_base(ctx: Context) -> None:
         f"init_model.image_size={s.image_size}", f"init_model.patch_size={s.patch_size}",
         f"model.name_or_path={init_dir}", "model.freeze_vision=false",
         "train.method=sft", f"train.prompt_style={s.base_prompt}", "train.sft_target=hint",
-        f"train.output_dir={run_dir}", "train.refined=",
+        f"train.output_dir={run_dir}", "train.refined=", "train.template_pool=", "train.refine_cache_dir=",
         "train.seed=0", f"train.max_steps={s.base_steps}", f"train.batch_size={s.base_batch}",
         f"train.micro_batch_size={s.base_batch}", f"train.learning_rate={s.base_lr}",
         f"train.warmup_steps={s.base_warmup}", "train.lr_scheduler=cosine",
@@ -695,12 +697,13 @@ def plot_curves(methods: dict, path: Path) -> None:
             ys = m["curves"].get(key, [])
             pts = [(i + 1, y) for i, y in enumerate(ys) if y is not None and (key != "loss/nll_memorized" or y > 0)]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker=".", label=LABELS[method])
+                ax.plot(*zip(*pts, strict=True), marker=".", label=LABELS[method], color=COLORS[method])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-    axes.flat[0].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncols=len(handles), fontsize=8)
     fig.suptitle("Training curves, mean over seeds (SFT steps have no rollouts)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=90, metadata={"Software": None})
     plt.close(fig)
 
@@ -736,7 +739,8 @@ def plot_by_type(base_reason: dict, methods: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 3.8))
     width = 0.8 / len(series)
     for i, (name, ys) in enumerate(series):
-        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(qtypes))], ys, width, label=LABELS[name])
+        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(qtypes))], ys, width, label=LABELS[name],
+               color=COLORS[name])
     ax.set_xticks(range(len(qtypes)), qtypes, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("relaxed accuracy (test)")
