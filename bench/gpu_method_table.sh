@@ -21,7 +21,7 @@ PYTHON=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-560}
 mkdir -p "$RESULTS" "$OUT_DIR"
 
-# Packages the GPU image may lack, from the wheels the lead carries in .wheels/ (only those not importable
+# Packages the GPU image may lack, from the wheels carried in .wheels/ (only those not importable
 # there, into a separate --target folder: nothing of the image is replaced). trl, datasets, mlflow, dvc,
 # kfp and great_expectations are not needed (bench/method_table.py checks none got imported).
 SITE=${SITE:-/tmp/dyme-site-method-table}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU plan of issue 4 section 1 (bench/throughput.py), sized for ONE device call of <= 10 minutes.
+# The GPU throughput plan (bench/throughput.py), sized to finish in under 10 minutes on one machine.
 #
 #   bash bench/gpu_throughput.sh          one GPU (H100/H200), about 7-8 minutes (budget 480 s + timeouts):
 #     1. SmolVLM-256M shape, K=8, 8 prompts, 128 new tokens, mixes explore/skip75/memorize75:

@@ -1,4 +1,4 @@
-"""The paper's method table in miniature (issue 4, section 2; DESIGN.md section 2 for the paper numbers).
+"""The paper's method table in miniature (DESIGN.md section 2 for the paper numbers).
 
 The claim under test: on a small VLM, SFT on reasoning traces, GRPO and two-stage SFT->GRPO do not
 improve (or lower) chart-QA accuracy, while DyME raises it. At a scale one GPU allows in minutes:

@@ -1,4 +1,4 @@
-"""Step throughput: DyME's trainer against plain `trl.GRPOTrainer` on the same work (issue 4, section 1).
+"""Step throughput: DyME's trainer against plain `trl.GRPOTrainer` on the same work.
 
 One process builds a random Idefics3 model of `--shape` (bench/common.py) and a synthetic chart set
 (dyme_core.data.synth), then steps these trainers on the same device, alternating step by step:
