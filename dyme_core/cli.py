@@ -91,7 +91,6 @@ def _init_distributed() -> None:
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     client = _llm_client(cfg.train.llm, cfg.train.checker == "llm")
-    steps.check_validated(cfg)
     _init_distributed()
     metrics = steps.train(cfg, client)
     if int(os.environ.get("RANK", "0")) == 0:

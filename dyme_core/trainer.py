@@ -264,10 +264,11 @@ class DymeTrainer:
         k = self.t.num_generations
         owners = [samples[i // k] for i in range(len(texts))]
         acc_fn = direct_accuracy if self.t.prompt_style == "direct" else accuracy_reward
-        fmt = [format_reward(t, self.t.min_thinking_chars) for t in texts]
-        acc = [acc_fn(t, s.references()) for t, s in zip(texts, owners, strict=True)]
         if self.t.prompt_style == "direct":
             fmt = [1.0] * len(texts)  # no thinking is asked for
+        else:
+            fmt = [format_reward(t, self.t.min_thinking_chars) for t in texts]
+        acc = [acc_fn(t, s.references()) for t, s in zip(texts, owners, strict=True)]
         items = []
         for t, s in zip(texts, owners, strict=True):
             p = parse_completion(t)
@@ -354,7 +355,7 @@ class DymeTrainer:
         states, counts = cache[key]
         starts = (counts.cumsum(0) - counts).tolist()
         sel = [i for p in prompts for i in range(starts[p], starts[p] + int(counts[p]))]  # row-major images
-        feats = inner.connector(states)[torch.tensor(sel, device=self.device)]  # (n_sel, S, D)
+        feats = inner.connector(states[torch.tensor(sel, device=self.device)])  # (n_sel, S, D), per image
         embeds = model.get_input_embeddings()(ids)  # (N, L, D)
         image_mask = (ids == base.config.image_token_id).unsqueeze(-1)
         if int(image_mask.sum()) * embeds.shape[-1] != feats.numel():
@@ -439,8 +440,8 @@ class DymeTrainer:
         m["frac_reward_zero_std"] += float((rewards["total"].std(dim=1) == 0).float().mean())
         m["completion/mean_length"] += float(lengths.mean())
         m["completion/clipped_ratio"] += float(clipped.float().mean())
-        m["tokens"] += float(lengths.sum())
-        all_tokens = int(sum(len(c) for c in completions))
+        all_tokens = int(lengths.sum())
+        m["tokens"] += all_tokens
         # memorised rows replace a rollout: count their tokens in place of that group's rollouts
         norm = {"total_rows": len(batch.samples) * k, "total_tokens": all_tokens,
                 "max_completion_len": self.t.max_new_tokens, "kept_rows": len(rows)}
