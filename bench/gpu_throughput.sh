@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The GPU throughput plan (bench/throughput.py), sized to finish in under 10 minutes on one machine.
 #
-#   bash bench/gpu_throughput.sh          one GPU (H100/H200), about 7-8 minutes (budget 480 s + timeouts):
-#     1. SmolVLM-256M shape, K=8, 8 prompts, 128 new tokens, mixes explore/skip75/memorize75:
-#        trl-default, trl-same-gen, dyme, grpo (2 warm-up + 3 timed steps each), then the DyME sweep
-#        over K (2,4,8,16), completion length (64,128,256) and prompts per step (4,8,16)
+#   bash bench/gpu_throughput.sh          one GPU (H100/H200), about 8-9 minutes (budget 520 s + timeouts):
+#     SmolVLM-256M shape, K=8, 8 prompts, 128 new tokens, mixes explore/skip75/memorize75:
+#     trl-default, trl-same-gen, dyme, grpo (2 warm-up + 3 timed steps each); DyME's update compiled
+#     (train.compile_update: about 200 s of one-time compile on an H200, inside the warm-up)
+#   bash bench/gpu_throughput.sh extra    one GPU, about 9 minutes, DyME's update eager (no 200 s compile):
+#     1. the DyME sweep (256M, explore) over K (2,4,8,16), completion length (64,128,256) and prompts per
+#        step (4,8,16); every new shape recompiles the decode step (about 35 s)
 #     2. SmolVLM-500M shape, mix explore: trl-default, trl-same-gen, dyme (1 warm-up + 2 timed steps)
+#   bash bench/gpu_throughput.sh profile  one GPU, about 3 minutes: bench/profile_update.py on the 256M shape (update
+#     halves timed apart, compiled against eager decoder layers, torch.profiler tables of a skip75 update)
 #   bash bench/gpu_throughput.sh multi    two GPUs of one host (nvidia-h100-x2), about 3 minutes:
 #     DyME alone on 1 GPU, then the same per-GPU batch under torchrun on 2 GPUs: samples/s, efficiency
 #
@@ -18,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
 SITE=${SITE:-/tmp/dyme-site}
-BUDGET=${BUDGET:-480}  # seconds for the whole plan; with the per-part hard timeouts it ends before 600
+BUDGET=${BUDGET:-520}  # seconds for the whole plan; with the per-part hard timeouts it ends before 600
 T0=$(date +%s)
 # seconds left for a part: the plan's remainder minus what later parts need (at least 30)
 left() { local s=$(( BUDGET - ($(date +%s) - T0) - ${1:-0} )); echo $(( s < 30 ? 30 : s )); }
@@ -48,6 +53,17 @@ export DYME_BENCH_WORK=${DYME_BENCH_WORK:-/tmp/dyme-bench-work}
 transformers.__version__, 'trl', trl.__version__)" | tee -a "$OUT/gpu.txt"
 common=(--device "$DEVICE" --k 8 --prompts 8 --new-tokens 128 --work "$DYME_BENCH_WORK" --out "$OUT" "${extra[@]}")
 
+if [[ "${1:-single}" == "profile" ]]; then
+  "$PY" bench/profile_update.py --device "$DEVICE" --shape "$SHAPE_A" --k 8 --prompts 8 --new-tokens 128 \
+    --work "$DYME_BENCH_WORK" --out "$OUT" --mix explore,skip75,memorize75 --variants current,eager,eager-cudnn \
+    --profile 2>&1 | grep -v -i warn > "$OUT/profile-full.log" || true
+  # the run's own lines, and why torch.compile recompiled (with TORCH_LOGS=recompiles)
+  grep -v "^V" "$OUT/profile-full.log" | tee "$OUT/profile.log"
+  grep -A4 "triggered by" "$OUT/profile-full.log" | grep -v "User stack" > "$OUT/recompiles.txt" || true
+  rm -f "$OUT/profile-full.log"
+  exit 0
+fi
+
 if [[ "${1:-single}" == "multi" ]]; then
   "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_A" --trl off --trainers dyme --mix explore \
     --warmup 2 --steps 5 --label ddp1 --budget-s "$(left 150)" 2>&1 | tee "$OUT/ddp1.log"
@@ -57,17 +73,24 @@ if [[ "${1:-single}" == "multi" ]]; then
   exit 0
 fi
 
-# 1. SmolVLM-256M: the main table, then the sweep with the same (already compiled) DyME trainer;
-#    leaves about 170 s for part 2
-b=$(left 170)  # each part also gets a hard timeout a little past its budget
-timeout -k 10 $(( b + 40 )) "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_A" \
-  --mix explore,skip75,memorize75 --warmup 2 --steps 3 --sweep --budget-s "$b" 2>&1 | tee "$OUT/256m.log" \
-  || echo "part 1 failed (see 256m.log)"
-# 2. SmolVLM-500M: explore only
-b=$(left 10)
-timeout -k 10 $(( b + 30 )) "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_B" --label "${LABEL_B:-$SHAPE_B}" \
-  --mix explore --trainers trl-default,trl-same-gen,dyme --warmup 1 --steps 2 --budget-s "$b" 2>&1 | tee "$OUT/500m.log" \
-  || echo "part 2 failed (see 500m.log)"
+if [[ "${1:-single}" == "extra" ]]; then
+  # 1. the sweep (DyME alone, eager update); leaves about 190 s for part 2
+  b=$(left 190)  # each part also gets a hard timeout a little past its budget
+  timeout -k 10 $(( b + 30 )) "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_A" --label "$SHAPE_A-sweep" \
+    --trl off --trainers dyme --mix explore --warmup 1 --steps 2 --sweep --compile-update off --peak off \
+    --budget-s "$b" 2>&1 | tee "$OUT/sweep.log" || echo "part 1 failed (see sweep.log)"
+  # 2. SmolVLM-500M: explore only
+  b=$(left 10)
+  timeout -k 10 $(( b + 30 )) "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_B" \
+    --label "${LABEL_B:-$SHAPE_B}" --mix explore --trainers trl-default,trl-same-gen,dyme --compile-update off \
+    --warmup 1 --steps 2 --budget-s "$b" 2>&1 | tee "$OUT/500m.log" || echo "part 2 failed (see 500m.log)"
+else
+  # SmolVLM-256M: the main table
+  b=$(left 10)
+  timeout -k 10 $(( b + 40 )) "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_A" \
+    --mix explore,skip75,memorize75 --warmup 2 --steps 3 --budget-s "$b" 2>&1 | tee "$OUT/256m.log" \
+    || echo "the 256M table failed (see 256m.log)"
+fi
 echo "plan finished in $(( $(date +%s) - T0 )) s"
 # at most 8 files come back from a device call: keep the JSON and PNG results, pack the rest
 ( cd "$OUT" && tar czf reports.tgz --remove-files ./*.log ./*.md gpu.txt 2>/dev/null || true )

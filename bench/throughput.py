@@ -7,16 +7,19 @@ One process builds a random Idefics3 model of `--shape` (bench/common.py) and a 
                 checkpointing, loss "dapo", every row forwarded and back-propagated.
   trl-same-gen  trl.GRPOTrainer given DyME's generation settings (static KV cache, compiled decode step,
                 the same cache-length rounding; TRL hard-codes `disable_compile=True` in its
-                GenerationConfig, so the bench flips it back) and DyME's update settings (no gradient
-                checkpointing, loss "grpo").
-  dyme, grpo    dyme_core.trainer.DymeTrainer with method dyme / grpo (one instance, method switched per step).
+                GenerationConfig, so the bench flips it back; on GPU the same attention kernels, i.e. no
+                cuDNN attention) and DyME's update settings (no gradient checkpointing, loss "grpo"). Its
+                update runs eagerly (TRL's `torch_compile` would compile generation too; not used).
+  dyme, grpo    dyme_core.trainer.DymeTrainer with method dyme / grpo (one instance, method switched per step),
+                on GPU with train.compile_update (--compile-update; the one-time compile is reported apart).
 
-Equal in all: the weights (loaded by dyme_core.models.load_model: bf16 weights and bf16 autocast on a
-GPU, vision tower frozen), prompts and images, K, prompts per step, exactly --new-tokens completion tokens
-(eos and the image/special tokens are suppressed in both), rows per forward/backward (--micro-batch), one
-optimizer step per generation batch, and the rewards. The reward depends only on (group position in the
-batch, completion index) so that a chosen fraction of groups is all-wrong (DyME: MEMORIZE), all-right
-(SKIP) or mixed (EXPLORE, half the completions right) -- `--mix`: explore | skip75 | memorize75 | mixed.
+Equal in all: the weights (loaded by dyme_core.models.load_model: bf16 weights on a GPU; TRL adds bf16
+autocast, DyME needs none for bf16 weights; vision tower frozen), prompts and images, K, prompts per step,
+exactly --new-tokens completion tokens (eos and the image/special tokens are suppressed in both), rows per
+forward/backward (--micro-batch), one optimizer step per generation batch, and the rewards. The reward depends
+only on (group position in the batch, completion index) so that a chosen fraction of groups is all-wrong
+(DyME: MEMORIZE), all-right (SKIP) or mixed (EXPLORE, half the completions right) -- `--mix`: explore | skip75
+| memorize75 | mixed.
 
 Alternation without threads (CUDA-graph trees assert in Python threads before torch 2.12,
 pytorch#123177): TRL's own `train()` loop is the outer loop, and a callback at every TRL `on_step_end`
@@ -45,6 +48,7 @@ Two GPUs (DyME):  torchrun --standalone --nproc_per_node=2 bench/throughput.py -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -60,6 +64,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import sdpa_kernel
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `bench` and `dyme_core`
@@ -71,7 +76,7 @@ from dyme_core.data.schema import Sample  # noqa: E402
 from dyme_core.data.synth import synthesize  # noqa: E402
 from dyme_core.models import build_prompt, load_model, user_text  # noqa: E402
 from dyme_core.refiner import rule_refine  # noqa: E402
-from dyme_core.trainer import Batch, DymeTrainer, Row  # noqa: E402
+from dyme_core.trainer import GPU_ATTENTION, Batch, DymeTrainer, Row  # noqa: E402
 
 # (all-wrong, all-right, mixed) fractions of the prompt groups of every batch
 MIXES = {"explore": (0.0, 0.0, 1.0), "skip75": (0.0, 0.75, 0.25), "memorize75": (0.75, 0.0, 0.25),
@@ -207,7 +212,8 @@ def dyme_trainer(args: argparse.Namespace, work: Work, device: torch.device) -> 
         f"train.output_dir={Path(args.work) / 'run-dyme'}", "train.refined=", "train.method=dyme",
         f"train.batch_size={b}", f"train.num_generations={k}", f"train.max_new_tokens={n}",
         f"train.max_target_tokens={n}", f"train.micro_batch_size={args.micro_batch or b * k}",
-        f"train.static_cache={args.static_cache == 'on'}", "train.max_steps=1000000", "train.report_to=none",
+        f"train.static_cache={args.static_cache == 'on'}", f"train.compile_update={args.compile_update == 'on'}",
+        "train.max_steps=1000000", "train.report_to=none",
         "train.progress_bar=false", "train.checker=none", f"train.seed={args.seed}",
     ])
     return BenchDymeTrainer(cfg, work.dataset, device=device)
@@ -265,9 +271,12 @@ def trl_trainer(kind: str, args: argparse.Namespace, work: Work, device: torch.d
             super().__init__(*a, **kw)
 
         def _timed(self, name: str, fn: Any, *a: Any, **kw: Any) -> Any:
+            # trl-same-gen gets DyME's attention kernels too (no cuDNN attention on GPU)
+            kernels = sdpa_kernel(GPU_ATTENTION) if same_kernels else contextlib.nullcontext()
             sync(device)
             t0 = time.perf_counter()
-            out = fn(*a, **kw)
+            with kernels:
+                out = fn(*a, **kw)
             sync(device)
             t1 = time.perf_counter()
             self.bench[name] = self.bench.get(name, 0.0) + t1 - t0
@@ -288,6 +297,7 @@ def trl_trainer(kind: str, args: argparse.Namespace, work: Work, device: torch.d
         def training_step(self, *a: Any, **kw: Any) -> Any:
             return self._timed("training_step_s", super().training_step, *a, **kw)
 
+    same_kernels = kind == "trl-same-gen" and device.type == "cuda"
     k, b, n = args.k, args.prompts, args.new_tokens
     micro = args.micro_batch or b * k
     if (b * k) % micro:
@@ -647,6 +657,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--trl", default="on", choices=("on", "off"), help="off: DyME only (no trl needed).")
     ap.add_argument("--static-cache", default="auto", choices=("auto", "on", "off"),
                     help="Static KV cache for dyme/grpo and trl-same-gen (auto: on for cuda).")
+    ap.add_argument("--compile-update", default="auto", choices=("auto", "on", "off"),
+                    help="dyme/grpo: train.compile_update (decoder layers compiled for the update; auto: on for cuda).")
     ap.add_argument("--samples", type=int, default=64, help="Synthetic training samples (prompts cycle).")
     ap.add_argument("--seed", type=int, default=0, help="Seed for data, weights and sampling.")
     ap.add_argument("--sweep", action="store_true", help="Also sweep K, prompts and new tokens (DyME, explore).")
@@ -676,6 +688,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--warmup must be >= 1 (the first step compiles and allocates)")
     if args.static_cache == "auto":
         args.static_cache = "on" if args.device == "cuda" else "off"
+    if args.compile_update == "auto":
+        args.compile_update = "on" if args.device == "cuda" else "off"
     args.label = args.label or args.shape
     args.trl_steps = args.warmup + args.steps * len(args.mix)
     return args
@@ -709,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "shape": args.shape, "k": args.k, "prompts": args.prompts, "new_tokens": args.new_tokens,
         "micro_batch": args.micro_batch or args.k * args.prompts, "mixes": args.mix, "steps": args.steps,
-        "warmup": args.warmup, "static_cache": args.static_cache, "world_size": world,
+        "warmup": args.warmup, "static_cache": args.static_cache, "compile_update": args.compile_update,
+        "world_size": world,
         "threads": torch.get_num_threads(),
         "date": dt.date.today().isoformat(), "host": platform.node(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),

@@ -162,6 +162,9 @@ class TrainConfig:
     bf16: str = _f("auto", "auto (on GPU) | true | false.", choices=("auto", "true", "false"))
     generation_batch_size: int = _f(0, "Prompts per generate call (0 = all of the batch).")
     static_cache: bool = _f(False, "Use a static KV cache in generate (faster on GPU after compile).")
+    compile_update: bool = _f(False, "Run the update's forward/backward through torch.compile (dynamic "
+                              "shapes; generation unchanged): fused kernels, less launch overhead on GPU "
+                              "after a one-time compile.")
     progress_bar: bool = _f(True, "Show a progress bar on the main process.")
     llm: LLMConfig = field(default_factory=LLMConfig, metadata={"help": "LLM judge/refiner endpoint."})
 

@@ -25,6 +25,7 @@ model and optimizer states.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 from transformers import Idefics3ForConditionalGeneration, PreTrainedModel, ProcessorMixin
 
@@ -58,6 +60,11 @@ from dyme_core.refiner import Refiner, TemplatePool
 from dyme_core.rewards import accuracy_reward, direct_accuracy, format_reward, parse_completion
 
 log = logging.getLogger(__name__)
+
+# Attention kernels on GPU. cuDNN's (first in PyTorch's order on Hopper) builds an execution plan for
+# every new shape, about 1.5-2 ms of host time a call on an H200 and two calls per layer per update,
+# and the shapes here change every step (prompt lengths, kept rows).
+GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -119,6 +126,10 @@ class DymeTrainer:
         torch.manual_seed(self.t.seed)  # LoRA init
         self.model: PreTrainedModel = load_model(cfg.model, self.device)
         self.bf16 = self.t.bf16 == "true" or (self.t.bf16 == "auto" and self.device.type == "cuda")
+        # bf16 autocast where some weights are wider than bf16 (e.g. model.dtype=float32); bf16 weights
+        # need no autocast, which would only add casts around every op
+        self.autocast = self.bf16 and any(p.is_floating_point() and p.dtype != torch.bfloat16
+                                          for p in self.model.parameters())
         self.ref_model = None
         if self.t.beta > 0:
             self.ref_model = load_model(cfg.model, self.device).eval().requires_grad_(False)
@@ -127,7 +138,7 @@ class DymeTrainer:
         no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.t.learning_rate,
+            lr=self.t.learning_rate, fused=self.device.type == "cuda",  # one kernel for all tensors on GPU
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.checker = VisualChecker(self.t.checker, client=llm_client, max_workers=self.t.llm.max_workers)
@@ -144,6 +155,10 @@ class DymeTrainer:
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.suppress = suppressed_token_ids(self.model, self.processor)
+        self.attention_backends = GPU_ATTENTION if self.device.type == "cuda" else None
+        # The update's forward through torch.compile (dynamic shapes: rows and lengths change every step).
+        # The compiled wrapper shares the model's parameters; generate() keeps using the plain model.
+        self.update_model = torch.compile(self.model, dynamic=True) if self.t.compile_update else None
         # Frozen vision-encoder outputs of the current batch: (batch, {(id, training): (states, counts)}).
         self._vision_cache: tuple[Batch | None, dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]] = (
             None, {})
@@ -231,7 +246,7 @@ class DymeTrainer:
             if self.t.static_cache:
                 kwargs["cache_implementation"] = "static"
                 kwargs["max_cache_len"] = -(-(ids.shape[1] + self.t.max_new_tokens) // 128) * 128
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), self._attention():
                 embeds = self._merged_embeds(self.model, batch, idx, ids)
                 if embeds is not None:
                     kwargs["inputs_embeds"] = embeds
@@ -291,15 +306,16 @@ class DymeTrainer:
             mask[i, t_max - len(r.completion):] = True
         idx = [r.prompt for r in rows]
         ids, attn = ids.to(self.device), attn.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        forward = self.update_model if model is self.model and self.update_model is not None else model
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             embeds = self._merged_embeds(model, batch, idx, ids)
             if embeds is not None:  # vision encoder once per prompt, not once per row
-                out = model(inputs_embeds=embeds, attention_mask=attn, logits_to_keep=t_max + 1)
+                out = forward(inputs_embeds=embeds, attention_mask=attn, logits_to_keep=t_max + 1, use_cache=False)
             else:
                 kwargs = {"pixel_values": batch.pixel_values[idx].to(self.device, model.dtype)}
                 if batch.pixel_attention_mask is not None:
                     kwargs["pixel_attention_mask"] = batch.pixel_attention_mask[idx].to(self.device)
-                out = model(input_ids=ids, attention_mask=attn, logits_to_keep=t_max + 1, **kwargs)
+                out = forward(input_ids=ids, attention_mask=attn, logits_to_keep=t_max + 1, use_cache=False, **kwargs)
         logits = out.logits[:, :-1].float()  # (N, T, V): position j predicts token j+1
         temps = [r.temperature for r in rows]
         if any(t != 1.0 for t in temps):
@@ -336,7 +352,12 @@ class DymeTrainer:
         if cached_batch is not batch:
             cache = {}
             self._vision_cache = (batch, cache)
-        key = (id(inner.vision_model), inner.vision_model.training)  # eval for generation, train for the update
+        # train mode differs from eval only through dropout: one forward serves generation and update
+        # unless the vision tower has active dropout
+        vision = inner.vision_model
+        stochastic = vision.training and (getattr(vision.config, "attention_dropout", 0.0) > 0 or any(
+            isinstance(mod, torch.nn.Dropout) and mod.p > 0 for mod in vision.modules()))
+        key = (id(vision), stochastic)
         if key not in cache:
             b, n = batch.pixel_values.shape[:2]
             pixels = batch.pixel_values.to(self.device, inner.dtype).flatten(0, 1)  # (B*N, C, H, W)
@@ -362,13 +383,22 @@ class DymeTrainer:
             raise ValueError(f"image tokens ({int(image_mask.sum())}) do not match image features {tuple(feats.shape)}")
         return embeds.masked_scatter(image_mask, feats.to(inner.dtype).to(embeds.dtype))
 
+    def _attention(self) -> contextlib.AbstractContextManager:
+        return sdpa_kernel(self.attention_backends) if self.attention_backends else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _update_mode(self):
+        """The model in train mode, with the update's attention kernels."""
+        self.model.train()
+        with self._attention():
+            yield
+
     def _backward(self, batch: Batch, rows: list[Row], norm: dict, m: dict) -> float:
         """Forward/backward the kept rows in micro-batches; returns this batch's loss share.
 
         Also sums the token-mean NLL of memorised rows into m (the SFT loss, to watch memorisation).
         """
         total = 0.0
-        self.model.train()
         for lo in range(0, len(rows), self.t.micro_batch_size):
             chunk = rows[lo: lo + self.t.micro_batch_size]
             logps, mask = self._token_logps(self.model, batch, chunk)
@@ -482,15 +512,16 @@ class DymeTrainer:
             m["rows/total"] += norm["total_rows"]
             t0 = time.perf_counter()
             for it in range(self.t.num_iterations):
-                if self.t.num_iterations > 1 and it == 0 and rows:
-                    with torch.no_grad():  # old policy log-probs for the PPO ratio
-                        for lo in range(0, len(rows), self.t.micro_batch_size):
-                            chunk = rows[lo: lo + self.t.micro_batch_size]
-                            logps, mask = self._token_logps(self.model, batch, chunk)
-                            for r, lp, mk in zip(chunk, logps, mask, strict=True):
-                                r.old_logps = lp[mk].detach().cpu()
-                if rows:
-                    m["loss"] += self._backward(batch, rows, norm, m)
+                with self._update_mode():
+                    if self.t.num_iterations > 1 and it == 0 and rows:
+                        with torch.no_grad():  # old policy log-probs for the PPO ratio
+                            for lo in range(0, len(rows), self.t.micro_batch_size):
+                                chunk = rows[lo: lo + self.t.micro_batch_size]
+                                logps, mask = self._token_logps(self.model, batch, chunk)
+                                for r, lp, mk in zip(chunk, logps, mask, strict=True):
+                                    r.old_logps = lp[mk].detach().cpu()
+                    if rows:
+                        m["loss"] += self._backward(batch, rows, norm, m)
                 if it < self.t.num_iterations - 1:
                     self._optimizer_step()
                     self.optimizer.zero_grad(set_to_none=True)

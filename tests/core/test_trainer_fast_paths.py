@@ -59,6 +59,9 @@ def test_update_fast_path_gives_the_same_logps_and_gradients(tiny_setup: dict, t
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = _trainer(tiny_setup, tmp_path)
     batch = trainer._prepare(trainer.samples[:3])
+    images_seen: list[int] = []
+    hook = trainer.model.model.vision_model.register_forward_hook(
+        lambda module, args, kwargs, out: images_seen.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
     completions = _generate(trainer, batch)
     reference = trainer._encode_target("The largest bar is 12.\nAnswer: 12")
     # rollouts of prompts 2 and 0 (repeated prompts, sampling temperature) and a memorised reference row
@@ -73,12 +76,11 @@ def test_update_fast_path_gives_the_same_logps_and_gradients(tiny_setup: dict, t
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
         return logps.detach(), grads
 
-    images_seen: list[int] = []
-    hook = trainer.model.model.vision_model.register_forward_hook(
-        lambda module, args, kwargs, out: images_seen.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
     fast_logps, fast_grads = logps_and_grads()
     logps_and_grads()  # a second micro-batch of the same batch reuses the cached encoder output
     hook.remove()
+    # one encoder forward per batch image serves generation (eval) and every update micro-batch
+    # (train): the encoder has no dropout, so train mode gives the same output
     assert images_seen == [3]
     _plain(trainer, monkeypatch)
     plain_logps, plain_grads = logps_and_grads()
