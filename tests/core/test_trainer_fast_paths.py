@@ -98,3 +98,40 @@ def test_no_fast_path_when_the_vision_encoder_trains(tiny_setup: dict, tmp_path:
     batch = trainer._prepare(trainer.samples[:2])
     ids = torch.stack([batch.prompt_ids[0], batch.prompt_ids[0]])
     assert trainer._merged_embeds(trainer.model, batch, [0, 0], ids) is None
+
+
+def test_compiled_update_gives_the_same_logps_gradients_and_saved_model(tiny_setup: dict, tmp_path: Path) -> None:
+    """train.compile_update: the update's forward/backward through torch.compile (inductor on this CPU)
+    gives eager's log-probs and gradients, generation keeps the plain model, and the saved model has
+    the plain parameter names (the compiled wrapper shares the parameters, it is not saved)."""
+    eager = _trainer(tiny_setup, tmp_path / "eager")
+    compiled = _trainer(tiny_setup, tmp_path / "compiled", "train.compile_update=true", "train.max_steps=1")
+    assert eager.update_model is None and compiled.update_model is not None
+    batch = eager._prepare(eager.samples[:3])
+    completions = _generate(eager, batch)
+    for a, b in zip(completions, _generate(compiled, batch), strict=True):
+        assert torch.equal(a, b)  # same weights, same seed: generation does not go through the compiled wrapper
+    reference = eager._encode_target("The largest bar is 12.\nAnswer: 12")
+    rows = [Row(2, completions[8], 1.5, 0.7), Row(0, completions[1], -0.5, 0.7), Row(1, reference, 1.0, 1.0, True)]
+
+    def logps_and_grads(trainer: DymeTrainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        trainer.model.zero_grad(set_to_none=True)
+        with trainer._update_mode():
+            logps, mask = trainer._token_logps(trainer.model, batch, rows)
+            (logps * mask).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    eager_logps, eager_grads = logps_and_grads(eager)
+    compiled_logps, compiled_grads = logps_and_grads(compiled)
+    torch.testing.assert_close(compiled_logps, eager_logps, rtol=1e-4, atol=1e-4)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    compiled.train()
+    saved = (tmp_path / "compiled" / "model" / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(saved), "pt") as f:
+        names = set(f.keys())
+    assert not any("_orig_mod" in n for n in names)
+    assert names == set(eager.model.state_dict())
