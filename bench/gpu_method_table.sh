@@ -9,7 +9,8 @@
 # runner sets it (so only they come back: at most 7 per call), else to $RESULTS. A call that runs out
 # of time stops cleanly before a run it could not finish (exit 3): carry its files and rerun the same
 # command to resume. Env: SCALE (full), WORK (/tmp/dyme-method-table-$SCALE), DEADLINE_S (560, counted
-# from this script's start), SET (extra `--set FIELD=VALUE ...` for bench/method_table.py), PYTHON (python3).
+# from this script's start), SET (extra `--set FIELD=VALUE ...` for bench/method_table.py), METHODS (comma list
+# of the methods to train, default all), PYTHON (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: $0 PIECE [PIECE ...]  (base | runs-seed<N> | aggregate)" >&2; exit 2; }
@@ -55,4 +56,4 @@ LOG="$OUT_DIR/log-$(IFS=-; echo "$*").txt"
 # shellcheck disable=SC2086  # SET is a list of FIELD=VALUE words
 "$PYTHON" bench/method_table.py "$@" --scale "$SCALE" --out "$OUT_DIR" --from "$RESULTS" \
   --work "${WORK:-/tmp/dyme-method-table-$SCALE}" --deadline-s "$((DEADLINE_S - SECONDS))" \
-  ${SET:+--set $SET} 2>&1 | tee -a "$LOG"
+  ${SET:+--set $SET} ${METHODS:+--methods $METHODS} 2>&1 | tee -a "$LOG"

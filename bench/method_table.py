@@ -142,6 +142,7 @@ class Scale:
     # planning only: expected seconds, for --deadline-s
     est_base_s: float
     est_run_s: float
+    loss_type: str = "grpo"  # train.loss_type of every method run (the official GRPO normalisation by default)
 
 
 SCALES = {
@@ -218,6 +219,7 @@ class Context:
         self.sources = [self.out, *(Path(p) for p in args.from_dirs)]
         self.work = Path(args.work or f"/tmp/dyme-method-table-{scale_name}")
         self.scale, self.scale_name, self.overrides = scale, scale_name, overrides
+        self.methods: list[str] = args.methods  # [] = all
         self.deadline = time.monotonic() + args.deadline_s if args.deadline_s > 0 else math.inf
         self._dataset = None
 
@@ -462,7 +464,7 @@ def run_overrides(ctx: Context, method: str, seed: int, base_dir: Path, refined:
         f"train.num_generations={s.k}", f"train.micro_batch_size={s.micro_batch}",
         f"train.learning_rate={s.lr}", "train.lr_scheduler=constant", "train.warmup_steps=0",
         f"train.max_new_tokens={s.max_new_tokens}", "train.temperature=1.0", "train.beta=0.0",
-        "train.loss_type=grpo", "train.sft_fraction=0.5", f"train.static_cache={str(s.static_cache).lower()}",
+        f"train.loss_type={s.loss_type}", "train.sft_fraction=0.5", f"train.static_cache={str(s.static_cache).lower()}",
         *METHODS[method],
     ]
 
@@ -472,7 +474,7 @@ def piece_runs(ctx: Context, seed: int) -> None:
     name = f"runs-seed{seed}.json"
     found = ctx.find(name)
     done = json.loads(found.read_text()) if found else {"seed": seed, "runs": {}}
-    todo = [m for m in RUN_ORDER if m not in done["runs"]]
+    todo = [m for m in RUN_ORDER if m not in done["runs"] and (not ctx.methods or m in ctx.methods)]
     if not todo:
         log(f"runs-seed{seed}: done already ({name}), skipped")
         return
@@ -777,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", default="full", choices=sorted(SCALES), help="Experiment size.")
     parser.add_argument("--set", dest="sets", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="Override a Scale field (e.g. steps=24 lr=1e-4); recorded in the results.")
+    parser.add_argument("--methods", type=lambda v: [m for m in v.split(",") if m], default=[],
+                        help=f"Comma list of the methods to train (default all: {','.join(RUN_ORDER)}).")
     parser.add_argument("--out", required=True, help="Result files (<= 8 per GPU call come back).")
     parser.add_argument("--from", dest="from_dirs", nargs="*", default=[],
                         help="Folders holding earlier pieces' result files (read only).")
@@ -784,6 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline-s", type=float, default=0.0,
                         help="Seconds this call may use; stop cleanly (exit 3) before a step that would overrun.")
     args = parser.parse_args(argv)
+    if unknown := sorted(set(args.methods) - set(METHODS)):
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(RUN_ORDER)}")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     overrides = parse_set(args.sets)
