@@ -74,9 +74,9 @@ from dyme_core.config import DataConfig, ModelConfig, SynthConfig, load_config  
 from dyme_core.data.loaders import Dataset, load_dataset  # noqa: E402
 from dyme_core.data.schema import Sample  # noqa: E402
 from dyme_core.data.synth import synthesize  # noqa: E402
-from dyme_core.models import build_prompt, load_model, user_text  # noqa: E402
+from dyme_core.models import GPU_ATTENTION, build_prompt, load_model, user_text  # noqa: E402
 from dyme_core.refiner import rule_refine  # noqa: E402
-from dyme_core.trainer import GPU_ATTENTION, Batch, DymeTrainer, Row  # noqa: E402
+from dyme_core.trainer import Batch, DymeTrainer, Row  # noqa: E402
 
 # (all-wrong, all-right, mixed) fractions of the prompt groups of every batch
 MIXES = {"explore": (0.0, 0.0, 1.0), "skip75": (0.0, 0.75, 0.25), "memorize75": (0.75, 0.0, 0.25),

@@ -20,7 +20,14 @@ from transformers import PreTrainedModel, ProcessorMixin
 from dyme_core.checker import rule_thinking_score
 from dyme_core.config import Config, ModelConfig
 from dyme_core.data.loaders import Dataset
-from dyme_core.models import build_prompt, load_model, load_processor, suppressed_token_ids
+from dyme_core.models import (
+    GPU_ATTENTION,
+    attention_kernels,
+    build_prompt,
+    load_model,
+    load_processor,
+    suppressed_token_ids,
+)
 from dyme_core.rewards import accuracy_reward, direct_accuracy, format_reward, parse_completion
 
 log = logging.getLogger(__name__)
@@ -42,11 +49,12 @@ def generate_answers(
     enc = {k: v.to(model.device) for k, v in enc.items()}
     enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     tok = processor.tokenizer
-    out = model.generate(
-        **enc, do_sample=False, max_new_tokens=max_new_tokens,
-        eos_token_id=tok.eos_token_id, suppress_tokens=suppressed_token_ids(model, processor),
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-    )
+    with attention_kernels(GPU_ATTENTION if model.device.type == "cuda" else None):
+        out = model.generate(
+            **enc, do_sample=False, max_new_tokens=max_new_tokens,
+            eos_token_id=tok.eos_token_id, suppress_tokens=suppressed_token_ids(model, processor),
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
     return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

@@ -12,11 +12,13 @@ same code path (`build_prompt`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -57,6 +59,17 @@ IDEFICS3_SPECIAL_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utte
 ]
 # Parameter-name fragments of vision towers across the supported families.
 VISION_MODULE_NAMES = ("vision_model", "vision_tower", "visual")
+
+
+# Attention kernels on GPU. cuDNN's (first in PyTorch's order on Hopper) builds an execution plan for
+# every new shape, about 1.5-2 ms of host time a call on an H200 and two calls per layer per forward and
+# backward; training and evaluation batches change shape all the time (prompt lengths, kept rows).
+GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_kernels(backends: list[SDPBackend] | None) -> contextlib.AbstractContextManager:
+    """`torch.nn.attention.sdpa_kernel(backends)`, or nothing when `backends` is None (CPU)."""
+    return sdpa_kernel(backends) if backends else contextlib.nullcontext()
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

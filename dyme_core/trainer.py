@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 from transformers import Idefics3ForConditionalGeneration, PreTrainedModel, ProcessorMixin
 
@@ -50,6 +49,8 @@ from dyme_core.data.schema import Sample
 from dyme_core.llm import ChatClient
 from dyme_core.models import (
     ANSWER_FLAG,
+    GPU_ATTENTION,
+    attention_kernels,
     build_prompt,
     load_model,
     load_processor,
@@ -60,11 +61,6 @@ from dyme_core.refiner import Refiner, TemplatePool
 from dyme_core.rewards import accuracy_reward, direct_accuracy, format_reward, parse_completion
 
 log = logging.getLogger(__name__)
-
-# Attention kernels on GPU. cuDNN's (first in PyTorch's order on Hopper) builds an execution plan for
-# every new shape, about 1.5-2 ms of host time a call on an H200 and two calls per layer per update,
-# and the shapes here change every step (prompt lengths, kept rows).
-GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -155,7 +151,7 @@ class DymeTrainer:
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.suppress = suppressed_token_ids(self.model, self.processor)
-        self.attention_backends = GPU_ATTENTION if self.device.type == "cuda" else None
+        self.attention_backends = GPU_ATTENTION if self.device.type == "cuda" else None  # see models.py
         # The update's forward through torch.compile (dynamic shapes: rows and lengths change every step).
         # The compiled wrapper shares the model's parameters; generate() keeps using the plain model.
         self.update_model = torch.compile(self.model, dynamic=True) if self.t.compile_update else None
@@ -384,7 +380,7 @@ class DymeTrainer:
         return embeds.masked_scatter(image_mask, feats.to(inner.dtype).to(embeds.dtype))
 
     def _attention(self) -> contextlib.AbstractContextManager:
-        return sdpa_kernel(self.attention_backends) if self.attention_backends else contextlib.nullcontext()
+        return attention_kernels(self.attention_backends)
 
     @contextlib.contextmanager
     def _update_mode(self):
