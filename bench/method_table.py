@@ -143,6 +143,7 @@ class Scale:
     est_base_s: float
     est_run_s: float
     loss_type: str = "grpo"  # train.loss_type of every method run (the official GRPO normalisation by default)
+    min_thinking_chars: int = 10  # train.min_thinking_chars: the format reward's shortest thinking
 
 
 SCALES = {
@@ -464,7 +465,8 @@ def run_overrides(ctx: Context, method: str, seed: int, base_dir: Path, refined:
         f"train.num_generations={s.k}", f"train.micro_batch_size={s.micro_batch}",
         f"train.learning_rate={s.lr}", "train.lr_scheduler=constant", "train.warmup_steps=0",
         f"train.max_new_tokens={s.max_new_tokens}", "train.temperature=1.0", "train.beta=0.0",
-        f"train.loss_type={s.loss_type}", "train.sft_fraction=0.5", f"train.static_cache={str(s.static_cache).lower()}",
+        f"train.loss_type={s.loss_type}", f"train.min_thinking_chars={s.min_thinking_chars}",
+        "train.sft_fraction=0.5", f"train.static_cache={str(s.static_cache).lower()}",
         *METHODS[method],
     ]
 
