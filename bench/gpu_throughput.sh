@@ -10,7 +10,7 @@
 #        step (4,8,16); every new shape recompiles the decode step (about 35 s)
 #     2. SmolVLM-500M shape, mix explore: trl-default, trl-same-gen, dyme (1 warm-up + 2 timed steps)
 #   bash bench/gpu_throughput.sh profile  one GPU, about 3 minutes: bench/profile_update.py on the 256M shape (update
-#     halves timed apart, compiled against eager decoder layers, torch.profiler tables of a skip75 update)
+#     halves timed apart, compiled against eager update, torch.profiler tables of a skip75 update)
 #   bash bench/gpu_throughput.sh multi    two GPUs of one host, about 3 minutes (EXTRA="--compile-update off"
 #     skips the update's 200 s compile in both runs):
 #     DyME alone on 1 GPU, then the same per-GPU batch under torchrun on 2 GPUs: samples/s, efficiency

@@ -391,7 +391,7 @@ def piece_base(ctx: Context) -> None:
     trainer = DymeTrainer(cfg, answers_only)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(f"base: {n_params / 1e6:.2f}M params, {s.base_steps} steps x {s.base_batch} prompts, bare answers under "
-        f"the {s.base_prompt} prompt, device {trainer.device}, bf16 autocast {trainer.bf16}")
+        f"the {s.base_prompt} prompt, device {trainer.device}, bf16 autocast {trainer.autocast}")
     t_train = time.perf_counter()
     last = trainer.train()
     train_s = time.perf_counter() - t_train

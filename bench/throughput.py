@@ -48,7 +48,6 @@ Two GPUs (DyME):  torchrun --standalone --nproc_per_node=2 bench/throughput.py -
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import json
@@ -64,7 +63,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.attention import sdpa_kernel
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `bench` and `dyme_core`
@@ -74,7 +72,7 @@ from dyme_core.config import DataConfig, ModelConfig, SynthConfig, load_config  
 from dyme_core.data.loaders import Dataset, load_dataset  # noqa: E402
 from dyme_core.data.schema import Sample  # noqa: E402
 from dyme_core.data.synth import synthesize  # noqa: E402
-from dyme_core.models import GPU_ATTENTION, build_prompt, load_model, user_text  # noqa: E402
+from dyme_core.models import GPU_ATTENTION, attention_kernels, build_prompt, load_model, user_text  # noqa: E402
 from dyme_core.refiner import rule_refine  # noqa: E402
 from dyme_core.trainer import Batch, DymeTrainer, Row  # noqa: E402
 
@@ -272,10 +270,9 @@ def trl_trainer(kind: str, args: argparse.Namespace, work: Work, device: torch.d
 
         def _timed(self, name: str, fn: Any, *a: Any, **kw: Any) -> Any:
             # trl-same-gen gets DyME's attention kernels too (no cuDNN attention on GPU)
-            kernels = sdpa_kernel(GPU_ATTENTION) if same_kernels else contextlib.nullcontext()
             sync(device)
             t0 = time.perf_counter()
-            with kernels:
+            with attention_kernels(GPU_ATTENTION if same_kernels else None):
                 out = fn(*a, **kw)
             sync(device)
             t1 = time.perf_counter()
@@ -658,7 +655,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--static-cache", default="auto", choices=("auto", "on", "off"),
                     help="Static KV cache for dyme/grpo and trl-same-gen (auto: on for cuda).")
     ap.add_argument("--compile-update", default="auto", choices=("auto", "on", "off"),
-                    help="dyme/grpo: train.compile_update (decoder layers compiled for the update; auto: on for cuda).")
+                    help="dyme/grpo: train.compile_update (the update forward/backward compiled; auto: on for cuda).")
     ap.add_argument("--samples", type=int, default=64, help="Synthetic training samples (prompts cycle).")
     ap.add_argument("--seed", type=int, default=0, help="Seed for data, weights and sampling.")
     ap.add_argument("--sweep", action="store_true", help="Also sweep K, prompts and new tokens (DyME, explore).")

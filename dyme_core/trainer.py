@@ -155,7 +155,7 @@ class DymeTrainer:
         # The update's forward through torch.compile (dynamic shapes: rows and lengths change every step).
         # The compiled wrapper shares the model's parameters; generate() keeps using the plain model.
         self.update_model = torch.compile(self.model, dynamic=True) if self.t.compile_update else None
-        # Frozen vision-encoder outputs of the current batch: (batch, {(id, training): (states, counts)}).
+        # Frozen vision-encoder outputs of the current batch: (batch, {(id, dropout on): (states, counts)}).
         self._vision_cache: tuple[Batch | None, dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]] = (
             None, {})
 

@@ -128,7 +128,7 @@ def test_compiled_update_gives_the_same_logps_gradients_and_saved_model(tiny_set
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
     compiled.train()
-    saved = (tmp_path / "compiled" / "model" / "model.safetensors")
+    saved = tmp_path / "compiled" / "model" / "model.safetensors"
     from safetensors import safe_open
 
     with safe_open(str(saved), "pt") as f:
