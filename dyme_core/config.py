@@ -9,13 +9,18 @@ naming the key. Library code receives the object; it never reads YAML, environme
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
+
+from dyme_core.rewards import REWARDS
 
 
 class ConfigError(ValueError):
@@ -43,15 +48,26 @@ class SynthConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f("data/synth", "Dataset: a dataset root, a .jsonl/.parquet/.json file, or a HF dataset id.")
-    format: str = _f("auto", "Loader: auto | project | dyme_json | hf.",
-                     choices=("auto", "project", "dyme_json", "hf"))
-    image_root: str = _f("", "Root that image paths are relative to (default: the file's folder).")
-    hf_split_map: dict = _f({"train": "train", "val": "val", "test": "test"},
-                            "Our split -> the HF dataset's split name.")
+    path: str = _f("synthetic", "Source the ingest step reads: 'synthetic' (the chart generator, see synth), a "
+                   "project-format folder or file, a DyME JSON file, a HF hub id, a local folder in the hub "
+                   "layout (data/<split>-*.parquet or .arrow) or a save_to_disk folder.")
+    format: str = _f("auto", "Source format: auto (detected) | synthetic | project | dyme_json | hf.",
+                     choices=("auto", "synthetic", "project", "dyme_json", "hf"))
+    out_dir: str = _f("data/dataset", "The materialised dataset ingest writes and every later step reads "
+                      "(samples.parquet, images/, manifest.json).")
+    report: str = _f("reports/ingest.json", "Ingest report (rows per split, dropped rows, carve); a DVC metric.")
+    image_root: str = _f("", "Root that image paths are relative to (default: the source file's folder).")
+    hf_split_map: dict = _f({"train": "train", "val": "validation", "test": "test"},
+                            "Our split -> the source's split name (HF sources; 'val' also matches 'val').")
     hf_columns: dict = _f({"question": "query", "answer": "label", "image": "image"},
                           "Our field -> HF column (ChartQA's names by default).")
     task: str = _f("chart", "Task for samples that do not say: chart (relaxed accuracy) | vqa.")
+    human_only: bool = _f(False, "Keep only rows whose human_or_machine says human (ChartQA's human split).")
+    val_fraction: float = _f(0.1, "Fraction of train carved out as val when the source has no val split.")
+    test_fraction: float = _f(0.1, "Fraction of train carved out as test when the source has no test split.")
+    split_seed: int = _f(0, "Seed of the deterministic val/test carve.")
+    on_bad_row: str = _f("fail", "A bad source row: fail (one-line error naming row and reason) | drop "
+                         "(dropped and counted in the ingest report).", choices=("fail", "drop"))
 
 
 @dataclass
@@ -70,6 +86,8 @@ class ModelConfig:
 
 @dataclass
 class InitModelConfig:
+    family: str = _f("idefics3", "Model family of the tiny random model: idefics3 (SmolVLM) | llava_onevision | "
+                     "qwen2_vl | qwen2_5_vl.", choices=("idefics3", "llava_onevision", "qwen2_vl", "qwen2_5_vl"))
     out_dir: str = _f("models/tiny-smolvlm", "Where to save the tiny random model and its processor.")
     seed: int = _f(0, "Seed for the random weights and tokenizer training order.")
     vocab_size: int = _f(1024, "BPE vocabulary size trained on the dataset's text.")
@@ -80,7 +98,7 @@ class InitModelConfig:
     vision_layers: int = _f(2, "Vision tower layers.")
     image_size: int = _f(64, "Image size the vision tower sees.")
     patch_size: int = _f(8, "Vision patch size.")
-    scale_factor: int = _f(2, "Pixel-shuffle factor of the connector.")
+    scale_factor: int = _f(2, "Pixel-shuffle factor of the connector (Qwen2-VL: spatial merge size).")
 
 
 @dataclass
@@ -88,10 +106,31 @@ class LLMConfig:
     base_url: str = _f("", "OpenAI-compatible endpoint, e.g. http://dyme-llm:8000/v1 ('' = not used).")
     model: str = _f("Qwen/Qwen2.5-1.5B-Instruct", "Model name sent to the endpoint.")
     api_key_env: str = _f("DYME_LLM_API_KEY", "Environment variable holding the API key (read by the CLI).")
-    timeout_s: float = _f(30.0, "Per-request timeout in seconds.")
-    max_retries: int = _f(3, "Retries after the first attempt, with exponential backoff.")
-    backoff_s: float = _f(0.5, "First backoff; doubles each retry.")
+    timeout_s: float = _f(30.0, "Total deadline of one attempt in seconds: connect, send, wait and read the "
+                          "whole reply (a slow drip is cut off too).")
+    max_retries: int = _f(2, "Retries after the first attempt (connection errors, deadline, 429, 5xx).")
+    backoff_s: float = _f(0.5, "First backoff in seconds; doubles each retry, plus up to as much jitter. "
+                          "A Retry-After header is honoured, capped by timeout_s.")
+    max_response_bytes: int = _f(1_000_000, "Largest reply read; a longer one is abandoned while streaming.")
+    breaker_failures: int = _f(3, "Consecutive failed requests that open the circuit breaker (0 = never).")
+    breaker_cooldown_s: float = _f(60.0, "While open, the breaker stops calling for this long; then one request "
+                                   "probes the endpoint.")
+    on_failure: str = _f("fallback", "When the endpoint fails: fallback (to the rule backend, counted and "
+                         "logged) | fail (a one-line error, non-zero exit).", choices=("fallback", "fail"))
     max_workers: int = _f(8, "Concurrent requests.")
+
+    def __post_init__(self) -> None:
+        finite_positive = {"timeout_s": self.timeout_s, "max_response_bytes": self.max_response_bytes,
+                           "max_workers": self.max_workers}
+        finite_non_negative = {"max_retries": self.max_retries, "backoff_s": self.backoff_s,
+                               "breaker_failures": self.breaker_failures,
+                               "breaker_cooldown_s": self.breaker_cooldown_s}
+        for key, value in finite_positive.items():
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"llm.{key} must be a finite number > 0, got {value}")
+        for key, value in finite_non_negative.items():
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"llm.{key} must be a finite number >= 0, got {value}")
 
 
 @dataclass
@@ -99,6 +138,11 @@ class ValidateConfig:
     report: str = _f("reports/validation.json", "Validation report (JSON) to write.")
     min_image_px: int = _f(16, "Smallest accepted image side.")
     max_image_px: int = _f(8192, "Largest accepted image side.")
+    max_pixels: int = _f(8192 * 8192, "Largest accepted image area in pixels (decompression-bomb limit, "
+                         "also used by ingest and when steps read images).")
+    max_question_chars: int = _f(4000, "Longest accepted question.")
+    max_answer_chars: int = _f(1000, "Longest accepted answer (each direct answer too).")
+    max_hint_chars: int = _f(20000, "Longest accepted hint (reference reasoning).")
     min_rows: dict = _f({"train": 1, "test": 1}, "Minimum rows per split.")
     require_answer_in_facts: bool = _f(False, "Fail rows whose answer is a table label not found in the facts.")
 
@@ -111,7 +155,13 @@ class RefineConfig:
     template_pool: str = _f("refined/templates.json", "Persisted, versioned template pool.")
     cache_dir: str = _f(".cache/refine", "Refinement cache keyed by content hash.")
     splits: list = _f(["train"], "Splits to refine.")
+    max_trace_chars: int = _f(2000, "Longest refined trace accepted from the LLM; a longer one (or one that "
+                              "does not state the answer) falls back to the rule refiner and is counted.")
     llm: LLMConfig = field(default_factory=LLMConfig, metadata={"help": "LLM refiner endpoint."})
+
+    def __post_init__(self) -> None:
+        if self.max_trace_chars < 1:
+            raise ConfigError(f"refine.max_trace_chars must be >= 1, got {self.max_trace_chars}")
 
 
 @dataclass
@@ -136,15 +186,23 @@ class TrainConfig:
     max_target_tokens: int = _f(256, "Longest memorised reference trace; longer ones are truncated.")
     temperature: float = _f(1.0, "Sampling temperature for rollouts.")
     top_p: float = _f(1.0, "Nucleus sampling for rollouts.")
-    top_k: int = _f(50, "Top-k sampling for rollouts (0 = off; 50 is transformers' default).")
-    beta: float = _f(0.0, "KL coefficient against the initial model (0 = no reference model).")
+    top_k: int = _f(0, "Top-k sampling for rollouts (0 = off, as TRL and the official code sample; "
+                    "transformers' own default would be 50).")
+    beta: float = _f(0.0, "KL coefficient against the initial model (0 = no reference model); with beta > 0 "
+                     "every rollout carries the KL gradient, so zero-advantage rows stay in the update.")
     clip_eps: float = _f(0.2, "PPO clip; only matters when num_iterations > 1.")
-    num_iterations: int = _f(1, "Updates per generation batch.")
+    num_iterations: int = _f(1, "Optimizer steps per generation (TRL's num_iterations): each train step "
+                             "accumulates over all grad_accum_steps batches, steps, and repeats that "
+                             "num_iterations times on the same rollouts (PPO ratio to the generating policy); "
+                             "the LR schedule advances once per train step.")
     scale_rewards: bool = _f(True, "Divide group-centred rewards by (std + eps).")
     adv_eps: float = _f(1e-4, "eps in (r - mean) / (std + eps).")
     loss_type: str = _f("grpo", "Aggregation: grpo | bnpo | dr_grpo | weighted_mean.",
                         choices=("grpo", "bnpo", "dr_grpo", "weighted_mean"))
-    reward_weights: list = _f([1.0, 1.0, 1.0], "Weights of format, accuracy, thinking rewards.")
+    reward_weights: dict = _f({"format": 1.0, "accuracy": 1.0, "thinking": 1.0},
+                              "Reward name -> weight in the total (names: dyme_core.rewards.REWARDS); a mapping "
+                              "given replaces this one whole. A listed reward is computed and logged even at "
+                              "weight 0; accuracy always is (it picks the mode).")
     min_thinking_chars: int = _f(10, "Shortest thinking the format reward accepts.")
     checker: str = _f("rule", "Visual checker: rule | llm | none (none = thinking reward 0).",
                       choices=("rule", "llm", "none"))
@@ -157,6 +215,8 @@ class TrainConfig:
     save_steps: int = _f(0, "Checkpoint every N optimizer steps (0 = none; the final model is always saved).")
     checkpoint_dir: str = _f("", "Where checkpoint-N/ go ('' = output_dir), e.g. a volume that outlives the pod.")
     resume_from: str = _f("", "'' | auto (latest checkpoint in output_dir) | a checkpoint path.")
+    keep_checkpoints: int = _f(2, "Checkpoints kept (the newest N; 0 = all). resume_from=auto falls back to an "
+                               "older intact one when the newest is broken, so keep at least 2.")
     logging_steps: int = _f(1, "Log every N steps.")
     report_to: list = _f(["jsonl"], "Metric sinks: jsonl | mlflow | none.")
     bf16: str = _f("auto", "auto (on GPU) | true | false.", choices=("auto", "true", "false"))
@@ -184,7 +244,15 @@ class EvaluateConfig:
 class RegisterConfig:
     model_name: str = _f("dyme-chart", "Registered model name in MLflow.")
     experiment: str = _f("dyme", "MLflow experiment.")
-    tracking_uri: str = _f("sqlite:///mlruns.db", "Default tracking URI (MLFLOW_TRACKING_URI wins).")
+    tracking_uri: str = _f("sqlite:///mlruns.db", "Tracking URI; MLFLOW_TRACKING_URI wins. A relative local "
+                           "store is made absolute against the repo root (DVC_ROOT under `dvc exp run`).")
+    run_name: str = _f("", "MLflow run name; empty: DVC_EXP_NAME under `dvc exp run`, else <method>-<data>-<digest>.")
+    tags: dict = _f({}, "Extra MLflow run tags (the KFP run id arrives here as kfp.run_id).")
+    git_commit: str = _f("", "Logged as mlflow.source.git.commit; empty: the CLI fills in `git rev-parse HEAD`.")
+    connect_timeout: float = _f(10.0, "Seconds to wait for the tracking server before training starts.")
+    on_unreachable: str = _f("fail", "Tracking server unreachable at the start: fail (one-line error) or buffer "
+                             "(metrics to <train.output_dir>/mlflow_buffer.jsonl, sent by `dyme sync`).",
+                             choices=("fail", "buffer"))
     gate_metric: str = _f("relaxed_accuracy", "Evaluation metric compared against the champion.")
     gate_margin: float = _f(0.0, "Promote if challenger >= champion - margin.")
     out: str = _f("reports/register.json", "Where the registration result (version, promoted, metrics) is written.")
@@ -210,7 +278,11 @@ class Config:
 
 
 def _check(cfg: Config) -> None:
+    _check_finite(cfg, "")
+    _check_secrets(cfg, "")
     t = cfg.train
+    if t.keep_checkpoints < 0:
+        raise ConfigError(f"train.keep_checkpoints must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     positive = {
         "train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
         "train.num_generations": t.num_generations, "train.grad_accum_steps": t.grad_accum_steps,
@@ -225,8 +297,16 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"train.num_generations must be >= 2 for method {t.method!r}")
     if t.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate must be > 0, got {t.learning_rate}")
-    if len(t.reward_weights) != 3:
-        raise ConfigError("train.reward_weights must list 3 weights: format, accuracy, thinking")
+    unknown_rewards = sorted(set(t.reward_weights) - set(REWARDS))
+    if unknown_rewards:
+        raise ConfigError(f"train.reward_weights: unknown reward(s) {unknown_rewards} (known: {sorted(REWARDS)})")
+    for name, weight in t.reward_weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            raise ConfigError(f"train.reward_weights.{name} must be a finite number, got {weight!r}")
+    if t.top_k < 0:
+        raise ConfigError(f"train.top_k must be >= 0 (0 = off), got {t.top_k}")
+    if t.beta < 0 or not math.isfinite(t.beta):
+        raise ConfigError(f"train.beta must be a finite number >= 0, got {t.beta}")
     if not 0 <= t.sft_fraction <= 1:
         raise ConfigError(f"train.sft_fraction must be in [0, 1], got {t.sft_fraction}")
     if t.temperature <= 0:
@@ -234,10 +314,72 @@ def _check(cfg: Config) -> None:
     bad_sinks = set(t.report_to) - {"jsonl", "mlflow", "none"}
     if bad_sinks:
         raise ConfigError(f"train.report_to: unknown sink(s) {sorted(bad_sinks)}")
+    d = cfg.data
+    for key, frac in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
+        if not 0 <= frac < 1:  # also rejects nan
+            raise ConfigError(f"{key} must be in [0, 1), got {frac}")
+    if d.val_fraction + d.test_fraction >= 1:
+        raise ConfigError("data.val_fraction + data.test_fraction must be < 1 (train needs rows)")
+    v = cfg.validate
+    for name in ("max_pixels", "max_question_chars", "max_answer_chars", "max_hint_chars"):
+        if getattr(v, name) < 1:
+            raise ConfigError(f"validate.{name} must be >= 1, got {getattr(v, name)}")
     if cfg.synth.trace_quality not in ("high", "medium", "low"):
         raise ConfigError(f"synth.trace_quality must be high|medium|low, got {cfg.synth.trace_quality!r}")
     for section in dataclasses.fields(cfg):
         _check_choices(getattr(cfg, section.name), section.name)
+
+
+def _check_finite(obj: Any, key: str) -> None:
+    """Every float in the config (fields, list items, mapping values) must be finite: a nan compares
+    False with every bound, so it would slip past the range checks below."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            _check_finite(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(obj, list):
+        for i, item in enumerate(obj):
+            _check_finite(item, f"{key}[{i}]")
+    elif isinstance(obj, dict):
+        for name, item in obj.items():
+            _check_finite(item, f"{key}.{name}")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(f"{key} must be a finite number, got {obj}")
+
+
+# query parameters that carry credentials (api_key=, access_token=, X-Amz-Signature=, password=...)
+_SECRET_QUERY = re.compile(r"key|token|secret|passw|signature|credential", re.IGNORECASE)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _check_secrets(obj: Any, key: str) -> None:
+    """No credentials in any config value: the config is written to config.yaml, MLflow params and
+    dvc.lock. A URL with user:password@ or a token in its query is refused (the message names the key,
+    never the value); `*.api_key_env` must name an environment variable, not hold the key."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            _check_secrets(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(obj, list):
+        for i, item in enumerate(obj):
+            _check_secrets(item, f"{key}[{i}]")
+    elif isinstance(obj, dict):
+        for name, item in obj.items():
+            _check_secrets(item, f"{key}.{name}")
+    elif isinstance(obj, str):
+        if key.endswith(".api_key_env") and obj and not _ENV_NAME.fullmatch(obj):
+            raise ConfigError(f"{key} must be the NAME of an environment variable holding the API key "
+                              "(letters, digits, _), not the key itself")
+        if "://" not in obj:
+            return
+        try:
+            url = urlsplit(obj.strip())
+            userinfo = url.username is not None or url.password is not None
+        except ValueError:
+            return  # not a URL
+        if userinfo or any(_SECRET_QUERY.search(name) for name, _ in parse_qsl(url.query)):
+            where = (f"put the API key in the environment variable named by {key.removesuffix('base_url')}api_key_env"
+                     if key.endswith("llm.base_url") else "pass credentials through the environment")
+            raise ConfigError(f"{key} must not carry credentials (user:password@host or a token in the "
+                              f"query): {where}")
 
 
 def _check_choices(obj: Any, prefix: str) -> None:

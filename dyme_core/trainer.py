@@ -32,33 +32,33 @@ import math
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
-from transformers import Idefics3ForConditionalGeneration, PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, ProcessorMixin
 
-from dyme_core import algorithm
+from dyme_core import algorithm, checkpoint
 from dyme_core.checker import VisualChecker
 from dyme_core.config import Config, dump_config
 from dyme_core.data.loaders import Dataset
 from dyme_core.data.schema import Sample
+from dyme_core.families import PromptBatch, family_of
 from dyme_core.llm import ChatClient
 from dyme_core.models import (
     ANSWER_FLAG,
     GPU_ATTENTION,
     attention_kernels,
-    build_prompt,
     load_model,
     load_processor,
     save_model,
     suppressed_token_ids,
 )
 from dyme_core.refiner import Refiner, TemplatePool
-from dyme_core.rewards import accuracy_reward, direct_accuracy, format_reward, parse_completion
+from dyme_core.rewards import REWARDS, RewardContext, parse_completion
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,14 @@ class Row:
 
 @dataclass
 class Batch:
+    """One generation batch: its samples and their prompts as the model family encodes them."""
+
     samples: list[Sample]
-    prompt_ids: list[torch.Tensor]  # per prompt (P_i,), no padding
-    pixel_values: torch.Tensor  # (B, N_img, C, H, W)
-    pixel_attention_mask: torch.Tensor | None
+    prompts: PromptBatch  # per-prompt ids and text extras, the processor's image outputs (families.py)
+
+    @property
+    def prompt_ids(self) -> list[torch.Tensor]:  # per prompt (P_i,), no padding
+        return self.prompts.prompt_ids
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -121,6 +125,7 @@ class DymeTrainer:
         self.tokenizer = self.processor.tokenizer
         torch.manual_seed(self.t.seed)  # LoRA init
         self.model: PreTrainedModel = load_model(cfg.model, self.device)
+        self.family = family_of(self.model.config)  # the one seam between the trainer and the model family
         self.bf16 = self.t.bf16 == "true" or (self.t.bf16 == "auto" and self.device.type == "cuda")
         # bf16 autocast where some weights are wider than bf16 (e.g. model.dtype=float32); bf16 weights
         # need no autocast, which would only add casts around every op
@@ -191,11 +196,8 @@ class DymeTrainer:
     # ---------------------------------------------------------------- inputs
     def _prepare(self, samples: list[Sample]) -> Batch:
         images: list[Image.Image] = [self.dataset.load_image(s) for s in samples]
-        prompts = [build_prompt(self.processor, s.question, self.t.prompt_style) for s in samples]
-        enc = self.processor(text=prompts, images=[[im] for im in images], return_tensors="pt", padding=True)
-        ids, mask = enc["input_ids"], enc["attention_mask"].bool()
-        prompt_ids = [ids[i][mask[i]] for i in range(len(samples))]
-        return Batch(samples, prompt_ids, enc["pixel_values"], enc.get("pixel_attention_mask"))
+        prompts = self.family.encode(self.processor, [s.question for s in samples], images, self.t.prompt_style)
+        return Batch(samples, prompts)
 
     def _target_texts(self, samples: list[Sample], source: str) -> list[str]:
         """Memorised references: refined or raw trace + answer flag (DESIGN.md section 2).
@@ -217,7 +219,20 @@ class DymeTrainer:
                 for t, s in zip(traces, samples, strict=True)]
 
     def _encode_target(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.t.max_target_tokens]
+        """Token ids of a memorised reference, then eos; at most `max_target_tokens` before the eos.
+
+        A reference that is too long loses the end of its thinking, never its final answer line: the
+        "Answer: ..." line is what the accuracy reward reads, and cutting it would teach the model to stop
+        without answering.
+        """
+        budget = self.t.max_target_tokens
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > budget:
+            cut = text.rfind(f"\n{ANSWER_FLAG}")
+            head, tail = (text[:cut], text[cut:]) if cut >= 0 else (text, "")
+            tail_ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"][:budget] if tail else []
+            head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"][: budget - len(tail_ids)]
+            ids = head_ids + tail_ids
         return torch.tensor([*ids, self.eos_id], dtype=torch.long)
 
     # ---------------------------------------------------------------- generation and scoring
@@ -225,8 +240,9 @@ class DymeTrainer:
     def _generate(self, batch: Batch) -> list[torch.Tensor]:
         """K completions per prompt, sample-major: (B*K) tensors trimmed after the first eos.
 
-        Idefics3 with a frozen vision encoder: the prompt embeddings (images merged in) are built once per
-        prompt and expanded K times by `generate`, so the vision tower runs B times, not B*K times.
+        The family adapter gives the image inputs; `generate` expands them K times. Idefics3 with a frozen
+        vision encoder: the prompt embeddings (images merged in) are built once per prompt and expanded
+        K times by `generate`, so the vision tower runs B times, not B*K times.
         With `train.static_cache` the cache length is rounded up to a multiple of 128 so that the
         compiled decode step is reused across batches whose prompt lengths differ.
         """
@@ -238,7 +254,7 @@ class DymeTrainer:
             idx = list(range(lo, min(lo + step_b, len(batch.samples))))
             ids, attn = self._left_pad([batch.prompt_ids[i] for i in idx])
             ids = ids.to(self.device)
-            kwargs = {}
+            kwargs = self.family.text_inputs(batch.prompts, idx, [0] * len(idx), ids.shape[1], self.device)
             if self.t.static_cache:
                 kwargs["cache_implementation"] = "static"
                 kwargs["max_cache_len"] = -(-(ids.shape[1] + self.t.max_new_tokens) // 128) * 128
@@ -247,9 +263,7 @@ class DymeTrainer:
                 if embeds is not None:
                     kwargs["inputs_embeds"] = embeds
                 else:
-                    kwargs["pixel_values"] = batch.pixel_values[idx].to(self.device, self.model.dtype)
-                    if batch.pixel_attention_mask is not None:
-                        kwargs["pixel_attention_mask"] = batch.pixel_attention_mask[idx].to(self.device)
+                    kwargs.update(self.family.vision_inputs(batch.prompts, idx, self.device, self.model.dtype))
                 out = self.model.generate(
                     input_ids=ids, attention_mask=attn.to(self.device), **kwargs,
                     do_sample=True, temperature=self.t.temperature, top_p=self.t.top_p, top_k=self.t.top_k,
@@ -270,25 +284,22 @@ class DymeTrainer:
             attn[i, n - len(s):] = 1
         return ids, attn
 
+    def _reward_names(self) -> list[str]:
+        """Rewards computed each RL batch: the weighted ones, plus accuracy (it picks the mode) and the
+        checker's score when template evolution ranks traces by it."""
+        names = list(self.t.reward_weights)
+        extra = ["accuracy"] + (["thinking"] if self.t.template_evolution else [])
+        return names + [n for n in extra if n not in names]
+
     def _score(self, samples: list[Sample], texts: list[str]) -> dict[str, torch.Tensor]:
-        """Reward components per completion, each (B, K)."""
+        """Each reward of the table (DESIGN.md section 2) per completion, each (B, K), and their weighted total."""
         k = self.t.num_generations
         owners = [samples[i // k] for i in range(len(texts))]
-        acc_fn = direct_accuracy if self.t.prompt_style == "direct" else accuracy_reward
-        if self.t.prompt_style == "direct":
-            fmt = [1.0] * len(texts)  # no thinking is asked for
-        else:
-            fmt = [format_reward(t, self.t.min_thinking_chars) for t in texts]
-        acc = [acc_fn(t, s.references()) for t, s in zip(texts, owners, strict=True)]
-        items = []
-        for t, s in zip(texts, owners, strict=True):
-            p = parse_completion(t)
-            items.append((p.thinking, s.visual_facts, s.question, p.answer))
-        think = self.checker.score_many(items) if self.t.prompt_style == "reason" else [0.0] * len(texts)
-        w_f, w_a, w_t = self.t.reward_weights
-        parts = {"format": fmt, "accuracy": acc, "thinking": think}
-        out = {name: torch.tensor(v, dtype=torch.float32).view(-1, k) for name, v in parts.items()}
-        out["total"] = w_f * out["format"] + w_a * out["accuracy"] + w_t * out["thinking"]
+        ctx = RewardContext(self.t.prompt_style, self.t.min_thinking_chars, self.checker)
+        out = {name: torch.tensor(REWARDS[name](texts, owners, ctx), dtype=torch.float32).view(-1, k)
+               for name in self._reward_names()}
+        out["total"] = sum((float(w) * out[name] for name, w in self.t.reward_weights.items()),
+                           torch.zeros(len(samples), k))
         return out
 
     # ---------------------------------------------------------------- update
@@ -303,14 +314,15 @@ class DymeTrainer:
         idx = [r.prompt for r in rows]
         ids, attn = ids.to(self.device), attn.to(self.device)
         forward = self.update_model if model is self.model and self.update_model is not None else model
+        kwargs = self.family.text_inputs(batch.prompts, idx, [len(r.completion) for r in rows], ids.shape[1],
+                                         self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             embeds = self._merged_embeds(model, batch, idx, ids)
             if embeds is not None:  # vision encoder once per prompt, not once per row
-                out = forward(inputs_embeds=embeds, attention_mask=attn, logits_to_keep=t_max + 1, use_cache=False)
+                out = forward(inputs_embeds=embeds, attention_mask=attn, logits_to_keep=t_max + 1, use_cache=False,
+                              **kwargs)
             else:
-                kwargs = {"pixel_values": batch.pixel_values[idx].to(self.device, model.dtype)}
-                if batch.pixel_attention_mask is not None:
-                    kwargs["pixel_attention_mask"] = batch.pixel_attention_mask[idx].to(self.device)
+                kwargs.update(self.family.vision_inputs(batch.prompts, idx, self.device, model.dtype))
                 out = forward(input_ids=ids, attention_mask=attn, logits_to_keep=t_max + 1, use_cache=False, **kwargs)
         logits = out.logits[:, :-1].float()  # (N, T, V): position j predicts token j+1
         temps = [r.temperature for r in rows]
@@ -323,14 +335,12 @@ class DymeTrainer:
 
     def _merged_embeds(self, model: PreTrainedModel, batch: Batch, prompts: list[int],
                        ids: torch.Tensor) -> torch.Tensor | None:
-        """Input embeddings of `ids` (one row per entry of `prompts`) with the image features merged in.
+        """Input embeddings of `ids` (one row per entry of `prompts`) with the image features merged in,
+        from the family's frozen-vision cache (`Family.merged_embeds`: Idefics3 only); None otherwise (the
+        caller then passes the family's `vision_inputs`).
 
-        Only for Idefics3 models whose vision encoder is frozen; None otherwise (the caller then passes
-        pixel_values). A frozen encoder gives the same output for every row of a prompt and every
-        forward of the batch, so it runs once per batch image, without grad, and is cached; the
-        trainable connector still runs with grad on every call. Same computation as
-        Idefics3Model.get_image_features + inputs_merger (all-zero padding images are dropped), built
-        from `inputs_embeds`, which every transformers 5.x release accepts.
+        A frozen encoder gives the same output for every row of a prompt and every forward of the batch,
+        so its output is cached per batch here and shared by generation and every update micro-batch.
         """
         base = model
         if not isinstance(base, PreTrainedModel):  # a peft wrapper
@@ -339,45 +349,11 @@ class DymeTrainer:
             if not isinstance(model, PeftModel):
                 return None
             base = model.get_base_model()
-        if not isinstance(base, Idefics3ForConditionalGeneration):
-            return None
-        inner = base.model
-        if any(p.requires_grad for p in inner.vision_model.parameters()):
-            return None
         cached_batch, cache = self._vision_cache
         if cached_batch is not batch:
             cache = {}
             self._vision_cache = (batch, cache)
-        # train mode differs from eval only through dropout: one forward serves generation and update
-        # unless the vision tower has active dropout
-        vision = inner.vision_model
-        stochastic = vision.training and (getattr(vision.config, "attention_dropout", 0.0) > 0 or any(
-            isinstance(mod, torch.nn.Dropout) and mod.p > 0 for mod in vision.modules()))
-        key = (id(vision), stochastic)
-        if key not in cache:
-            b, n = batch.pixel_values.shape[:2]
-            pixels = batch.pixel_values.to(self.device, inner.dtype).flatten(0, 1)  # (B*N, C, H, W)
-            real = (pixels == 0.0).sum(dim=(-1, -2, -3)) != pixels.shape[1:].numel()  # (B*N,)
-            counts = real.view(b, n).sum(dim=1).cpu()  # real images per prompt
-            pixels = pixels[real].contiguous()
-            if batch.pixel_attention_mask is None:
-                pmask = torch.ones((pixels.shape[0], *pixels.shape[2:]), dtype=torch.bool, device=self.device)
-            else:
-                pmask = batch.pixel_attention_mask.to(self.device).flatten(0, 1)[real].contiguous()
-            ps = base.config.vision_config.patch_size
-            patch_mask = pmask.unfold(1, ps, ps).unfold(2, ps, ps).sum(dim=(-1, -2)) > 0  # (n_img, H/ps, W/ps)
-            with torch.no_grad():
-                states = inner.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask)[0]
-            cache[key] = (states, counts)  # states: (n_img, patches, D_vision)
-        states, counts = cache[key]
-        starts = (counts.cumsum(0) - counts).tolist()
-        sel = [i for p in prompts for i in range(starts[p], starts[p] + int(counts[p]))]  # row-major images
-        feats = inner.connector(states[torch.tensor(sel, device=self.device)])  # (n_sel, S, D), per image
-        embeds = model.get_input_embeddings()(ids)  # (N, L, D)
-        image_mask = (ids == base.config.image_token_id).unsqueeze(-1)
-        if int(image_mask.sum()) * embeds.shape[-1] != feats.numel():
-            raise ValueError(f"image tokens ({int(image_mask.sum())}) do not match image features {tuple(feats.shape)}")
-        return embeds.masked_scatter(image_mask, feats.to(inner.dtype).to(embeds.dtype))
+        return self.family.merged_embeds(model, base, batch.prompts, prompts, ids, cache, self.device)
 
     def _attention(self) -> contextlib.AbstractContextManager:
         return attention_kernels(self.attention_backends)
@@ -390,10 +366,13 @@ class DymeTrainer:
             yield
 
     def _backward(self, batch: Batch, rows: list[Row], norm: dict, m: dict) -> float:
-        """Forward/backward the kept rows in micro-batches; returns this batch's loss share.
+        """Forward/backward the kept rows in micro-batches; returns this batch's share of the objective.
 
-        Also sums the token-mean NLL of memorised rows into m (the SFT loss, to watch memorisation).
+        The KL term (beta > 0) applies in the RL phase only: SFT, and the SFT stage of two_stage, is
+        plain NLL as in the paper's baselines. Also sums into m what `loss/sft`, `loss/policy` and
+        `kl` report (`_loss_parts`).
         """
+        beta = self.t.beta if self.phase(self.step) == "rl" else 0.0
         total = 0.0
         for lo in range(0, len(rows), self.t.micro_batch_size):
             chunk = rows[lo: lo + self.t.micro_batch_size]
@@ -401,33 +380,83 @@ class DymeTrainer:
             old = torch.stack([torch.nn.functional.pad(r.old_logps, (logps.shape[1] - len(r.old_logps), 0))
                                for r in chunk]).to(self.device) if chunk[0].old_logps is not None else logps.detach()
             ref = None
-            if self.ref_model is not None:
+            if beta > 0:
                 with torch.no_grad():
                     ref, _ = self._token_logps(self.ref_model, batch, chunk)
             adv = torch.tensor([r.advantage for r in chunk], device=self.device)
-            per_token = algorithm.policy_loss(logps, old, adv, self.t.clip_eps, ref, self.t.beta)
+            per_token = algorithm.policy_loss(logps, old, adv, self.t.clip_eps, ref, beta)
             loss = algorithm.aggregate_loss(per_token, mask, self.t.loss_type, **norm) / self.t.grad_accum_steps
             loss.backward()
             total += float(loss.detach())
             with torch.no_grad():
-                mem = torch.tensor([r.memorized for r in chunk], device=self.device)
-                if mem.any():
-                    nll = -(logps * mask).sum(1) / mask.sum(1).clamp(min=1)
-                    m["nll_memorized"] += float(nll[mem].sum())
-                    m["n_memorized"] += int(mem.sum())
+                self._loss_parts(chunk, logps.detach(), old, adv, ref, mask, m)
         return total
 
+    def _loss_parts(self, chunk: list[Row], logps: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+                    ref: torch.Tensor | None, mask: torch.Tensor, m: dict) -> None:
+        """Sums behind the logged loss figures (docs/DESIGN.md, "What the logged losses mean"), each a
+        per-row token mean: the memorised rows' NLL (`loss/sft`), the clipped surrogate of rollouts
+        with a non-zero advantage (`loss/policy`) and, when beta > 0, the k3 KL of every row (`kl`)."""
+        w = mask.to(logps.dtype)
+        count = w.sum(dim=1).clamp(min=1.0)  # (N,)
+        memorized = torch.tensor([r.memorized for r in chunk], device=logps.device)
+        nll = -(logps * w).sum(dim=1) / count  # (N,)
+        surrogate = (algorithm.policy_loss(logps, old, adv, self.t.clip_eps) * w).sum(dim=1) / count
+        policy = ~memorized & (adv != 0)
+        parts = {"_sft_nll": float(nll[memorized].sum()), "_sft_rows": int(memorized.sum()),
+                 "_policy": float(surrogate[policy].sum()), "_policy_rows": int(policy.sum())}
+        if ref is not None:
+            parts["_kl"] = float(((algorithm.kl_k3(logps, ref) * w).sum(dim=1) / count).sum())
+            parts["_kl_rows"] = len(chunk)
+        for key, value in parts.items():
+            m[key] = m.get(key, 0.0) + value
+
     def _sync_grads(self) -> None:
+        """Average the gradients over processes, bucketed (`_all_reduce_mean`); a process whose rows were
+        all dropped joins with zeros."""
         if self.world == 1:
             return
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(self.world)
+        self._all_reduce_mean([p.grad for p in self.params], self.world)
+
+    @staticmethod
+    def _all_reduce_mean(tensors: list[torch.Tensor], world: int, bucket_bytes: int = 25 * 2**20) -> None:
+        """In place: each tensor becomes its mean over the `world` processes.
+
+        Tensors are packed, in order and per (device, dtype), into flat buckets of about `bucket_bytes`
+        (DDP's default 25 MB), one all-reduce per bucket instead of one per tensor: a few large
+        collectives use the link's bandwidth where hundreds of small ones pay its latency each.
+        Every process passes the same tensors in the same order, so the buckets match.
+        """
+        buckets: list[list[torch.Tensor]] = []
+        filling: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], int]] = {}
+        for t in tensors:
+            key = (t.device, t.dtype)
+            bucket, size = filling.get(key, ([], 0))
+            nbytes = t.numel() * t.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                buckets.append(bucket)
+                bucket, size = [], 0
+            bucket.append(t)
+            filling[key] = (bucket, size + nbytes)
+        buckets.extend(bucket for bucket, _ in filling.values())
+        for bucket in buckets:
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(world)
+            for t, part in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
+                t.copy_(part.view_as(t))
 
     # ---------------------------------------------------------------- one generation batch
     def _rl_rows(self, batch: Batch, m: dict) -> tuple[list[Row], dict]:
+        """Generate, score, pick modes and build the update rows of one generation batch.
+
+        A MEMORIZE group's reference trace takes the place of its rollout `algorithm.REPLACED`; the
+        normalisers in the returned dict are those of all B*K rows of the official update
+        (`algorithm.kept_rollouts` says which rollouts enter it).
+        """
         t0 = time.perf_counter()
         completions = self._generate(batch)
         m["time/generation_s"] += time.perf_counter() - t0
@@ -440,36 +469,34 @@ class DymeTrainer:
             adv = algorithm.dyme_advantages(rewards["total"], modes, self.t.adv_eps, self.t.scale_rewards)
         else:  # grpo: no memorisation; groups with equal rewards get 0 by construction
             adv = algorithm.group_advantages(rewards["total"], self.t.adv_eps, self.t.scale_rewards)
-        k = self.t.num_generations
+        k, n_prompts = self.t.num_generations, len(batch.samples)
+        memorize = (modes == algorithm.MEMORIZE) & (self.t.method == "dyme")  # (B,)
+        mem_idx = memorize.nonzero().flatten().tolist()
+        texts_of = self._target_texts([batch.samples[b] for b in mem_idx], "refined" if self.t.use_refiner else "hint")
+        target_of = {b: self._encode_target(t) for b, t in zip(mem_idx, texts_of, strict=True)}
+        keep = algorithm.kept_rollouts(adv, memorize, self.t.beta)  # (B, K)
         rows: list[Row] = []
-        memorize = [b for b in range(len(batch.samples))
-                    if self.t.method == "dyme" and modes[b] == algorithm.MEMORIZE]
-        targets = self._target_texts([batch.samples[b] for b in memorize],
-                                     "refined" if self.t.use_refiner else "hint")
-        target_of = dict(zip(memorize, targets, strict=True))
-        for b in range(len(batch.samples)):
+        for b in range(n_prompts):
             if b in target_of:
-                rows.append(Row(b, self._encode_target(target_of[b]), 1.0, 1.0, memorized=True))
-                continue
-            for j in range(k):
-                if adv[b, j] != 0:  # zero-weight rows never reach the forward pass
-                    rows.append(Row(b, completions[b * k + j], float(adv[b, j]), self.t.temperature))
+                rows.append(Row(b, target_of[b], 1.0, 1.0, memorized=True))
+            rows.extend(Row(b, completions[b * k + j], float(adv[b, j]), self.t.temperature)
+                        for j in range(k) if keep[b, j])
         if self.t.template_evolution:
             self._evolve_template(texts, rewards, modes)
         m["time/reward_s"] += time.perf_counter() - t0
-        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.long).view(n_prompts, k)  # (B, K)
         clipped = torch.tensor([len(c) >= self.t.max_new_tokens and c[-1] != self.eos_id for c in completions])
-        for name in ("format", "accuracy", "thinking", "total"):
-            m[f"reward/{name}"] += float(rewards[name].mean())
+        for name, value in rewards.items():
+            m[f"reward/{name}"] = m.get(f"reward/{name}", 0.0) + float(value.mean())
         for key, value in algorithm.mode_fractions(modes).items():
             m[key] += value
         m["frac_reward_zero_std"] += float((rewards["total"].std(dim=1) == 0).float().mean())
-        m["completion/mean_length"] += float(lengths.mean())
+        m["completion/mean_length"] += float(lengths.float().mean())
         m["completion/clipped_ratio"] += float(clipped.float().mean())
-        all_tokens = int(lengths.sum())
-        m["tokens"] += all_tokens
-        # memorised rows replace a rollout: count their tokens in place of that group's rollouts
-        norm = {"total_rows": len(batch.samples) * k, "total_tokens": all_tokens,
+        m["tokens"] += int(lengths.sum())
+        target_lengths = torch.tensor([len(target_of[b]) if b in target_of else 0 for b in range(n_prompts)])
+        norm = {"total_rows": n_prompts * k,
+                "total_tokens": algorithm.batch_token_count(lengths, memorize, target_lengths),
                 "max_completion_len": self.t.max_new_tokens, "kept_rows": len(rows)}
         return rows, norm
 
@@ -490,15 +517,28 @@ class DymeTrainer:
 
     # ---------------------------------------------------------------- loop
     def train_step(self) -> dict[str, float]:
+        """One step: `grad_accum_steps` generation batches, `num_iterations` optimizer steps.
+
+        Iteration 0 accumulates the gradient of every batch right after it is generated, then steps.
+        Each further iteration (num_iterations > 1, TRL's semantics: the generation is reused)
+        accumulates over the same batches again, with the PPO ratio to the log-probs of the policy that
+        generated them, then steps. The LR schedule advances once per train step, so `max_steps`,
+        `warmup_steps` and the schedule count train steps whatever num_iterations is.
+        """
         step = self.step
         phase = self.phase(step)
         t_start = time.perf_counter()
-        keys = ["reward/format", "reward/accuracy", "reward/thinking", "reward/total", "mode/memorize",
-                "mode/explore", "mode/skip", "frac_reward_zero_std", "completion/mean_length",
+        keys = ["mode/memorize", "mode/explore", "mode/skip", "frac_reward_zero_std", "completion/mean_length",
                 "completion/clipped_ratio", "tokens", "time/generation_s", "time/reward_s", "time/update_s",
-                "loss", "rows/kept", "rows/total", "nll_memorized", "n_memorized"]
+                "loss", "rows/kept", "rows/total", "_sft_nll", "_sft_rows", "_policy", "_policy_rows",
+                *(f"reward/{name}" for name in [*self._reward_names(), "total"])]
+        if self.t.beta > 0:
+            keys += ["_kl", "_kl_rows"]
         m = dict.fromkeys(keys, 0.0)
+        iterations = self.t.num_iterations
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates use
         self.optimizer.zero_grad(set_to_none=True)
+        reused: list[tuple[Batch, list[Row], dict]] = []  # what iterations after the first replay
         for accum in range(self.t.grad_accum_steps):
             # seeded per (seed, step, accum, rank): resume replays exactly the same samples and draws
             torch.manual_seed(((self.t.seed * 100_003 + step) * 101 + accum) * 1009 + self.rank)
@@ -507,37 +547,39 @@ class DymeTrainer:
             m["rows/kept"] += len(rows)
             m["rows/total"] += norm["total_rows"]
             t0 = time.perf_counter()
-            for it in range(self.t.num_iterations):
+            if rows:
                 with self._update_mode():
-                    if self.t.num_iterations > 1 and it == 0 and rows:
-                        with torch.no_grad():  # old policy log-probs for the PPO ratio
-                            for lo in range(0, len(rows), self.t.micro_batch_size):
-                                chunk = rows[lo: lo + self.t.micro_batch_size]
-                                logps, mask = self._token_logps(self.model, batch, chunk)
-                                for r, lp, mk in zip(chunk, logps, mask, strict=True):
-                                    r.old_logps = lp[mk].detach().cpu()
-                    if rows:
-                        m["loss"] += self._backward(batch, rows, norm, m)
-                if it < self.t.num_iterations - 1:
-                    self._optimizer_step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    if iterations > 1:
+                        self._store_old_logps(batch, rows)
+                    m["loss"] += self._backward(batch, rows, norm, m)
+            if iterations > 1:
+                reused.append((batch, rows, norm))
             m["time/update_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        grad_norm = self._optimizer_step()
+        grad_norms = [self._optimizer_step()]
+        for _ in range(1, iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for batch, rows, norm in reused:
+                if rows:
+                    with self._update_mode():
+                        m["loss"] += self._backward(batch, rows, norm, m)
+            grad_norms.append(self._optimizer_step())
+        self.scheduler.step()
         m["time/update_s"] += time.perf_counter() - t0
         a = self.t.grad_accum_steps
         for key in keys:
             if key.startswith(("reward/", "mode/", "frac_", "completion/")):
                 m[key] /= a
+        m["loss"] /= iterations  # the objective's mean over this step's optimizer steps
         m = self._reduce(m)
-        m["loss/nll_memorized"] = m.pop("nll_memorized") / max(m.pop("n_memorized"), 1.0)
+        m.update(self._loss_figures(m))
         elapsed = time.perf_counter() - t_start
         n_samples = self.t.batch_size * a * self.world * (1 if phase == "sft" else self.t.num_generations)
         m.update({
             "step": step + 1,
             "phase_sft": float(phase == "sft"),
-            "learning_rate": self.scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
+            "learning_rate": lr,
+            "grad_norm": sum(grad_norms) / len(grad_norms),
             "samples_per_s": n_samples / elapsed,
             "tokens_per_s": m["tokens"] / elapsed,
             "time/step_s": elapsed,
@@ -550,66 +592,109 @@ class DymeTrainer:
         self.step += 1
         return m
 
+    @torch.no_grad()
+    def _store_old_logps(self, batch: Batch, rows: list[Row]) -> None:
+        """Log-probs of the generating policy, the denominator of the PPO ratio when a batch is reused."""
+        for lo in range(0, len(rows), self.t.micro_batch_size):
+            chunk = rows[lo: lo + self.t.micro_batch_size]
+            logps, mask = self._token_logps(self.model, batch, chunk)
+            for r, lp, mk in zip(chunk, logps, mask, strict=True):
+                r.old_logps = lp[mk].detach().cpu()
+
+    @staticmethod
+    def _loss_figures(m: dict[str, float]) -> dict[str, float]:
+        """Pops the summed loss parts from m and returns the logged figures (absent when a step had
+        no such rows; `loss/nll_memorized` is `loss/sft`, or 0, under its older name)."""
+        out = {}
+        for name, total, count in (("loss/sft", "_sft_nll", "_sft_rows"), ("loss/policy", "_policy", "_policy_rows"),
+                                   ("kl", "_kl", "_kl_rows")):
+            s, n = m.pop(total, 0.0), m.pop(count, 0.0)
+            if n > 0:
+                out[name] = s / n
+        out["loss/nll_memorized"] = out.get("loss/sft", 0.0)
+        return out
+
     def _optimizer_step(self) -> float:
+        """Average gradients over processes, clip, step the optimizer; returns the gradient norm before clipping.
+        The LR scheduler is advanced by `train_step`, once per train step."""
         self._sync_grads()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
         if self.t.max_grad_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.t.max_grad_norm, norm)
         self.optimizer.step()
-        self.scheduler.step()
         return float(norm)
 
     def _reduce(self, m: dict[str, float]) -> dict[str, float]:
-        """Mean of per-process metrics (sums for counts of rows and tokens)."""
+        """Mean of per-process metrics; sums for counts of rows and tokens and for the loss parts."""
         if self.world == 1:
             return m
         keys = sorted(m)
         t = torch.tensor([m[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        summed = ("rows/kept", "rows/total", "tokens", "nll_memorized", "n_memorized")
-        return {k: float(v) if k in summed else float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+        summed = ("rows/kept", "rows/total", "tokens")
+        return {k: float(v) if k in summed or k.startswith("_") else float(v) / self.world
+                for k, v in zip(keys, t.tolist(), strict=True)}
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
+        """checkpoint-<step> under the checkpoint root: atomic, verified, no pickle (checkpoint.py).
+
+        Only rank 0 writes; every process waits for it. The RNG states are rank 0's: each step reseeds
+        per (seed, step, accum, rank), so no rank's stream depends on them.
+        """
         ckpt = self.checkpoint_root / f"checkpoint-{self.step}"
         if self.rank == 0:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            torch.save(self.model.state_dict(), ckpt / "model_state.pt")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "step": self.step, "history": self.history}, ckpt / "trainer_state.pt")
-            self.templates.save(ckpt / "templates.json")
+            state = {"step": self.step, "history": self.history, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
+            checkpoint.write_checkpoint(self.checkpoint_root, self.step, self.model, state,
+                                        {"templates.json": self.templates.save}, keep=self.t.keep_checkpoints)
         if self.world > 1:
             dist.barrier()
         return ckpt
 
     def load_checkpoint(self, ckpt: Path) -> None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
-        self.model.load_state_dict(torch.load(ckpt / "model_state.pt", weights_only=True, map_location=self.device))
+        """Restore model, optimizer, scheduler, RNG, step, history and templates; nothing is unpickled."""
+        state = checkpoint.read_checkpoint(ckpt, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
         self.history = state["history"]
         self.templates = TemplatePool.load(ckpt / "templates.json")
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted(self.checkpoint_root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        return ckpts[-1] if ckpts else None
+        """The newest intact checkpoint; broken newer ones are skipped with a warning naming the file."""
+        return checkpoint.choose_checkpoint(self.checkpoint_root)
 
     # ---------------------------------------------------------------- main
     def train(self) -> dict[str, float]:
-        """Run to `max_steps`; returns the last logged metrics. Writes model/, metrics.jsonl, config.yaml."""
+        """Run to `max_steps`; returns the last logged metrics.
+
+        Everything (config.yaml, metrics.jsonl, model/, summary, history, and the checkpoints unless
+        `checkpoint_dir` is set) is written to a staging folder beside `output_dir` and published by a
+        rename when the run succeeds: a failed or killed run leaves a finished run's outputs untouched.
+        """
         main = self.rank == 0
-        if self.t.resume_from:
-            ckpt = self.latest_checkpoint() if self.t.resume_from == "auto" else Path(self.t.resume_from)
-            if ckpt is not None:
-                if not (ckpt / "trainer_state.pt").is_file():
-                    raise FileNotFoundError(f"train.resume_from: no checkpoint at {ckpt}")
-                self.load_checkpoint(ckpt)
+        self.stage = checkpoint.staging_dir(self.out)
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(self.cfg, self.out / "config.yaml")
+            checkpoint.begin_run(self.out, resume=bool(self.t.resume_from))
+        if self.world > 1:
+            dist.barrier()
+        if not self.t.checkpoint_dir:
+            self.checkpoint_root = self.stage  # an interrupted run's checkpoints wait there for resume
+        if self.t.resume_from == "auto":
+            ckpt = self.latest_checkpoint()
+            if ckpt is not None:
+                self.load_checkpoint(ckpt)
+        elif self.t.resume_from:
+            try:
+                self.load_checkpoint(Path(self.t.resume_from))
+            except checkpoint.CheckpointError as e:
+                raise checkpoint.CheckpointError(f"train.resume_from: {e}") from None
+        if main:
+            dump_config(self.cfg, self.stage / "config.yaml")
             self._open_sinks()
         bar = tqdm(total=self.t.max_steps, initial=self.step, disable=not (main and self.t.progress_bar),
                    desc=f"train[{self.t.method}]", dynamic_ncols=True)
@@ -626,12 +711,13 @@ class DymeTrainer:
                 self.save_checkpoint()
         bar.close()
         if main:
-            save_model(self.model, self.processor, self.out / "model")
-            self.templates.save(self.out / "templates.json")
-            (self.out / "summary.json").write_text(json.dumps(last, indent=2))
+            save_model(self.model, self.processor, self.stage / "model")
+            self.templates.save(self.stage / "templates.json")
+            (self.stage / "summary.json").write_text(json.dumps(last, indent=2))
             # a JSON list: what `dvc plots` reads (it does not read JSON Lines)
-            (self.out / "history.json").write_text(json.dumps(self.history))
+            (self.stage / "history.json").write_text(json.dumps(self.history))
             self._close_sinks()
+            checkpoint.publish_run(self.stage, self.out)
         if self.world > 1:
             dist.barrier()
         return last
@@ -639,15 +725,18 @@ class DymeTrainer:
     def _open_sinks(self) -> None:
         sinks = set(self.t.report_to) - {"none"}
         if "jsonl" in sinks:
-            path = self.out / "metrics.jsonl"
-            # a resumed run keeps the history up to its checkpoint and nothing after it
-            path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            path = self.stage / "metrics.jsonl"
+            # a resumed run keeps the logged history up to its checkpoint and nothing after it
+            logged = [h for h in self.history if h["step"] % self.t.logging_steps == 0 or h["step"] == self.t.max_steps]
+            path.write_text("".join(json.dumps(h) + "\n" for h in logged))
             self.reporters.append(lambda metrics, step: _append_jsonl(path, metrics))
         if "mlflow" in sinks:
-            from dyme_core.tracking import MlflowReporter  # the one module that imports mlflow
+            from dyme_core.tracking import MlflowReporter, read_run_id  # the one module that imports mlflow
 
-            self._mlflow = MlflowReporter(self.cfg, run_name=f"{self.t.method}-seed{self.t.seed}")
-            (self.out / "mlflow_run_id").write_text(self._mlflow.run_id)
+            # the reporter keeps its run id (and any buffered metrics) in the run dir: the staged one,
+            # published with the rest; a resumed training continues its MLflow run
+            staged = replace(self.cfg, train=replace(self.t, output_dir=str(self.stage)))
+            self._mlflow = MlflowReporter(staged, resume_run_id=read_run_id(self.stage) if self.step else None)
             self.reporters.append(self._mlflow.log_metrics)
 
     def _log(self, metrics: dict[str, float]) -> None:

@@ -1,0 +1,203 @@
+"""Checkpoints (issue 10, item 1): atomic folders with a verified manifest, the newest N kept, fallback
+past a broken checkpoint with a warning that names the file, exact resume, and no pickle ever loaded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dyme_core import checkpoint
+from dyme_core.config import load_config
+from dyme_core.trainer import DymeTrainer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train(tiny: dict, overrides, out: Path, *extra: str) -> DymeTrainer:
+    trainer = DymeTrainer(load_config(None, overrides(out, *extra)), tiny["dataset"])
+    trainer.train()
+    return trainer
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny: dict, overrides, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """Final weights of an uninterrupted 4-step run."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    _train(tiny, overrides, out)
+    return _weights(out)
+
+
+@pytest.fixture
+def interrupted(tiny: dict, overrides, tmp_path: Path) -> Path:
+    """The checkpoint folder of a run that stopped after step 3 of 4: checkpoint-1 and checkpoint-2 and
+    checkpoint-3 written, the newest two kept (train.keep_checkpoints default)."""
+    ckpts = tmp_path / "ckpt"
+    cfg = load_config(None, overrides(tmp_path / "run", "train.save_steps=1", f"train.checkpoint_dir={ckpts}"))
+    trainer = DymeTrainer(cfg, tiny["dataset"])
+    trainer.train_step = _stop_after(trainer.train_step, 3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    return ckpts
+
+
+def _stop_after(step_fn, n: int):
+    """train_step that raises (like Ctrl-C) after n steps have completed and been checkpointed."""
+    done = {"n": 0}
+
+    def step():
+        if done["n"] == n:
+            raise KeyboardInterrupt
+        done["n"] += 1
+        return step_fn()
+
+    return step
+
+
+def _resume(tiny: dict, overrides, ckpts: Path, out: Path, *extra: str) -> DymeTrainer:
+    return _train(tiny, overrides, out, "train.save_steps=1", f"train.checkpoint_dir={ckpts}",
+                  "train.resume_from=auto", *extra)
+
+
+def test_checkpoint_folder_is_complete_and_verified(interrupted: Path) -> None:
+    names = sorted(p.name for p in interrupted.iterdir())
+    assert names == ["checkpoint-2", "checkpoint-3"]  # keep_checkpoints=2; no temporary folder left
+    ckpt = interrupted / "checkpoint-3"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["step"] == 3
+    assert set(manifest["files"]) == {"model.safetensors", "state.safetensors", "trainer_state.json",
+                                      "templates.json"}
+    assert set(manifest["files"]) | {"manifest.json"} == {p.name for p in ckpt.iterdir()}
+    for name, meta in manifest["files"].items():
+        assert (ckpt / name).stat().st_size == meta["size"]
+    assert checkpoint.verify_checkpoint(ckpt)["step"] == 3
+    # the optimizer state is there as tensors: AdamW's moments for every trainable parameter
+    tensors = load_file(ckpt / "state.safetensors")
+    assert any(re.search(r"optimizer/state/\d+/exp_avg_sq$", k) for k in tensors)
+
+
+def test_keep_zero_keeps_every_checkpoint(tiny: dict, overrides, tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpt"
+    _train(tiny, overrides, tmp_path / "run", "train.save_steps=1", f"train.checkpoint_dir={ckpts}",
+           "train.keep_checkpoints=0")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+def test_resume_is_exact(tiny: dict, overrides, interrupted: Path, tmp_path: Path, straight) -> None:
+    trainer = _resume(tiny, overrides, interrupted, tmp_path / "run")
+    assert _equal(_weights(tmp_path / "run"), straight)
+    logged = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4] and len(trainer.history) == 4
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# how the newest checkpoint is broken -> the file the warning must name
+CORRUPTIONS = {
+    "truncated model": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors"),
+    "flipped byte in the optimizer state": (lambda c: _flip_byte(c / "state.safetensors"), "state.safetensors"),
+    "missing manifest": (lambda c: (c / "manifest.json").unlink(), "manifest.json"),
+    "missing trainer state": (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json"),
+    "manifest cut mid-write": (lambda c: _truncate(c / "manifest.json"), "manifest.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_broken_newest_checkpoint_falls_back_with_a_warning(
+        tiny: dict, overrides, interrupted: Path, tmp_path: Path, straight, case: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    corrupt, broken_file = CORRUPTIONS[case]
+    corrupt(interrupted / "checkpoint-3")
+    with caplog.at_level(logging.INFO):
+        _resume(tiny, overrides, interrupted, tmp_path / "run")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("checkpoint-3" in w and broken_file in w for w in warnings), warnings
+    assert any("resumed from" in r.getMessage() and "checkpoint-2" in r.getMessage() for r in caplog.records)
+    assert _equal(_weights(tmp_path / "run"), straight)  # the older checkpoint resumes just as exactly
+
+
+def test_explicit_resume_from_a_broken_checkpoint_names_the_file(
+        tiny: dict, overrides, interrupted: Path, tmp_path: Path) -> None:
+    _truncate(interrupted / "checkpoint-3" / "model.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match=r"train.resume_from: .*checkpoint-3/model.safetensors"):
+        _train(tiny, overrides, tmp_path / "run", f"train.resume_from={interrupted / 'checkpoint-3'}")
+
+
+class _Planted:
+    """A pickle whose loading creates a marker file (stands for any code an attacker wants run)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_planted_pickle_never_runs(tiny: dict, overrides, interrupted: Path, tmp_path: Path, straight,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    marker = tmp_path / "PWNED"
+    payload = pickle.dumps({"optimizer": _Planted(marker)})
+    # beside an intact checkpoint's files, and as a whole newer checkpoint in the old pickle layout
+    (interrupted / "checkpoint-3" / "trainer_state.pt").write_bytes(payload)
+    legacy = interrupted / "checkpoint-9"
+    legacy.mkdir()
+    (legacy / "trainer_state.pt").write_bytes(payload)
+    (legacy / "model_state.pt").write_bytes(payload)
+    with caplog.at_level(logging.WARNING):
+        _resume(tiny, overrides, interrupted, tmp_path / "run")
+    assert any("checkpoint-9" in r.getMessage() and "manifest.json" in r.getMessage() for r in caplog.records)
+    with pytest.raises(checkpoint.CheckpointError, match="manifest.json"):
+        _train(tiny, overrides, tmp_path / "run2", f"train.resume_from={legacy}")
+    assert not marker.exists()
+    assert _equal(_weights(tmp_path / "run"), straight)
+
+
+def test_no_pickle_loading_in_the_project() -> None:
+    """Nothing loaded from disk executes code: no torch.load without weights_only, no pickle."""
+    offenders = []
+    for path in [*REPO.glob("dyme_core/**/*.py"), *REPO.glob("components/**/*.py"), *REPO.glob("pipelines/**/*.py"),
+                 *REPO.glob("bench/**/*.py")]:
+        text = path.read_text()
+        if "weights_only=False" in text or re.search(r"^\s*(import pickle|from pickle|import dill)", text, re.M):
+            offenders.append(str(path.relative_to(REPO)))
+        for call in re.findall(r"torch\.load\(([^)]*)\)", text):
+            if "weights_only=True" not in call:
+                offenders.append(f"{path.relative_to(REPO)}: torch.load({call})")
+    assert not offenders
+
+
+def test_state_flattening_round_trips_an_optimizer() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors: dict[str, torch.Tensor] = {}
+    doc = json.loads(json.dumps(checkpoint.flatten_state(opt.state_dict(), "opt", tensors)))
+    restored = checkpoint.unflatten_state(doc, tensors)
+    original = opt.state_dict()
+    assert restored["param_groups"] == original["param_groups"]  # int keys, tuples (betas) kept
+    assert restored["state"].keys() == original["state"].keys()
+    for i, s in original["state"].items():
+        assert all(torch.equal(s[k], restored["state"][i][k]) for k in s)
