@@ -2,11 +2,13 @@
 
     dyme <command> [--config params.yaml] [section.key=value ...]
 
-Commands: synth, init-model, validate, refine, train, evaluate, register, promote, compare, submit.
+Commands: ingest, synth, init-model, validate, refine, train, evaluate, register, sync, promote, compare.
+(Kubeflow submission lives on the pipelines side: `dyme-submit`, pipelines/submit.py.)
 `dyme <command> --help` lists the keys the command reads, with their help and defaults. Bad input
 (missing file, bad config key, corrupt image, failed validation) ends with one line on stderr and a
 non-zero exit status, never a traceback. This module is the only place that reads argv and the
-environment (the LLM API key, torchrun's rank variables).
+environment (the LLM API key, torchrun's rank variables, MLflow's tracking URI, DVC's experiment name):
+`resolve_tracking` turns them into `register.*` values that the library receives.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from dyme_core import steps
 from dyme_core.config import Config, ConfigError, describe, load_config
@@ -25,16 +29,18 @@ log = logging.getLogger("dyme")
 
 # command -> (config sections it reads, one-line description)
 COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "synth": (("synth",), "Render the deterministic synthetic chart-QA dataset."),
+    "ingest": (("data", "synth", "validate"), "Materialise data.path (synthetic, project folder, DyME JSON, HF "
+               "dataset) into data.out_dir, the dataset every later step reads."),
+    "synth": (("synth",), "Render the synthetic chart-QA dataset alone into synth.out_dir (no ingest)."),
     "init-model": (("data", "init_model"), "Build the tiny random SmolVLM-architecture model."),
     "validate": (("data", "validate"), "Validate the dataset; non-zero exit if any check fails."),
     "refine": (("data", "refine"), "Write grounded reference traces for the training split."),
-    "train": (("data", "model", "train"), "Train with dyme | grpo | sft | two_stage."),
+    "train": (("data", "model", "train", "register"), "Train with dyme | grpo | sft | two_stage."),
     "evaluate": (("data", "model", "evaluate"), "Greedy evaluation: predictions, metrics, plots."),
     "register": (("train", "evaluate", "register"), "Log the run and model to MLflow; gate champion."),
     "promote": (("register",), "Set an alias (default champion) on a registered version."),
     "compare": (("register",), "Print a side-by-side table of runs."),
-    "submit": (("register",), "Compile the Kubeflow pipeline and start a run on a KFP endpoint."),
+    "sync": (("data", "train", "register"), "Send metrics buffered while MLflow was unreachable."),
 }
 
 
@@ -50,6 +56,17 @@ def _llm_client(llm_cfg, needed: bool):
     from dyme_core.llm import ChatClient
 
     return ChatClient(llm_cfg, api_key=os.environ.get(llm_cfg.api_key_env))
+
+
+def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
+    report = steps.ingest(cfg)
+    splits = ", ".join(f"{k}={v}" for k, v in report["rows_per_split"].items())
+    carve = report["carve"]
+    carved = f"; carved {carve['rows']} from train (seed {carve['seed']})" if carve else ""
+    print(f"ingested {report['source']} ({report['format']}) -> {cfg.data.out_dir}: {report['n_rows']} rows "
+          f"({splits}), {report['n_images']} images, {report['n_dropped']} dropped {report['dropped'] or ''}"
+          f"{carved}; digest {report['digest'][:12]}")
+    return 0
 
 
 def cmd_synth(cfg: Config, args: argparse.Namespace) -> int:
@@ -109,6 +126,14 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(cfg: Config, args: argparse.Namespace) -> int:
+    from dyme_core.tracking import sync
+
+    result = sync(cfg, cfg.train.output_dir)
+    print(json.dumps(result) if result else f"nothing buffered in {cfg.train.output_dir}")
+    return 0
+
+
 def cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
     from dyme_core.tracking import promote
 
@@ -126,22 +151,65 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
-    from pipelines.dyme_pipeline import submit
-
-    if not args.host:
-        raise UserError("submit needs --host URL of the KFP API")
-    run_id = submit(args.host, experiment=args.experiment, params_file=args.config,
-                    overrides=args.overrides)
-    print(f"submitted run {run_id} to {args.host}")
-    return 0
-
-
 HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
-    "synth": cmd_synth, "init-model": cmd_init_model, "validate": cmd_validate, "refine": cmd_refine,
-    "train": cmd_train, "evaluate": cmd_evaluate, "register": cmd_register, "promote": cmd_promote,
-    "compare": cmd_compare, "submit": cmd_submit,
+    "ingest": cmd_ingest, "synth": cmd_synth, "init-model": cmd_init_model, "validate": cmd_validate,
+    "refine": cmd_refine,
+    "train": cmd_train, "evaluate": cmd_evaluate, "register": cmd_register, "sync": cmd_sync,
+    "promote": cmd_promote, "compare": cmd_compare,
 }
+
+
+# MLflow's HTTP client retries for minutes by default; a step must not stall that long on a dead server.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def absolute_tracking_uri(uri: str, base_dir: str | Path) -> str:
+    """`uri` with a relative local store made absolute against `base_dir` (the user's repo root).
+
+    `sqlite:///mlruns.db` -> `sqlite:////abs/mlruns.db`; a bare or `file:` path likewise; server and
+    other URIs unchanged. The CLI passes the DVC repo root, so `dvc exp run --temp` and queued
+    experiments register into the same store as `dvc repro`, not one inside a throw-away workspace.
+    """
+    base = Path(base_dir).resolve()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        return uri if path.startswith("/") or path == ":memory:" else f"sqlite:///{base / path}"
+    if uri.startswith("file:"):
+        path = uri[len("file:"):].removeprefix("//")
+        return uri if path.startswith("/") else (base / path).as_uri()
+    if "://" in uri or not uri or uri.startswith("databricks"):
+        return uri
+    return str(base / uri) if not Path(uri).is_absolute() else uri
+
+
+def git_commit(cwd: str) -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def resolve_tracking(cfg: Config, environ: dict[str, str] | None = None, cwd: str | None = None) -> Config:
+    """Fill `register.*` from the outside world, once, for the library to receive.
+
+    MLFLOW_TRACKING_URI wins over `register.tracking_uri`; a relative local store is made absolute
+    against DVC_ROOT (the user's repo, also under `dvc exp run --temp`/`--queue`) or `cwd`; an empty
+    `register.run_name` takes DVC_EXP_NAME; an empty `register.git_commit` takes `git rev-parse HEAD`.
+    Also bounds MLflow's HTTP retries (unless set) and turns its telemetry off, before mlflow is imported.
+    """
+    env = os.environ if environ is None else environ
+    cwd = cwd or os.getcwd()
+    reg = cfg.register
+    uri = env.get("MLFLOW_TRACKING_URI") or reg.tracking_uri
+    reg.tracking_uri = absolute_tracking_uri(uri, env.get("DVC_ROOT") or cwd)
+    reg.run_name = reg.run_name or env.get("DVC_EXP_NAME", "")
+    reg.git_commit = reg.git_commit or git_commit(cwd)
+    if environ is None:
+        for key, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    return cfg
 
 
 def _keys_help(sections: tuple[str, ...]) -> str:
@@ -164,9 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--alias", default="champion", help="Alias to set.")
         if name == "compare":
             p.add_argument("--runs", nargs="*", default=[], help="Run ids (default: latest runs).")
-        if name == "submit":
-            p.add_argument("--host", default="", help="KFP API endpoint, e.g. http://localhost:8080.")
-            p.add_argument("--experiment", default="dyme", help="KFP experiment name.")
     return parser
 
 
@@ -181,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retries are reported as one error
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = resolve_tracking(load_config(args.config, args.overrides))
         return HANDLERS[args.command](cfg, args)
     except (ConfigError, UserError, steps.ValidationFailed) as e:
         print(f"dyme {args.command}: error: {e}", file=sys.stderr)

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from dyme_core.config import Config
-from dyme_core.data.loaders import Dataset, load_dataset
+from dyme_core.data.ingest import dataset_digest, open_dataset
+from dyme_core.data.loaders import Dataset
 from dyme_core.llm import ChatClient
 
 
@@ -20,9 +21,17 @@ class ValidationFailed(RuntimeError):
 
 
 def synth(cfg: Config) -> Path:
+    """The synthetic generator alone, into `synth.out_dir` (the pipeline ingests it with data.path=synthetic)."""
     from dyme_core.data.synth import synthesize
 
     return synthesize(cfg.synth)
+
+
+def ingest(cfg: Config) -> dict:
+    """Materialise `data.path` (any source) into `data.out_dir`; the report is also `data.report`."""
+    from dyme_core.data.ingest import ingest as run_ingest
+
+    return run_ingest(cfg)
 
 
 def init_model(cfg: Config, dataset: Dataset | None = None) -> Path:
@@ -30,7 +39,7 @@ def init_model(cfg: Config, dataset: Dataset | None = None) -> Path:
     from dyme_core.models import init_tiny_model
     from dyme_core.refiner import rule_refine
 
-    ds = dataset or load_dataset(cfg.data)
+    ds = dataset or open_dataset(cfg.data.out_dir, max_pixels=cfg.validate.max_pixels)
     texts = []
     for s in ds.samples:
         texts += [s.question, s.answer, s.hint or "", rule_refine(s)]
@@ -39,22 +48,32 @@ def init_model(cfg: Config, dataset: Dataset | None = None) -> Path:
 
 
 def validate(cfg: Config) -> dict:
-    """Great-expectations checks of the project-format dataset; writes `validate.report`."""
+    """Great-expectations checks of the materialised dataset (`data.out_dir`); writes `validate.report`,
+    which carries the dataset's content digest (`data_digest`)."""
     from dyme_core.validation import validate_path
 
-    path = Path(cfg.data.path)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset not found: {path}")
-    if cfg.data.format not in ("auto", "project"):
-        raise ValueError(f"validate reads the project format; convert {path} first (data.format={cfg.data.format})")
+    path = Path(cfg.data.out_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset not found: {path} (run `dyme ingest` to materialise data.path there)")
     return validate_path(path, cfg.validate)
 
 
 def check_validated(cfg: Config) -> None:
-    """Refuse to train on data whose last validation report failed."""
+    """Refuse to train without a passing validation report made for the data in `data.out_dir`."""
     report = Path(cfg.validate.report)
-    if report.is_file() and not json.loads(report.read_text()).get("success", True):
+    if not report.is_file():
+        raise ValidationFailed(f"no validation report at {report}; run `dyme validate` first")
+    try:
+        content = json.loads(report.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValidationFailed(f"validation report {report} is not readable ({e}); rerun `dyme validate`") from None
+    if not isinstance(content, dict) or content.get("success") is not True:
         raise ValidationFailed(f"the dataset failed validation ({report}); fix it and rerun `dyme validate`")
+    digest = dataset_digest(cfg.data.out_dir)
+    if content.get("data_digest") != digest:
+        raise ValidationFailed(f"validation report {report} was made for other data (digest "
+                               f"{str(content.get('data_digest'))[:12]}, {cfg.data.out_dir} has {digest[:12]}); "
+                               "rerun `dyme validate`")
 
 
 def refine(cfg: Config, client: ChatClient | None = None) -> dict:
@@ -62,7 +81,7 @@ def refine(cfg: Config, client: ChatClient | None = None) -> dict:
     from dyme_core.refiner import Refiner, TemplatePool
 
     r = cfg.refine
-    ds = load_dataset(cfg.data)
+    ds = open_dataset(cfg.data.out_dir, max_pixels=cfg.validate.max_pixels)
     refiner = Refiner(r.backend, cache_dir=r.cache_dir, client=client, max_workers=r.llm.max_workers)
     pool = TemplatePool.load(r.template_pool)
     samples = [s for s in ds.samples if s.split in r.splits]
@@ -87,7 +106,8 @@ def train(cfg: Config, client: ChatClient | None = None) -> dict[str, float]:
     from dyme_core.trainer import train as run_training
 
     check_validated(cfg)
-    return run_training(cfg, load_dataset(cfg.data), load_refined(cfg.train.refined), llm_client=client)
+    dataset = open_dataset(cfg.data.out_dir, max_pixels=cfg.validate.max_pixels)
+    return run_training(cfg, dataset, load_refined(cfg.train.refined), llm_client=client)
 
 
 def evaluate(cfg: Config) -> dict[str, float]:
@@ -95,7 +115,7 @@ def evaluate(cfg: Config) -> dict[str, float]:
     from dyme_core.evaluate import evaluate as run_evaluation
     from dyme_core.evaluate import plot_training
 
-    metrics = run_evaluation(cfg, load_dataset(cfg.data))
+    metrics = run_evaluation(cfg, open_dataset(cfg.data.out_dir, max_pixels=cfg.validate.max_pixels))
     history = Path(cfg.evaluate.model_path).parent / "metrics.jsonl"
     if history.is_file():
         plot_training(history, Path(cfg.evaluate.out_dir))

@@ -17,13 +17,19 @@ per split are checked on a second, one-row-per-split frame; their failures name 
 failures about the whole dataset (no rows, unreadable source) name ``dataset``. A failure names a row
 by its id, or by its index in the rows when the id is missing or not a JSON scalar.
 
+Hostile input (issue 10) is reported, never followed: image paths that leave the root lexically or
+through a symlink, FIFOs and other special files (type read with ``stat``, never opened), images over
+``validate.max_pixels`` (checked on the header, before decoding), text that is not UTF-8, NaN/Infinity
+anywhere in a row, and fields over the ``validate.max_*_chars`` limits. The report of a dataset folder
+carries ``data_digest`` (:func:`dyme_core.data.ingest.dataset_digest`, computed before the rows are
+read): ``dyme train`` refuses a report whose digest is not that of the data it is given.
+
 Run: ``dyme validate`` (the CLI imports this module lazily: GE takes about 3 s to import);
 test: ``pytest tests/core/test_validation.py``.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -34,9 +40,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from dyme_core.config import ValidateConfig
+from dyme_core.data.loaders import DataError, bad_text, decode_image, non_finite, safe_image_file
 from dyme_core.data.schema import SPLITS, Sample
 
 KNOWN_FIELDS = frozenset(f.name for f in fields(Sample))
@@ -141,33 +146,54 @@ class _ImageInfo:
     reason: str = ""
 
 
-def _decode(source: Path | bytes, info: _ImageInfo, shown: str) -> _ImageInfo:
+def _decode(source: Path | bytes, info: _ImageInfo, shown: str, max_pixels: int) -> _ImageInfo:
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            im.load()  # decodes the pixels: catches truncated files that verify() lets through
+        with decode_image(source, max_pixels) as im:  # decodes the pixels: catches truncated files and bombs
             info.width, info.height = im.size
         info.decodable = True
-    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        info.decodable, info.reason = False, f"cannot decode {shown}: {type(e).__name__}: {e}"
+    except DataError as e:
+        info.decodable, info.reason = False, f"{shown}: {e}"
     return info
 
 
-def _inspect_image(image: Any, root: Path, cache: dict[Path, _ImageInfo]) -> _ImageInfo:
+def _inspect_image(image: Any, root: Path, cache: dict[Path, _ImageInfo], max_pixels: int) -> _ImageInfo:
     if isinstance(image, bytes):
-        return _decode(image, _ImageInfo(inside_root=True, exists=True), "image bytes")
+        return _decode(image, _ImageInfo(inside_root=True, exists=True), "image bytes", max_pixels)
     if not isinstance(image, str) or not image.strip():
         return _ImageInfo(exists=False, reason=f"no image path (got {_short(image)})")
-    # lexical, so symlinks inside the root (e.g. DVC's cache links) stay allowed; never open files
-    # that the path itself places outside the dataset root
-    path = Path(os.path.normpath(root / image))
-    if Path(image).is_absolute() or not path.is_relative_to(root):
-        return _ImageInfo(inside_root=False, reason=f"image path {_short(image)} escapes the dataset root")
-    if path not in cache:
-        info = _ImageInfo(inside_root=True, exists=path.is_file())
-        if not info.exists:
-            info.reason = f"image file {image} not found"
-        cache[path] = _decode(path, info, image) if info.exists else info
-    return cache[path]
+    key = Path(os.path.normpath(root / image))
+    if key in cache:
+        return cache[key]
+    # the safe loader refuses paths that leave the root (lexically or through a symlink) without opening
+    # them, and checks the file type with stat, so a FIFO is reported instead of hanging the step
+    try:
+        path = safe_image_file(root, image)
+    except DataError as e:
+        reason = str(e)
+        escapes = "escapes the dataset root" in reason or "leaves the dataset root" in reason or "absolute" in reason
+        info = _ImageInfo(inside_root=False, reason=reason) if escapes else \
+            _ImageInfo(inside_root=True, exists=False, reason=reason)
+    else:
+        info = _decode(path, _ImageInfo(inside_root=True, exists=True), image, max_pixels)
+    cache[key] = info
+    return info
+
+
+def _text_checks(row: dict[str, Any], cfg: ValidateConfig) -> dict[str, tuple[bool | None, str]]:
+    """Hostile text (issue 10): bytes that are not UTF-8, NaN/Infinity, fields over the length limits."""
+    encoding = [name for name, value in row.items() if bad_text(value)]
+    finite = [name for name, value in row.items() if non_finite(value)]
+    limits = {"question": cfg.max_question_chars, "answer": cfg.max_answer_chars, "hint": cfg.max_hint_chars}
+    long = [f"{name} is {len(row[name])} characters, over validate.max_{name}_chars={limit}"
+            for name, limit in limits.items() if isinstance(row.get(name), str) and len(row[name]) > limit]
+    direct = row.get("direct_answers")
+    if isinstance(direct, list) and any(isinstance(a, str) and len(a) > cfg.max_answer_chars for a in direct):
+        long.append(f"a direct answer is over validate.max_answer_chars={cfg.max_answer_chars}")
+    return {
+        "text_encoding": (not encoding, f"field(s) {encoding} are not valid UTF-8 text"),
+        "finite_numbers": (not finite, f"field(s) {finite} hold NaN or Infinity"),
+        "field_length": (not long, "; ".join(long)),
+    }
 
 
 def _scalar(value: Any) -> Any:
@@ -187,8 +213,8 @@ def _row_label(raw_id: Any, index: int) -> str | int | float | bool:
     return raw_id if isinstance(raw_id, str | int | float | bool) and raw_id != "" else index
 
 
-def _derive(row: dict[str, Any], index: int, root: Path,
-            cache: dict[Path, _ImageInfo]) -> tuple[dict[str, Any], dict[str, str]]:
+def _derive(row: dict[str, Any], index: int, root: Path, cache: dict[Path, _ImageInfo],
+            cfg: ValidateConfig) -> tuple[dict[str, Any], dict[str, str]]:
     """One frame record (raw scalar fields + derived columns) and the reasons of failed derived ones."""
     why: dict[str, str] = {}
 
@@ -199,7 +225,7 @@ def _derive(row: dict[str, Any], index: int, root: Path,
         return ok
 
     question, answer = row.get("question"), row.get("answer")
-    img = _inspect_image(row.get("image"), root, cache)
+    img = _inspect_image(row.get("image"), root, cache, cfg.max_pixels)
     for name in ("image_inside_root", "image_exists", "image_decodable"):
         why[name] = img.reason
     unknown = sorted(set(row) - KNOWN_FIELDS)
@@ -231,6 +257,7 @@ def _derive(row: dict[str, Any], index: int, root: Path,
             direct is None or (isinstance(direct, list) and all(isinstance(a, str) for a in direct)),
             f"direct_answers must be a list of strings or null, got {_short(direct)}")),
         "answer_in_facts": flag("answer_in_facts", _answer_in_facts(row, bool(facts_ok))),
+        **{name: flag(name, result) for name, result in _text_checks(row, cfg).items()},
     }
     return rec, why
 
@@ -283,6 +310,9 @@ def _row_checks(cfg: ValidateConfig) -> list[_Check]:
         flag("hint_type"),
         flag("visual_facts"),
         flag("direct_answers"),
+        flag("text_encoding"),
+        flag("finite_numbers"),
+        flag("field_length"),
     ]
     if cfg.require_answer_in_facts:
         checks.append(flag("answer_in_facts"))
@@ -384,7 +414,7 @@ def validate_rows(rows: list[dict[str, Any]], root: Path, cfg: ValidateConfig) -
             reason = f"row is a {type(row).__name__}, not a dict"
             failures.append({"id": i, "check": "row_type", "reason": reason})
             continue
-        rec, why = _derive(row, i, root, cache)
+        rec, why = _derive(row, i, root, cache, cfg)
         records.append(rec)
         whys.append(why)
         labels.append(_row_label(row.get("id"), i))
@@ -399,7 +429,7 @@ def validate_rows(rows: list[dict[str, Any]], root: Path, cfg: ValidateConfig) -
                "question_len", "answer_len",
                "image_inside_root", "image_exists", "image_decodable", "image_width", "image_height",
                "unknown_fields", "field_types", "hint_type", "visual_facts", "direct_answers",
-               "answer_in_facts"]
+               "answer_in_facts", "text_encoding", "finite_numbers", "field_length"]
     frame = pd.DataFrame(records, columns=columns).astype(object)  # keep raw Python values and types
     frame["row"] = frame["row"].astype("int64")
     for col in ("image_width", "image_height"):
@@ -446,7 +476,8 @@ def _dedupe(failures: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _read_jsonl_rows(path: Path) -> tuple[list[Any], list[dict[str, Any]]]:
     """Rows of a JSONL file; a line that is not a JSON object becomes a failure naming the line."""
     rows, failures = [], []
-    with path.open(encoding="utf-8", errors="replace") as f:
+    # surrogateescape: bytes that are not UTF-8 survive as lone surrogates, reported by text_encoding
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -480,7 +511,9 @@ def _read_rows(path: Path) -> tuple[Path, list[Any], list[dict[str, Any]]]:
         import pyarrow.parquet as pq
 
         try:
-            return path.parent, pq.read_table(path).to_pylist(), []
+            table = pq.read_table(path)
+            keep = [c for c in table.column_names if not c.startswith("__index_level_")]
+            return path.parent, [_decode_json_columns(r) for r in table.select(keep).to_pylist()], []
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... on bad files
             reason = f"cannot read {path.name}: {type(e).__name__}: {e}"
     else:
@@ -488,15 +521,35 @@ def _read_rows(path: Path) -> tuple[Path, list[Any], list[dict[str, Any]]]:
     return path if path.is_dir() else path.parent, [], [{"id": _DATASET, "check": "source", "reason": reason}]
 
 
+def _decode_json_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """Parquet stores visual_facts and meta as JSON strings (see dyme_core.data.ingest); decode them
+    (a string that is not JSON stays, and the visual_facts/field_types checks report it)."""
+    for name in ("visual_facts", "meta"):
+        if isinstance(row.get(name), str):
+            try:
+                row[name] = json.loads(row[name])
+            except json.JSONDecodeError:
+                pass
+    return row
+
+
 def validate_path(path: Path, cfg: ValidateConfig) -> dict[str, Any]:
     """Validate a dataset root (samples.jsonl or samples.parquet inside) or a .jsonl/.parquet file.
 
     Writes the report to ``cfg.report`` (JSON, indent 2) and returns it.
     """
+    from dyme_core.data.ingest import dataset_digest
+
     path = Path(path)
+    # the digest first: the report is bound to the content it was computed from
+    try:
+        digest = dataset_digest(path) if path.is_dir() else None
+    except DataError:  # no samples file: _read_rows reports it
+        digest = None
     root, rows, read_failures = _read_rows(path)
     report = validate_rows(rows, root, cfg)
     report["source"] = str(path)
+    report["data_digest"] = digest
     report["failures"] = read_failures + report["failures"]
     report["success"] = report["success"] and not read_failures
     out = Path(cfg.report)

@@ -1,9 +1,15 @@
-"""Every input format loads into the same Samples, and bad input fails with a message that names the
-file, line, row id or field (dyme_core/data/loaders.py). All data is written to tmp_path; no network."""
+"""The project-format reader and the safe image loader (dyme_core/data/loaders.py): rows load into the
+same Samples, bad input fails with a message naming the file, line, row id or field, and hostile image
+files (a FIFO, a symlink out of the root, a decompression bomb) raise a DataError instead of hanging or
+decoding. Other sources are ingested by dyme_core/data/ingest.py (tests/core/test_ingest.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +17,7 @@ import pytest
 from PIL import Image
 
 from dyme_core.config import DataConfig
-from dyme_core.data.loaders import DataError, Dataset, detect_format, load_dataset
+from dyme_core.data.loaders import DataError, Dataset, decode_image, load_dataset, safe_image_file
 from dyme_core.data.schema import Sample, write_jsonl
 
 FACTS = {"title": "Sales", "columns": ["label", "Sales"], "rows": [["Phones", 12], ["Tablets", 3.5]]}
@@ -68,94 +74,6 @@ def test_project_parquet_with_json_string_facts_and_nulls(tmp_path: Path) -> Non
     assert ds.samples[1].visual_facts is None and ds.samples[1].hint is None
 
 
-def test_dyme_json_fills_ids_and_splits(tmp_path: Path) -> None:
-    _png(tmp_path / "pics/1.png")
-    _png(tmp_path / "pics/2.png")
-    rows = [
-        {"question": "Q1?", "answer": "7", "hint": "Look at the bar.", "image": "pics/1.png"},
-        {"question": "Q2?", "answer": 3.5, "image": "pics/2.png", "id": "custom", "split": "test"},
-    ]
-    path = tmp_path / "chart_train.json"
-    path.write_text(json.dumps(rows))
-    assert detect_format(str(path)) == "dyme_json"
-    ds = load_dataset(DataConfig(path=str(path), task="vqa"))
-    first, second = ds.samples
-    assert (first.id, first.split, first.task) == ("chart_train-0", "train", "vqa")
-    assert first.hint == "Look at the bar."
-    assert (second.id, second.split, second.answer, second.hint) == ("custom", "test", "3.5", None)
-    assert ds.load_image(second).size == (8, 6)
-
-
-def test_project_json_list_is_told_apart_from_dyme_json(tmp_path: Path) -> None:
-    path = tmp_path / "samples.json"
-    path.write_text(json.dumps([s.to_dict() for s in _samples()]))
-    assert detect_format(str(path)) == "project"
-    assert load_dataset(DataConfig(path=str(path))).samples == _samples()
-
-
-def _hf_images() -> list[Image.Image]:
-    return [Image.new("RGB", (10, 7), c) for c in ("red", "green", "blue")]
-
-
-def test_hf_saved_dataset_with_chartqa_columns(tmp_path: Path) -> None:
-    import datasets  # here, not at the top: it takes seconds to import for the whole test session
-
-    images = _hf_images()
-    train = datasets.Dataset.from_dict(
-        {"query": ["Max?", "Sum?"], "label": [["Phones"], ["15.5"]], "image": images[:2]})
-    test = datasets.Dataset.from_dict(
-        {"query": ["Min?"], "label": [["Tablets", "tablets"]], "image": images[2:]})
-    datasets.DatasetDict(train=train, test=test).save_to_disk(str(tmp_path / "chartqa"))
-    cfg = DataConfig(path=str(tmp_path / "chartqa"))
-    assert detect_format(cfg.path) == "hf"
-
-    ds = load_dataset(cfg, cache_dir=tmp_path / "cache")
-    assert ds.root.parent == tmp_path / "cache"
-    assert [(s.id, s.split, s.question, s.answer) for s in ds.samples] == [
-        ("chartqa-train-00000", "train", "Max?", "Phones"),
-        ("chartqa-train-00001", "train", "Sum?", "15.5"),
-        ("chartqa-test-00000", "test", "Min?", "Tablets"),  # no "val" split in the data: skipped
-    ]
-    assert ds.samples[2].direct_answers == ["Tablets", "tablets"]
-    assert ds.load_image(ds.samples[2]).getpixel((0, 0)) == (0, 0, 255)
-
-    # a second load reuses the cached PNGs instead of writing them again
-    cached = ds.image_path(ds.samples[0])
-    stamp = cached.stat().st_mtime_ns
-    again = load_dataset(cfg, cache_dir=tmp_path / "cache")
-    assert again.samples == ds.samples and cached.stat().st_mtime_ns == stamp
-
-
-def test_hf_column_and_split_mapping_with_list_answers(tmp_path: Path) -> None:
-    import datasets
-
-    data = datasets.Dataset.from_dict({
-        "qid": ["q/1", "q/2"], "prompt": ["Is A > B?", "Value of A?"],
-        "answers": [["Yes", "yes"], ["4"]], "picture": _hf_images()[:2], "kind": ["comparison", "lookup"],
-    })
-    datasets.DatasetDict(training=data).save_to_disk(str(tmp_path / "vqa"))
-    cfg = DataConfig(path=str(tmp_path / "vqa"), task="vqa",
-                     hf_split_map={"train": "training", "test": "test"},
-                     hf_columns={"id": "qid", "question": "prompt", "answer": "answers", "image": "picture",
-                                 "qtype": "kind"})
-    ds = load_dataset(cfg, cache_dir=tmp_path / "cache")
-    first, second = ds.samples
-    assert (first.id, first.answer, first.direct_answers, first.qtype) == ("q/1", "Yes", ["Yes", "yes"],
-                                                                          "comparison")
-    assert (second.split, second.task, second.references()) == ("train", "vqa", ["4"])
-    assert "/" not in Path(first.image).name  # ids with '/' still give a flat file name
-    assert ds.load_image(first).size == (10, 7)
-
-
-def test_hf_missing_column_names_the_column(tmp_path: Path) -> None:
-    import datasets
-
-    data = datasets.Dataset.from_dict({"question": ["Q?"], "label": [["1"]], "image": _hf_images()[:1]})
-    data.save_to_disk(str(tmp_path / "hf"))
-    with pytest.raises(DataError, match=r"'query'.*hf_columns"):
-        load_dataset(DataConfig(path=str(tmp_path / "hf")), cache_dir=tmp_path / "cache")
-
-
 @pytest.mark.parametrize("name", ["missing.jsonl", "missing_dir", "missing.json"])
 def test_missing_path_is_reported_as_not_found(tmp_path: Path, name: str) -> None:
     with pytest.raises(DataError, match=f"dataset not found: .*{name}"):
@@ -170,7 +88,7 @@ def test_explicit_project_format_on_missing_folder(tmp_path: Path) -> None:
 def test_corrupt_or_missing_image_names_the_sample(tmp_path: Path) -> None:
     ds = load_dataset(DataConfig(path=str(_project(tmp_path))))
     (tmp_path / "images/a.png").write_bytes(b"not a png at all")
-    with pytest.raises(DataError, match=r"sample 'a'.*cannot decode image .*a\.png"):
+    with pytest.raises(DataError, match=r"sample 'a'.*cannot decode image.*a\.png"):
         ds.load_image(ds.samples[0])
     (tmp_path / "images/b.png").unlink()
     with pytest.raises(DataError, match=r"sample 'b'.*image not found: .*b\.png"):
@@ -199,9 +117,6 @@ def test_missing_required_field_names_row_and_field(tmp_path: Path) -> None:
     (tmp_path / "samples.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(DataError, match=r"sample 'a': missing required field 'answer'"):
         load_dataset(DataConfig(path=str(tmp_path)))
-    (tmp_path / "d.json").write_text(json.dumps([{"question": "Q?", "image": "x.png"}]))
-    with pytest.raises(DataError, match=r"sample 'd-0': missing required field 'answer'"):
-        load_dataset(DataConfig(path=str(tmp_path / "d.json")))
 
 
 def test_unknown_field_is_reported(tmp_path: Path) -> None:
@@ -209,3 +124,57 @@ def test_unknown_field_is_reported(tmp_path: Path) -> None:
     (tmp_path / "samples.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(DataError, match=r"unknown field\(s\) \['colour'\]"):
         load_dataset(DataConfig(path=str(tmp_path)))
+
+
+@contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    """Fail (instead of hanging the suite) if the body blocks, e.g. on opening a FIFO."""
+    def _raise(signum: int, frame: object) -> None:
+        raise TimeoutError(f"blocked for more than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_fifo_image_is_refused_without_opening_it(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.png")
+    ds = Dataset(tmp_path, [Sample(id="f", image="pipe.png", question="Q?", answer="1")])
+    with _deadline(10), pytest.raises(DataError, match=r"sample 'f'.*is a FIFO, not a regular file"):
+        ds.load_image(ds.samples[0])
+    with _deadline(10), pytest.raises(DataError, match="FIFO"):
+        safe_image_file(tmp_path, "pipe.png")
+
+
+def test_symlink_leaving_the_root_is_refused_one_inside_is_fine(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _png(tmp_path / "outside.png")
+    _png(root / "images/real.png", "blue")
+    (root / "images").mkdir(exist_ok=True)
+    (root / "images/escape.png").symlink_to(tmp_path / "outside.png")
+    (root / "images/inside.png").symlink_to(root / "images/real.png")
+    ds = Dataset(root, [Sample(id="out", image="images/escape.png", question="Q?", answer="1"),
+                        Sample(id="in", image="images/inside.png", question="Q?", answer="1"),
+                        Sample(id="dots", image="../outside.png", question="Q?", answer="1")])
+    with pytest.raises(DataError, match=r"sample 'out'.*symlink that leaves the dataset root"):
+        ds.load_image(ds.samples[0])
+    assert ds.load_image(ds.samples[1]).getpixel((0, 0)) == (0, 0, 255)
+    with pytest.raises(DataError, match=r"sample 'dots'.*escapes the dataset root"):
+        ds.load_image(ds.samples[2])
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
+    # 4000 x 4000 black pixels compress to a few kB: the header says 16 M pixels
+    Image.new("L", (4000, 4000)).save(tmp_path / "bomb.png")
+    assert (tmp_path / "bomb.png").stat().st_size < 100_000
+    ds = Dataset(tmp_path, [Sample(id="b", image="bomb.png", question="Q?", answer="1")], max_pixels=1_000_000)
+    with pytest.raises(DataError, match=r"sample 'b'.*over the pixel limit of 1000000"):
+        ds.load_image(ds.samples[0])
+    with pytest.raises(DataError, match=r"4000x4000 = 16000000 pixels, over the pixel limit of 10000000"):
+        decode_image((tmp_path / "bomb.png").read_bytes(), max_pixels=10_000_000)
+    # under the limit, the same file decodes
+    assert decode_image(tmp_path / "bomb.png", max_pixels=16_000_000).size == (4000, 4000)
