@@ -4,9 +4,12 @@ Per prompt group of K rollouts with c correct: c == 0 -> MEMORIZE (SFT on the re
 advantage +1, the K rollouts weight 0), 0 < c < K -> EXPLORE (GRPO advantages), c == K -> SKIP.
 On-policy (num_iterations == 1) the PPO ratio is exp(logp - logp.detach()) == 1, so the clipped
 surrogate reduces to REINFORCE with group-normalised advantages, and a +1 row is exactly the
-gradient of token-mean NLL. Rows of weight 0 are dropped before the forward pass; the aggregation
-below normalises by the counts of the full batch so dropping them leaves the gradient unchanged.
-Tests: tests/core/test_algorithm.py (seeded random tensors, CPU).
+gradient of token-mean NLL. A MEMORIZE group's reference trace takes the place of one rollout
+(`REPLACED`), as in the official update. Rows that carry no gradient (advantage 0 and no KL term,
+beta == 0) are dropped before the forward pass; the aggregation below normalises by the counts of
+the full batch (`batch_token_count`) so dropping them leaves the gradient unchanged. With beta > 0
+every row carries the KL term's gradient, so only the replaced rollout leaves (`kept_rollouts`).
+Tests: tests/core/test_algorithm.py, tests/core/test_baselines.py (seeded random tensors, CPU).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 MEMORIZE, EXPLORE, SKIP = 0, 1, 2
 MODE_NAMES = {MEMORIZE: "memorize", EXPLORE: "explore", SKIP: "skip"}
+REPLACED = 0  # the rollout whose place a MEMORIZE group's reference trace takes
 
 
 def select_modes(correct: torch.Tensor) -> torch.Tensor:
@@ -44,6 +48,37 @@ def dyme_advantages(
     return adv * (modes == EXPLORE).unsqueeze(1).to(adv.dtype)
 
 
+def kept_rollouts(advantages: torch.Tensor, memorize: torch.Tensor, beta: float) -> torch.Tensor:
+    """(B, K) bool: the rollouts that enter the update.
+
+    advantages: (B, K); memorize: (B,) bool, groups whose reference trace replaces rollout `REPLACED`.
+    With beta == 0 a row of advantage 0 has no gradient and is dropped; with beta > 0 it still carries
+    the KL term's gradient (TRL and the paper's GRPO baseline keep it), so every rollout but the
+    replaced one is kept.
+    """
+    keep = advantages != 0 if beta == 0 else torch.ones_like(advantages, dtype=torch.bool)
+    keep[memorize.bool(), REPLACED] = False
+    return keep
+
+
+def batch_token_count(lengths: torch.Tensor, memorize: torch.Tensor, target_lengths: torch.Tensor) -> int:
+    """Completion tokens of the B*K rows the official update sees (the "bnpo" denominator).
+
+    lengths: (B, K) rollout lengths; memorize: (B,) bool; target_lengths: (B,) reference-trace
+    lengths (read only where memorize). A memorised target counts in place of the rollout it replaces.
+    """
+    memorize = memorize.bool()
+    replaced = lengths[:, REPLACED]
+    swapped = torch.where(memorize, target_lengths.to(lengths.dtype), replaced)
+    return int(lengths.sum() - replaced.sum() + swapped.sum())
+
+
+def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference): exp(d) - d - 1 with d = ref - logp; >= 0."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
 def policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -64,8 +99,7 @@ def policy_loss(
     if beta > 0:
         if ref_logps is None:
             raise ValueError("beta > 0 needs reference log-probs")
-        delta = ref_logps - logps
-        loss = loss + beta * (torch.exp(delta) - delta - 1)  # k3 estimator, >= 0
+        loss = loss + beta * kl_k3(logps, ref_logps)
     return loss
 
 

@@ -1,16 +1,27 @@
-"""Completion parsing and the format and accuracy rewards of DESIGN.md section 2.
+"""Completion parsing, the rewards of DESIGN.md section 2, and the reward table the trainer loops over.
 
 A completion is "thinking ... Answer: <answer>". Thinking is the text before the LAST answer flag;
 the answer is the first non-empty line after it (flag matched case-insensitively). Accuracy is
 ChartQA's relaxed accuracy for charts (numbers within 5% relative; percent and plain forms,
 thousands separators, currency, trailing punctuation and markdown ignored; text compared
 case-insensitively) and a match against any of the direct answers for VQA. Both rewards are 0/1.
+
+`REWARDS` maps a reward's name to a function with one signature,
+``fn(completions, samples, ctx) -> list[float]`` (one completion per entry, `samples[i]` the sample
+completion i answers, `ctx` a :class:`RewardContext`), so a new reward is one function here and one
+``train.reward_weights`` entry; ``total = sum(weight[name] * reward[name])``. Tests:
+tests/core/test_rewards.py.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from dyme_core.data.schema import Sample
 
 ANSWER_FLAG_RE = re.compile(r"answer\s*:", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?")
@@ -99,3 +110,55 @@ def extract_numbers(text: str) -> list[float]:
     """Numbers stated in free text ('1,234' -> 1234.0; '45%' -> 45.0)."""
     cleaned = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
     return [float(m) for m in _NUMBER_RE.findall(cleaned)]
+
+
+# ---------------------------------------------------------------- the reward table
+
+
+class ThinkingScorer(Protocol):
+    """What the thinking reward needs of the visual checker (dyme_core.checker.VisualChecker)."""
+
+    def score_many(self, items: list[tuple[str, Any, str, str, str | None]]) -> list[float]: ...
+
+
+@dataclass(frozen=True)
+class RewardContext:
+    """What rewards need beyond a completion and its sample: the prompt style and the trainer's checker."""
+
+    prompt_style: str = "reason"  # "direct": no thinking is asked for (format 1, thinking 0)
+    min_thinking_chars: int = 10
+    checker: ThinkingScorer | None = None  # None: the thinking reward is 0
+
+
+RewardFn = Callable[[list[str], list["Sample"], RewardContext], list[float]]
+
+
+def format_rewards(completions: list[str], samples: list[Sample], ctx: RewardContext) -> list[float]:
+    """`format_reward` per completion; 1 for direct prompts, which ask for no thinking."""
+    if ctx.prompt_style == "direct":
+        return [1.0] * len(completions)
+    return [format_reward(c, ctx.min_thinking_chars) for c in completions]
+
+
+def accuracy_rewards(completions: list[str], samples: list[Sample], ctx: RewardContext) -> list[float]:
+    """Relaxed accuracy of each completion's answer against its sample's references."""
+    score = direct_accuracy if ctx.prompt_style == "direct" else accuracy_reward
+    return [score(c, s.references()) for c, s in zip(completions, samples, strict=True)]
+
+
+def thinking_rewards(completions: list[str], samples: list[Sample], ctx: RewardContext) -> list[float]:
+    """The visual checker's grounding score of each thinking, against the sample's facts or its hint."""
+    if ctx.prompt_style == "direct" or ctx.checker is None:
+        return [0.0] * len(completions)
+    items = []
+    for c, s in zip(completions, samples, strict=True):
+        parsed = parse_completion(c)
+        items.append((parsed.thinking, s.visual_facts, s.question, parsed.answer, s.hint))
+    return list(ctx.checker.score_many(items))
+
+
+REWARDS: dict[str, RewardFn] = {
+    "format": format_rewards,
+    "accuracy": accuracy_rewards,
+    "thinking": thinking_rewards,
+}
