@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "synth": (("synth",), "Render the synthetic chart-QA dataset alone into synth.out_dir (no ingest)."),
     "init-model": (("data", "init_model"), "Build the tiny random SmolVLM-architecture model."),
     "validate": (("data", "validate"), "Validate the dataset; non-zero exit if any check fails."),
-    "refine": (("data", "refine"), "Write grounded reference traces for the training split."),
+    "refine": (("data", "model", "refine", "train"), "Write grounded reference traces for the training split."),
     "train": (("data", "model", "train", "register"), "Train with dyme | grpo | sft | two_stage."),
     "evaluate": (("data", "model", "evaluate"), "Greedy evaluation: predictions, metrics, plots."),
     "register": (("train", "evaluate", "register"), "Log the run and model to MLflow; gate champion."),
@@ -64,8 +64,8 @@ def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
     carve = report["carve"]
     carved = f"; carved {carve['rows']} from train (seed {carve['seed']})" if carve else ""
     print(f"ingested {report['source']} ({report['format']}) -> {cfg.data.out_dir}: {report['n_rows']} rows "
-          f"({splits}), {report['n_images']} images, {report['n_dropped']} dropped {report['dropped'] or ''}"
-          f"{carved}; digest {report['digest'][:12]}")
+          f"({splits}), {report['n_images']} images, {report['n_dropped']} dropped"
+          f"{' ' + json.dumps(report['dropped']) if report['dropped'] else ''}{carved}; digest {report['digest'][:12]}")
     return 0
 
 

@@ -4,23 +4,39 @@ DESIGN.md section 2: the thinking reward may come from an LLM judge that rates h
 uses the image's facts as low/medium/high -> 0/0.5/1 (:func:`judge_thinking`), and the refiner may be an
 LLM that first extracts the visual facts stated in a hint, then rewrites a reference trace following the
 current template (:func:`refine_with_llm`). Both talk to any ``/v1/chat/completions`` endpoint (vLLM,
-TGI, llama.cpp server, OpenAI) through :class:`ChatClient`, which retries connection errors, timeouts,
-429 and 5xx with exponential backoff and turns every other failure into one :class:`LLMError`, so callers
-(the rule-based fallbacks) catch exactly one exception type.
+TGI, llama.cpp server, OpenAI) through :class:`ChatClient`.
 
-Only the standard library and ``requests``. Tested against a local fake server: ``tests/core/test_llm.py``.
+The client is built for an endpoint that misbehaves (issue 10): every attempt has ONE total deadline
+(connect, send, wait and read the whole reply: a server that drips one byte a second is cut off at the
+deadline, which a per-read socket timeout would never do), the reply is streamed and abandoned past
+``max_response_bytes``, connection errors, timeouts, 429 and 5xx are retried by ``tenacity`` with
+exponential backoff and jitter (a ``Retry-After`` header is honoured, capped by the deadline), and after
+``breaker_failures`` consecutive failed requests a circuit breaker stops calling the endpoint for
+``breaker_cooldown_s`` (logged once when it opens). Every failure is one :class:`LLMError`, so callers
+(the rule-based fallbacks) catch exactly one exception type; :class:`FallbackLog` makes their fallbacks
+visible in the log. ``httpx`` (async, so the deadline cancels the request wherever it is) and ``tenacity``.
+
+Tested against loopback fake servers: ``tests/core/test_llm.py`` and ``tests/reliability/test_llm_faults.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import json
+import logging
+import math
 import re
 import threading
 import time
+from urllib.parse import urlsplit, urlunsplit
 
-import requests
+import httpx
+import tenacity
 
 from dyme_core.config import LLMConfig
+
+log = logging.getLogger(__name__)
 
 JUDGE_SYSTEM_PROMPT = (
     "You grade the reasoning of a vision-language model. You cannot see the image; you are given the "
@@ -86,71 +102,226 @@ class LLMError(RuntimeError):
     """The endpoint failed after all retries, refused the request, or answered something unusable."""
 
 
+class _Retryable(LLMError):
+    """A failure worth another attempt (connection, deadline, 429, 5xx), with the server's Retry-After."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def redact_url(url: str) -> str:
+    """The URL without user:password@ (what may be shown in a message or a log)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
 class ChatClient:
-    """Thread-safe client for ``{base_url}/chat/completions``; one ``requests.Session`` per thread."""
+    """Thread-safe client for ``{base_url}/chat/completions`` with a deadline, retries and a circuit breaker.
+
+    Each :meth:`chat` runs its attempts on a private event loop in the calling thread, so a thread pool of
+    callers (the checker and refiner) gets concurrent requests; the breaker's state is shared by all.
+    """
 
     def __init__(self, cfg: LLMConfig, api_key: str | None = None) -> None:
         if not cfg.base_url:
             raise ValueError("llm.base_url is empty: set it to an OpenAI-compatible endpoint (.../v1)")
         self.cfg = cfg
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.shown_url = redact_url(self.url)
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._local = threading.local()
+        self._ssl = httpx.create_ssl_context()  # once: building it costs milliseconds per request
+        self._backoff = tenacity.wait_exponential_jitter(initial=cfg.backoff_s, jitter=cfg.backoff_s,
+                                                         max=max(cfg.backoff_s, cfg.timeout_s))
+        self._lock = threading.Lock()
+        self._failures = 0  # consecutive failed requests
+        self._open_until = 0.0  # monotonic time the breaker lets one probe through again
+        self._probing = False
+        self._breaker_opened = 0  # how often it opened (the first time is a warning, later ones info)
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        return session
-
+    # ------------------------------------------------------------------ public
     def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.0) -> str:
         """Send one chat completion request and return ``choices[0].message.content``.
 
-        Retries ``cfg.max_retries`` times on connection errors, timeouts, 429 and 5xx, sleeping
-        ``backoff_s * 2**attempt`` between attempts; other 4xx and malformed bodies fail at once.
-        Raises :class:`LLMError` with a one-line message naming the URL and the reason.
+        Up to ``1 + cfg.max_retries`` attempts, each bounded by ``cfg.timeout_s`` in total; connection
+        errors, deadlines, 429 and 5xx are retried after an exponential backoff with jitter (or the
+        server's Retry-After, capped by the deadline); other 4xx, malformed and oversized replies fail at
+        once. Raises :class:`LLMError` with a one-line message naming the URL and the reason, also
+        without calling while the circuit breaker is open.
         """
+        self._before_call()
         payload = {"model": self.cfg.model, "messages": messages,
                    "max_tokens": max_tokens, "temperature": temperature}
-        attempts = 1 + max(0, self.cfg.max_retries)
-        reason = ""
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
-            try:
-                resp = self._session().post(self.url, json=payload, headers=self._headers,
-                                            timeout=self.cfg.timeout_s)
-            except requests.Timeout:
-                reason = f"timed out after {self.cfg.timeout_s:g}s"
-                continue
-            except requests.ConnectionError as e:
-                reason = f"connection error: {_one_line(str(e))}"
-                continue
-            except requests.RequestException as e:  # bad URL and the like: retrying will not help
-                raise LLMError(f"POST {self.url} failed: {_one_line(str(e))}") from e
-            if resp.status_code == 429 or resp.status_code >= 500:
-                reason = f"HTTP {resp.status_code}: {_one_line(resp.text)}"
-                continue
-            if resp.status_code >= 400:
-                raise LLMError(f"POST {self.url} failed: HTTP {resp.status_code}: {_one_line(resp.text)}")
-            return self._content(resp)
-        raise LLMError(f"POST {self.url} failed after {attempts} attempt(s): {reason}")
-
-    def _content(self, resp: requests.Response) -> str:
         try:
-            content = resp.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise LLMError(f"POST {self.url} returned an unexpected body: {_one_line(resp.text)}") from e
-        if not isinstance(content, str):
-            raise LLMError(f"POST {self.url} returned no text content: {_one_line(json.dumps(content))}")
+            content = asyncio.run(self._chat(payload))
+        except LLMError as e:
+            self._after_call(failure=str(e))
+            raise
+        except BaseException:
+            self._after_call(failure="interrupted")
+            raise
+        self._after_call(failure=None)
         return content
+
+    # ------------------------------------------------------------------ one request
+    async def _chat(self, payload: dict) -> str:
+        attempts = 1 + max(0, self.cfg.max_retries)
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(attempts),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception_type(_Retryable),
+            before_sleep=lambda s: log.debug("LLM %s: attempt %d failed (%s); retrying", self.shown_url,
+                                             s.attempt_number, s.outcome.exception() if s.outcome else ""),
+            reraise=True,
+        )
+        async with httpx.AsyncClient(verify=self._ssl, timeout=self.cfg.timeout_s) as http:
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        return await self._attempt(http, payload)
+            except _Retryable as e:
+                raise LLMError(f"POST {self.shown_url} failed after {attempts} attempt(s): {e}") from None
+        raise AssertionError("unreachable: tenacity returns or raises")
+
+    async def _attempt(self, http: httpx.AsyncClient, payload: dict) -> str:
+        deadline = self.cfg.timeout_s
+        try:
+            # One deadline over the whole exchange: asyncio cancels connect, send, wait and read alike.
+            async with asyncio.timeout(deadline):
+                async with http.stream("POST", self.url, json=payload, headers=self._headers) as resp:
+                    body = await self._read_capped(resp)
+        except (TimeoutError, httpx.TimeoutException):
+            raise _Retryable(f"timed out: no complete reply within the {deadline:g} s deadline") from None
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:  # retrying will not help
+            raise LLMError(f"POST {self.shown_url} failed: {_one_line(str(e))}") from None
+        except httpx.TransportError as e:
+            raise _Retryable(f"connection error: {_one_line(str(e) or type(e).__name__)}") from None
+        text = body.decode("utf-8", errors="replace")
+        if resp.status_code == 429 or resp.status_code >= 500:
+            raise _Retryable(f"HTTP {resp.status_code}: {_one_line(text)}",
+                             _retry_after_s(resp.headers.get("retry-after")))
+        if resp.status_code >= 400:
+            raise LLMError(f"POST {self.shown_url} failed: HTTP {resp.status_code}: {_one_line(text)}")
+        return self._content(body)
+
+    async def _read_capped(self, resp: httpx.Response) -> bytes:
+        """The body, streamed; abandoned as soon as it passes ``max_response_bytes`` (decoded size)."""
+        limit = self.cfg.max_response_bytes
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise LLMError(f"POST {self.shown_url}: reply of {declared} bytes exceeds "
+                           f"llm.max_response_bytes={limit}")
+        body = bytearray()
+        async for chunk in resp.aiter_bytes():
+            body += chunk
+            if len(body) > limit:
+                raise LLMError(f"POST {self.shown_url}: reply exceeds llm.max_response_bytes={limit}; "
+                               "stopped reading")
+        return bytes(body)
+
+    def _content(self, body: bytes) -> str:
+        try:
+            content = json.loads(body)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            shown = _one_line(body.decode("utf-8", errors="replace"))
+            raise LLMError(f"POST {self.shown_url} returned an unexpected body: {shown}") from e
+        if not isinstance(content, str):
+            raise LLMError(f"POST {self.shown_url} returned no text content: {_one_line(json.dumps(content))}")
+        return content
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        backoff = self._backoff(state)
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, _Retryable) and error.retry_after is not None:
+            # The server said when to come back; honour it, but never wait longer than one deadline.
+            return min(max(backoff, error.retry_after), self.cfg.timeout_s)
+        return backoff
+
+    # ------------------------------------------------------------------ circuit breaker
+    def _before_call(self) -> None:
+        limit = self.cfg.breaker_failures
+        if limit <= 0:
+            return
+        with self._lock:
+            if self._failures < limit:
+                return
+            now = time.monotonic()
+            if now >= self._open_until and not self._probing:
+                self._probing = True  # cooled down: exactly one request probes the endpoint
+                return
+            wait = max(0.0, self._open_until - now)
+        raise LLMError(f"circuit breaker open after {self._failures} consecutive failed requests to "
+                       f"{self.shown_url}; not calling it for {wait:.0f} s")
+
+    def _after_call(self, failure: str | None) -> None:
+        with self._lock:
+            self._probing = False
+            if failure is None:
+                if self._breaker_opened and self._failures >= self.cfg.breaker_failures > 0:
+                    log.info("LLM %s answers again; circuit breaker closed", self.shown_url)
+                self._failures = 0
+                return
+            self._failures += 1
+            limit = self.cfg.breaker_failures
+            if limit <= 0 or self._failures < limit:
+                return
+            self._open_until = time.monotonic() + self.cfg.breaker_cooldown_s
+            self._breaker_opened += 1
+            first = self._breaker_opened == 1
+        (log.warning if first else log.info)(
+            "LLM %s: %d consecutive failed requests (last: %s); circuit breaker open, not calling it for "
+            "%g s (callers fall back or fail per llm.on_failure)", self.shown_url, self._failures,
+            _one_line(failure, 160), self.cfg.breaker_cooldown_s)
+
+
+class FallbackLog:
+    """Counts one LLM use's fallbacks and keeps them visible: a warning at the 1st, 10th, 100th, ...
+
+    Each warning carries the count so far and the first reason, so a run that fell back is never silent
+    and a run that falls back on every call does not flood the log.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self.first_reason = ""
+        self._lock = threading.Lock()
+
+    def record(self, reason: str) -> None:
+        with self._lock:
+            self.count += 1
+            self.first_reason = self.first_reason or _one_line(reason)
+            count, first = self.count, self.first_reason
+        if math.log10(count).is_integer():
+            log.warning("%s: %d fallback(s) so far; first reason: %s", self.what, count, first)
+
+    def summary(self) -> str:
+        return f"{self.what}: {self.count} fallback(s); first reason: {self.first_reason}" if self.count else ""
 
 
 def judge_thinking(client: ChatClient, facts: str, question: str, answer: str, thinking: str) -> float:

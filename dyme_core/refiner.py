@@ -1,9 +1,14 @@
 """The visual refiner: grounded reference traces for memorisation (DESIGN.md section 2).
 
 Default (rule): a deterministic writer that fills the current template's sections
-(Goal / Observation / Reasoning / Conclusion) from the visual facts relevant to the question.
+(Goal / Observation / Reasoning / Conclusion) from the visual facts relevant to the question; without
+structured facts it restructures the sample's hint into those sections and keeps every sentence (so
+every number and entity) of it, as the official method memorises the refined hint; with neither, a
+minimal honest trace (the question restated and the answer), counted as ungrounded.
 Option (llm): an LLM over an OpenAI-compatible endpoint extracts the facts stated in the hint, then
-rewrites the trace with the template; any failure falls back to the rule path and is counted.
+rewrites the trace with the template (two calls; one when structured facts exist). The trace is checked
+before it is cached (length cap, states the answer); a failure or a rejected trace falls back to the
+rule path, counted and logged, or raises with ``llm.on_failure: fail``.
 Templates evolve: a correct exploration trace that scores top on the checker may propose its section
 structure as a new template; the pool is persisted as versioned JSON. Results are cached on disk by a
 hash of everything that determines them, so reruns and online refinement cost nothing twice.
@@ -20,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dyme_core.checker import facts_text
+from dyme_core.config import RefineConfig
 from dyme_core.data.schema import Sample
-from dyme_core.llm import ChatClient, LLMError, refine_with_llm, template_sections
-from dyme_core.rewards import extract_numbers
+from dyme_core.llm import ChatClient, FallbackLog, LLMError, refine_with_llm, strip_answer_lines, template_sections
+from dyme_core.rewards import normalize_answer, relaxed_match
 
 DEFAULT_TEMPLATE = (
     "Goal: what the question asks.\n"
@@ -30,6 +36,9 @@ DEFAULT_TEMPLATE = (
     "Reasoning: how those values give the answer.\n"
     "Conclusion: the answer."
 )
+_SECTION_LINE = re.compile(r"^\s*([^:\n]+?)\s*:")
+_NUMBER_TEXT = re.compile(r"[-+]?\d*\.?\d+%?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _OPERATIONS = [
     (("difference", "how much more", "how much less"), "Subtract the smaller value from the larger one"),
     (("sum", "total", "combined"), "Add the values together"),
@@ -74,26 +83,100 @@ def _operation(question: str) -> str:
     return "Read the value the question asks for"
 
 
+# Section names -> the kind of content they hold, so an evolved template ("Facts / Compute / Result")
+# gets the observation, the reasoning and the conclusion where a reader expects them.
+_KINDS = {
+    "goal": ("goal", "question", "task", "ask", "objective", "aim"),
+    "observation": ("observ", "fact", "data", "evidence", "read", "see", "value", "detail", "information"),
+    "reasoning": ("reason", "step", "comput", "calcul", "analy", "think", "logic", "work", "method", "deduc"),
+    "conclusion": ("conclu", "result", "final", "summary"),
+}
+_REASONING = re.compile(
+    r"\b(so|thus|therefore|hence|because|since|subtract\w*|add(?:s|ed|ing)?|divid\w*|multipl\w*|compar\w*|sum|"
+    r"average|mean|difference|minus|plus|greater|smaller|larger|fewer|highest|lowest|largest|need to|"
+    r"gives?|results? in)\b|[=×÷]|\d\s*[-+*/]\s*\d", re.IGNORECASE)
+_INLINE_ANSWER_FLAG = re.compile(r"\banswer\s*:\s*", re.IGNORECASE)
+_HINT_SENTENCE = re.compile(r"[^.!?\n]*(?:[.!?](?!\s|$)[^.!?\n]*)*[.!?]?")
+
+
+def _kind(section: str) -> str | None:
+    name = section.strip().lower()
+    return next((kind for kind, keys in _KINDS.items() if any(k in name for k in keys)), None)
+
+
+def _hint_pieces(hint: str) -> dict[str, list[str]]:
+    """The hint's text by kind, every word of it kept: lines under a recognised section name go to that
+    kind; other sentences go to reasoning when they compute or conclude, else to observation."""
+    text = _INLINE_ANSWER_FLAG.sub("answer is ", strip_answer_lines(hint))
+    pieces: dict[str, list[str]] = {kind: [] for kind in _KINDS}
+    for line in text.splitlines():
+        match = _SECTION_LINE.match(line)
+        kind = _kind(match.group(1)) if match and len(match.group(1).split()) <= 3 else None
+        if kind is not None:
+            body = line[match.end():].strip()
+            if body:
+                pieces[kind].append(body)
+            continue
+        for sentence in (m.group(0).strip() for m in _HINT_SENTENCE.finditer(line)):
+            if sentence:
+                pieces["reasoning" if _REASONING.search(sentence) else "observation"].append(sentence)
+    return pieces
+
+
+def _goal(question: str) -> str:
+    q = question.rstrip("?").strip()
+    return f"Find {q[:1].lower()}{q[1:]}."
+
+
 def rule_refine(sample: Sample, template: str = DEFAULT_TEMPLATE) -> str:
-    """A deterministic, grounded trace with the template's sections (no 'Answer:' line)."""
-    observed = _relevant_rows(sample)
-    title = sample.visual_facts.get("title") if isinstance(sample.visual_facts, dict) else None
-    content = {
-        "goal": f"Find {sample.question.rstrip('?').strip()[:1].lower()}{sample.question.rstrip('?').strip()[1:]}.",
-        "observation": (f"The chart '{title}' shows " if title else "The image shows ")
-        + ("; ".join(observed) if observed else "no structured facts")
-        + ".",
-        "reasoning": f"{_operation(sample.question)}: this gives {sample.answer}."
-        if extract_numbers(sample.answer) or observed
-        else f"From the observation, the answer is {sample.answer}.",
-        "conclusion": f"The answer is {sample.answer}.",
-    }
-    lines = []
-    for name in template_sections(template) or ["Goal", "Observation", "Reasoning", "Conclusion"]:
-        key = name.strip().lower()
-        text = next((v for k, v in content.items() if k in key), content["reasoning"])
-        lines.append(f"{name}: {text}")
-    return "\n".join(lines)
+    """A deterministic, grounded trace with the template's sections (no 'Answer:' line).
+
+    With structured facts: the rows relevant to the question. Without them, the hint restructured into
+    the sections, every sentence (so every number and entity) of it kept. With neither: the question
+    restated and the answer, nothing invented (sections with nothing true to say are left out).
+    """
+    conclusion = f"The answer is {sample.answer}."
+    if sample.visual_facts:
+        observed = _relevant_rows(sample)
+        title = sample.visual_facts.get("title") if isinstance(sample.visual_facts, dict) else None
+        content = {
+            "goal": _goal(sample.question),
+            "observation": (f"The chart '{title}' shows " if title else "The image shows ") + "; ".join(observed) + ".",
+            "reasoning": f"{_operation(sample.question)}: this gives {sample.answer}.",
+            "conclusion": conclusion,
+        }
+    elif sample.hint and sample.hint.strip():
+        pieces = _hint_pieces(sample.hint)
+        content = {
+            "goal": " ".join(pieces["goal"]) or _goal(sample.question),
+            "observation": " ".join(pieces["observation"]),
+            "reasoning": " ".join(pieces["reasoning"]) or f"{_operation(sample.question)}: this gives {sample.answer}.",
+            "conclusion": " ".join(pieces["conclusion"]) if _states_answer(" ".join(pieces["conclusion"]), sample)
+            else " ".join([*pieces["conclusion"], conclusion]),
+        }
+    else:
+        content = {"goal": _goal(sample.question), "observation": "", "reasoning": "", "conclusion": conclusion}
+    return _fill(template, content)
+
+
+def _fill(template: str, content: dict[str, str]) -> str:
+    """Write `content` (by kind) under the template's section names; no content is ever dropped."""
+    sections = template_sections(template) or ["Goal", "Observation", "Reasoning", "Conclusion"]
+    kinds = [_kind(name) for name in sections]
+    unused = [k for k in _KINDS if k not in kinds]
+    if kinds[-1] is None and "conclusion" in unused and len(kinds) > 1:
+        kinds[-1] = "conclusion"  # an unnamed last section concludes
+        unused.remove("conclusion")
+    kinds = [k if k is not None else (unused.pop(0) if unused else "reasoning") for k in kinds]
+    texts = {i: content[k] for i, k in enumerate(kinds)}
+    # A kind no section holds (e.g. a two-section template) joins the reasoning-like or the last section.
+    target = kinds.index("reasoning") if "reasoning" in kinds else len(kinds) - 1
+    for kind in ("observation", "reasoning"):
+        if kind not in kinds and content[kind]:
+            texts[target] = f"{content[kind]} {texts[target]}".strip()
+    if "conclusion" not in kinds:
+        texts[len(kinds) - 1] = f"{texts[len(kinds) - 1]} {content['conclusion']}".strip()
+    return "\n".join(f"{name}: {texts[i]}" for i, name in enumerate(sections) if texts[i].strip())
 
 
 def trace_sections(trace: str) -> list[str]:
@@ -167,11 +250,35 @@ class RefineCache:
         tmp.replace(path)  # atomic: a killed run never leaves half an entry
 
 
+def _states_answer(text: str, sample: Sample) -> bool:
+    """Whether `text` states one of the sample's accepted answers (a number within relaxed accuracy)."""
+    lowered = text.lower()
+    numbers = _NUMBER_TEXT.findall(_THOUSANDS.sub("", text))
+    for ref in sample.references():
+        target = normalize_answer(ref)
+        if target and re.search(rf"(?<!\w){re.escape(target)}(?!\w)", lowered):
+            return True
+        if any(relaxed_match(number, ref) for number in numbers):
+            return True
+    return False
+
+
+def trace_problem(trace: str, sample: Sample, max_chars: int) -> str | None:
+    """Why an LLM-refined trace must not be memorised (None if it may): too long, or never states the answer."""
+    if len(trace) > max_chars:
+        return f"refined trace of {len(trace)} characters exceeds refine.max_trace_chars={max_chars}"
+    if not _states_answer(trace, sample):
+        return f"refined trace does not state the answer {sample.answer!r}"
+    return None
+
+
 @dataclass
 class RefinerStats:
     calls: int = 0
     cache_hits: int = 0
-    fallbacks: int = 0
+    fallbacks: int = 0  # LLM failures and rejected LLM traces, refined by the rule path instead
+    rejected: int = 0  # of the fallbacks: LLM traces that failed `trace_problem`
+    ungrounded: int = 0  # samples with neither facts nor hint: a minimal trace (question + answer)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -181,21 +288,30 @@ class RefinerStats:
 
     def as_dict(self) -> dict[str, int]:
         return {"refiner/calls": self.calls, "refiner/cache_hits": self.cache_hits,
-                "refiner/fallbacks": self.fallbacks}
+                "refiner/fallbacks": self.fallbacks, "refiner/rejected": self.rejected,
+                "refiner/ungrounded": self.ungrounded}
 
 
 class Refiner:
-    """Refines samples with the configured backend, through the cache, concurrently for the LLM."""
+    """Refines samples with the configured backend, through the cache, concurrently for the LLM.
+
+    An LLM failure or an LLM trace that fails :func:`trace_problem` falls back to the rule refiner,
+    counted in `stats` and logged by `fallback_log`; with the client's ``llm.on_failure: fail`` it raises
+    :class:`LLMError` instead.
+    """
 
     def __init__(self, backend: str = "rule", cache_dir: str | Path | None = None,
-                 client: ChatClient | None = None, max_workers: int = 8):
+                 client: ChatClient | None = None, max_workers: int = 8,
+                 max_trace_chars: int = RefineConfig.max_trace_chars):
         if backend == "llm" and client is None:
             raise ValueError("refine backend 'llm' needs an LLM endpoint (refine.llm.base_url)")
         self.backend = backend
         self.client = client
         self.cache = RefineCache(cache_dir) if cache_dir else None
         self.max_workers = max_workers
+        self.max_trace_chars = max_trace_chars
         self.stats = RefinerStats()
+        self.fallback_log = FallbackLog("LLM refiner (falling back to the rule refiner)")
 
     def refine_one(self, sample: Sample, template: str) -> tuple[str, bool]:
         """(trace, fell_back)."""
@@ -205,20 +321,34 @@ class Refiner:
             self.stats.add(cache_hits=1)
             return hit, False
         self.stats.add(calls=1)
+        if not sample.visual_facts and not (sample.hint and sample.hint.strip()):
+            self.stats.add(ungrounded=1)
         fell_back = False
         if self.backend == "llm" and self.client is not None and (sample.visual_facts or sample.hint):
             try:
-                facts = facts_text(sample.visual_facts) if sample.visual_facts else None
-                trace = refine_with_llm(self.client, question=sample.question, answer=sample.answer,
-                                        template=template, facts=facts, hint=sample.hint)
-            except LLMError:
+                trace = self._llm_trace(sample, template)
+            except LLMError as e:
+                if self.client.cfg.on_failure == "fail":
+                    raise LLMError(f"LLM refiner failed on sample {sample.id!r} (llm.on_failure=fail): {e}") from None
                 self.stats.add(fallbacks=1)
+                self.fallback_log.record(f"sample {sample.id!r}: {e}")
                 trace, fell_back = rule_refine(sample, template), True
         else:
             trace = rule_refine(sample, template)
         if self.cache and not fell_back:  # never cache a fallback: the endpoint may be back next time
             self.cache.put(key, trace)
         return trace, fell_back
+
+    def _llm_trace(self, sample: Sample, template: str) -> str:
+        assert self.client is not None
+        facts = facts_text(sample.visual_facts) if sample.visual_facts else None
+        trace = refine_with_llm(self.client, question=sample.question, answer=sample.answer,
+                                template=template, facts=facts, hint=sample.hint)
+        problem = trace_problem(trace, sample, self.max_trace_chars)
+        if problem is not None:
+            self.stats.add(rejected=1)
+            raise LLMError(problem)
+        return trace
 
     def refine(self, samples: list[Sample], template: str) -> list[tuple[str, bool]]:
         if self.backend != "llm":

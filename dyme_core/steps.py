@@ -8,12 +8,18 @@ shells over these.
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from dyme_core.config import Config
 from dyme_core.data.ingest import dataset_digest, open_dataset
 from dyme_core.data.loaders import Dataset
 from dyme_core.llm import ChatClient
+
+log = logging.getLogger(__name__)
 
 
 class ValidationFailed(RuntimeError):
@@ -77,14 +83,24 @@ def check_validated(cfg: Config) -> None:
 
 
 def refine(cfg: Config, client: ChatClient | None = None) -> dict:
-    """Refined reference traces for `refine.splits`, written atomically to `refine.out`."""
+    """Refined reference traces for `refine.splits`, written atomically to `refine.out`.
+
+    `refine_stats.json` beside it has the refiner's counters and the length of the memorised targets
+    (trace + answer line: p50/p95/max, in tokens of `model.name_or_path`'s tokenizer when it loads
+    locally, else in whitespace-separated words; `target_tokens_unit` says which); a warning is logged
+    when `train.max_new_tokens` or `train.max_target_tokens` is below the p95.
+    """
     from dyme_core.refiner import Refiner, TemplatePool
 
     r = cfg.refine
     ds = open_dataset(cfg.data.out_dir, max_pixels=cfg.validate.max_pixels)
-    refiner = Refiner(r.backend, cache_dir=r.cache_dir, client=client, max_workers=r.llm.max_workers)
-    pool = TemplatePool.load(r.template_pool)
     samples = [s for s in ds.samples if s.split in r.splits]
+    if not samples:
+        counts = ", ".join(f"{split} ({n})" for split, n in sorted(Counter(s.split for s in ds.samples).items()))
+        raise ValueError(f"refine.splits={list(r.splits)} select 0 samples; the dataset has: {counts or 'no samples'}")
+    refiner = Refiner(r.backend, cache_dir=r.cache_dir, client=client, max_workers=r.llm.max_workers,
+                      max_trace_chars=r.max_trace_chars)
+    pool = TemplatePool.load(r.template_pool)
     results = refiner.refine(samples, pool.current["text"])
     out = Path(r.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,9 +112,38 @@ def refine(cfg: Config, client: ChatClient | None = None) -> dict:
             f.write(json.dumps(row, sort_keys=True) + "\n")
     tmp.replace(out)
     pool.save(r.template_pool)
-    stats = {**refiner.stats.as_dict(), "n": len(samples), "template_version": pool.best}
+    if refiner.stats.fallbacks:
+        log.warning("refine: %d of %d samples refined by the rule refiner instead of the LLM; %s",
+                    refiner.stats.fallbacks, len(samples), refiner.fallback_log.summary())
+    if refiner.stats.ungrounded:
+        log.warning("refine: %d of %d samples have neither visual facts nor a hint; their traces only restate "
+                    "the question and the answer", refiner.stats.ungrounded, len(samples))
+    targets = [f"{trace}\nAnswer: {s.answer}" for s, (trace, _) in zip(samples, results, strict=True)]
+    lengths = _target_lengths(cfg, targets)
+    stats = {**refiner.stats.as_dict(), "n": len(samples), "template_version": pool.best, **lengths}
+    for key in ("max_new_tokens", "max_target_tokens"):
+        if getattr(cfg.train, key) < lengths["target_tokens_p95"]:
+            log.warning("refine: train.%s=%d is below the p95 length of the refined targets (%d %s)", key,
+                        getattr(cfg.train, key), lengths["target_tokens_p95"], lengths["target_tokens_unit"])
     out.with_name("refine_stats.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def _target_lengths(cfg: Config, targets: list[str]) -> dict:
+    """p50/p95/max length of `targets`: tokens of the model's tokenizer if it loads from local files, else words."""
+    unit, count = "whitespace words", lambda text: len(text.split())
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, local_files_only=True,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+        unit, count = "tokens", lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except (OSError, ValueError, KeyError, ImportError) as e:  # a hub id not downloaded, no tokenizer files
+        log.info("refine: target lengths in whitespace words (%s has no local tokenizer: %s)",
+                 cfg.model.name_or_path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    lengths = np.array([count(t) for t in targets])
+    return {"target_tokens_p50": int(np.percentile(lengths, 50)), "target_tokens_p95": int(np.percentile(lengths, 95)),
+            "target_tokens_max": int(lengths.max()), "target_tokens_unit": unit}
 
 
 def train(cfg: Config, client: ChatClient | None = None) -> dict[str, float]:
