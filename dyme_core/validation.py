@@ -161,7 +161,7 @@ def _inspect_image(image: Any, root: Path, cache: dict[Path, _ImageInfo], max_pi
         return _decode(image, _ImageInfo(inside_root=True, exists=True), "image bytes", max_pixels)
     if not isinstance(image, str) or not image.strip():
         return _ImageInfo(exists=False, reason=f"no image path (got {_short(image)})")
-    key = Path(os.path.normpath(root / image))
+    key = Path(image)  # as written: an absolute path must not hit the entry of the file it names
     if key in cache:
         return cache[key]
     # the safe loader refuses paths that leave the root (lexically or through a symlink) without opening

@@ -408,6 +408,8 @@ def _materialise(cfg: Config, staging: Path) -> dict[str, Any]:
     source = _read_source(cfg, staging)
     report: dict[str, Any] = {"source": d.path, "format": source.fmt, "out_dir": d.out_dir, "notes": source.notes,
                               "dropped": {}, "dropped_rows": []}
+    if d.human_only and not any("human_or_machine" in str(row.get("meta") or "") for _, row in source.rows):
+        raise DataError(f"data.human_only is set but {d.path} has no human_or_machine field")
     kept: list[tuple[Sample, bytes, str]] = []
     seen: set[str] = set()
     for where, row in source.rows:
@@ -428,9 +430,6 @@ def _materialise(cfg: Config, staging: Path) -> dict[str, Any]:
             _drop(report, label, bad)
             continue
         kept.append((sample, data, ext))
-    if d.human_only and not any("human_or_machine" in s.meta for s, _, _ in kept) \
-            and not report["dropped"].get("human_or_machine"):
-        raise DataError(f"data.human_only is set but {d.path} has no human_or_machine field")
     if not kept:
         raise DataError(f"{d.path}: no usable rows (dropped: {report['dropped']})")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,8 @@ def dataset(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
 
 def _cfg(tmp_path: Path) -> ValidateConfig:
     return ValidateConfig(report=str(tmp_path / "reports/validation.json"), min_image_px=16,
-                          min_rows={"train": 1, "test": 1}, require_answer_in_facts=True)
+                          min_rows={"train": 1, "test": 1}, require_answer_in_facts=True,
+                          max_pixels=100_000, max_question_chars=500)
 
 
 def test_valid_dataset_passes(dataset: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
@@ -85,6 +88,21 @@ def _escape_absolute(row: dict[str, Any], root: Path) -> None:
     row["image"] = str((root / "images/0.png").resolve())
 
 
+def _fifo(row: dict[str, Any], root: Path) -> None:
+    (root / row["image"]).unlink()
+    os.mkfifo(root / row["image"])  # opening it would block the step for ever
+
+
+def _symlink_out(row: dict[str, Any], root: Path) -> None:
+    _png(root.parent / "secret.png")
+    (root / row["image"]).unlink()
+    (root / row["image"]).symlink_to(root.parent / "secret.png")  # lexically inside, really outside
+
+
+def _bomb(row: dict[str, Any], root: Path) -> None:
+    Image.new("L", (400, 400)).save(root / row["image"])  # 160,000 pixels > max_pixels in _cfg
+
+
 BadReport = tuple[dict[str, Any], dict[str, tuple[Any, str]]]  # (report, case -> (id, check))
 INDEX = object()  # the case's row has no usable id: the failure names its row index
 
@@ -115,6 +133,15 @@ BAD_CASES: list[tuple[str, Mutation, str, Any]] = [
     ("unknown_field", _set(label="5"), "unknown_fields", "unknown_field"),
     ("answer_not_in_facts", _set(answer="Bananas", direct_answers=None), "answer_in_facts",
      "answer_not_in_facts"),
+    # hostile input (issue 10): reported, never followed, opened or decoded
+    ("fifo_image", _fifo, "image_exists", "fifo_image"),
+    ("symlink_out_of_root", _symlink_out, "image_inside_root", "symlink_out_of_root"),
+    ("decompression_bomb", _bomb, "image_decodable", "decompression_bomb"),
+    ("not_utf8", _set(hint="caf\udce9 bytes"), "text_encoding", "not_utf8"),  # what surrogateescape reads
+    ("nan_in_facts", _set(visual_facts={"columns": ["label", "value"], "rows": [["Pears", float("nan")]]}),
+     "finite_numbers", "nan_in_facts"),
+    ("inf_in_meta", _set(meta={"score": float("inf")}), "finite_numbers", "inf_in_meta"),
+    ("long_question", _set(question="Which? " * 100), "field_length", "long_question"),
 ]
 
 
@@ -133,7 +160,13 @@ def bad_report(tmp_path_factory: pytest.TempPathFactory) -> BadReport:
         rows.append(row)
     for i in range(4):
         _png(root / f"images/{i}.png")
-    return validate_rows(rows, root, _cfg(tmp)), expected
+    # a FIFO must be reported, not opened: fail instead of hanging if it ever is
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("validation blocked")))
+    signal.alarm(60)
+    try:
+        return validate_rows(rows, root, _cfg(tmp)), expected
+    finally:
+        signal.alarm(0)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in BAD_CASES])
@@ -224,3 +257,24 @@ def test_summarize_limits_failures(bad_report: BadReport) -> None:
     assert text.endswith(f"... and {n - 2} more")
     first = report["failures"][0]
     assert f"  {first['id']}: {first['check']}: {first['reason']}" in text.splitlines()
+
+
+def test_non_utf8_bytes_in_jsonl_name_the_row(dataset: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    root, rows = dataset
+    lines = [json.dumps(r).encode() for r in rows]
+    lines[1] = lines[1].replace(b"tallest bar", b"tallest \xff\xfe bar")  # raw bytes that are not UTF-8
+    (root / "samples.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    report = validate_path(root, _cfg(tmp_path))
+    assert [(f["id"], f["check"]) for f in report["failures"]] == [("r1", "text_encoding")]
+    assert "['hint']" in report["failures"][0]["reason"]
+
+
+def test_report_carries_the_digest_of_the_data(dataset: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    from dyme_core.data.ingest import dataset_digest
+
+    root, rows = dataset
+    (root / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    first = validate_path(root, _cfg(tmp_path))["data_digest"]
+    assert first == dataset_digest(root) and len(first) == 64
+    _png(root / "images/1.png", side=33)  # one image changes: another dataset
+    assert validate_path(root, _cfg(tmp_path))["data_digest"] not in (first, None)
