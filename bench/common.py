@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
 
+from dyme_core.families import SMOLVLM_TEMPLATE
 from dyme_core.models import (
     ANSWER_FLAG,
     DIRECT_INSTRUCTION,
     REASON_INSTRUCTION,
-    TINY_CHAT_TEMPLATE,
     save_model,
     train_tokenizer,
 )
@@ -93,7 +93,7 @@ def build_model(shape: str | Shape, out_dir: str | Path, texts: list[str], seed:
     image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": s.image},
                                                 max_image_size={"longest_edge": s.image})
     processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=s.image_seq_len,
-                                  chat_template=TINY_CHAT_TEMPLATE)
+                                  chat_template=SMOLVLM_TEMPLATE)
     text_config = {
         "model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": s.hidden,
         "intermediate_size": s.intermediate, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,

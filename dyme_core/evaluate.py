@@ -18,12 +18,12 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
 from dyme_core.checker import rule_thinking_score
-from dyme_core.config import Config, ModelConfig
+from dyme_core.config import Config, EvaluateConfig, ModelConfig
 from dyme_core.data.loaders import Dataset
+from dyme_core.families import family_of
 from dyme_core.models import (
     GPU_ATTENTION,
     attention_kernels,
-    build_prompt,
     load_model,
     load_processor,
     suppressed_token_ids,
@@ -39,16 +39,25 @@ def generate_answers(
     processor: ProcessorMixin,
     images: list[Image.Image],
     questions: list[str],
-    max_new_tokens: int = 64,
+    max_new_tokens: int = EvaluateConfig.max_new_tokens,
     style: str = "reason",
 ) -> list[str]:
-    """Greedy completions, one per (image, question)."""
+    """Greedy completions, one per (image, question); the model family's adapter encodes the inputs."""
     model.eval()
-    prompts = [build_prompt(processor, q, style) for q in questions]
-    enc = processor(text=prompts, images=[[im] for im in images], return_tensors="pt", padding=True)
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+    family = family_of(model.config)
+    batch = family.encode(processor, questions, images, style)
     tok = processor.tokenizer
+    rows = list(range(len(questions)))
+    # left-padded prompts (generation appends on the right) with the family's text and image inputs
+    width = max(len(p) for p in batch.prompt_ids)
+    ids = torch.full((len(rows), width), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, p in enumerate(batch.prompt_ids):
+        ids[i, width - len(p):] = p
+        attn[i, width - len(p):] = 1
+    enc = {"input_ids": ids.to(model.device), "attention_mask": attn.to(model.device),
+           **family.text_inputs(batch, rows, [0] * len(rows), width, model.device),
+           **family.vision_inputs(batch, rows, model.device, model.dtype)}
     with attention_kernels(GPU_ATTENTION if model.device.type == "cuda" else None):
         out = model.generate(
             **enc, do_sample=False, max_new_tokens=max_new_tokens,

@@ -2,9 +2,10 @@
 
 `load_model` / `load_processor` take a hub id or a local directory (SmolVLM/Idefics3, LLaVA-OneVision,
 Qwen2-VL families), load safetensors only, and run hub code only when `model.trust_remote_code` is set.
-`init_tiny_model` builds the embedded default of DESIGN.md section 4: a random SmolVLM-architecture
-model (`Idefics3ForConditionalGeneration`) with a byte-level BPE tokenizer trained on the dataset's
-text, saved with `save_pretrained` so that the same `load_model` path reloads it.
+`init_tiny_model` builds the embedded default of DESIGN.md section 4: a random model of one family
+(`init_model.family`: SmolVLM/Idefics3 by default, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL; the family
+adapters of `families.py` own each family's processor and config) with a byte-level BPE tokenizer
+trained on the dataset's text, saved with `save_pretrained` so that the same `load_model` path reloads it.
 
 Prompts are built with the processor's chat template, so the tiny model and a hub model take the
 same code path (`build_prompt`).
@@ -22,11 +23,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    Idefics3Config,
-    Idefics3ForConditionalGeneration,
-    Idefics3ImageProcessorPil,
-    Idefics3Processor,
-    LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
@@ -42,21 +38,6 @@ REASON_INSTRUCTION = (
 )
 DIRECT_INSTRUCTION = "Answer with a single word or number."
 
-# A SmolVLM-style template: "User:<image>question<end_of_utterance>\nAssistant:".
-TINY_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ message['role'] | capitalize }}:"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}<image>{%- else -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "<end_of_utterance>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
-)
-IDEFICS3_SPECIAL_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
-    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
-]
 # Parameter-name fragments of vision towers across the supported families.
 VISION_MODULE_NAMES = ("vision_model", "vision_tower", "visual")
 
@@ -79,6 +60,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_processor(cfg: ModelConfig) -> ProcessorMixin:
+    import dyme_core.families  # noqa: F401 (registers the image-text processors of the tiny models)
+
     processor = AutoProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     processor.tokenizer.padding_side = "left"  # generation appends on the right
     return processor
@@ -146,12 +129,15 @@ def build_prompt(processor: ProcessorMixin, question: str, style: str = "reason"
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the dataset's own text, with the Idefics3 special tokens."""
+def train_tokenizer(texts: list[str], vocab_size: int, family: str = "idefics3") -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the dataset's own text, with the family's special tokens."""
+    from dyme_core.families import get_family
+
+    fam = get_family(family)
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<|im_start|>", *IDEFICS3_SPECIAL_TOKENS]
+    specials = ["<pad>", "<|im_start|>", *fam.special_tokens]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
@@ -163,58 +149,26 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         tokenizer_object=tok,
         pad_token="<pad>",
         bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>",
-        additional_special_tokens=IDEFICS3_SPECIAL_TOKENS,
+        eos_token=fam.eos_token,
+        additional_special_tokens=fam.special_tokens,
         padding_side="left",
     )
 
 
 def init_tiny_model(cfg: InitModelConfig, texts: list[str]) -> Path:
-    """Build, save and return the directory of a tiny random Idefics3 (SmolVLM architecture) model."""
+    """Build, save and return the directory of a tiny random model of family `cfg.family`."""
+    from dyme_core.families import get_family
+
+    family = get_family(cfg.family)
     torch.manual_seed(cfg.seed)
-    prompt_texts = [REASON_INSTRUCTION, DIRECT_INSTRUCTION, ANSWER_FLAG, "User:", "Assistant:"]
-    tokenizer = train_tokenizer(sorted(set(texts)) + prompt_texts, cfg.vocab_size)
-    image_processor = Idefics3ImageProcessorPil(
-        do_image_splitting=False,
-        size={"longest_edge": cfg.image_size},
-        max_image_size={"longest_edge": cfg.image_size},
-    )
-    image_seq_len = (cfg.image_size // cfg.patch_size) ** 2 // cfg.scale_factor**2
-    processor = Idefics3Processor(
-        image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=TINY_CHAT_TEMPLATE
-    )
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.hidden_size * 2,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    vision_config = {
-        "hidden_size": cfg.vision_hidden_size,
-        "intermediate_size": cfg.vision_hidden_size * 2,
-        "num_hidden_layers": cfg.vision_layers,
-        "num_attention_heads": max(1, cfg.vision_hidden_size // 32),
-        "image_size": cfg.image_size,
-        "patch_size": cfg.patch_size,
-    }
-    config = Idefics3Config(
-        text_config=text_config.to_dict(),
-        vision_config=vision_config,
-        scale_factor=cfg.scale_factor,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = Idefics3ForConditionalGeneration(config)
+    prompt_texts = [REASON_INSTRUCTION, DIRECT_INSTRUCTION, ANSWER_FLAG, "User:", "Assistant:", "user", "assistant"]
+    tokenizer = train_tokenizer(sorted(set(texts)) + prompt_texts, cfg.vocab_size, family.name)
+    processor, model = family.build_tiny(cfg, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     out = save_model(model, processor, cfg.out_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("saved tiny Idefics3 (%.2fM params, vocab %d) to %s", n_params / 1e6, len(tokenizer), out)
+    log.info("saved tiny %s model (%s, %.2fM params, vocab %d) to %s", family.name, type(model).__name__,
+             n_params / 1e6, len(tokenizer), out)
     return out

@@ -1,13 +1,21 @@
-"""MLflow adapter: run tracking, the model registry and the champion/challenger gate (DESIGN.md 5-6).
+"""MLflow adapter: run tracking, lineage, the model registry and the champion/challenger gate (DESIGN.md 5-6).
 
 The only module of `dyme_core` that imports mlflow; everything else reaches MLflow through it, lazily.
+It reads no environment: the CLI (or a KFP component's runtime) resolves the tracking URI, the run name
+and the outside tags and passes them down in `cfg.register`.
 
-- `MlflowReporter`: one run per training job (resumed when `MLFLOW_RUN_ID` is set); the trainer calls
-  it when `train.report_to` contains "mlflow". Params are the flattened config, tags the data version.
-  It writes the run id to `<train.output_dir>/mlflow_run_id` so that registration logs into the same run.
+- `MlflowReporter`: one run per training job. A resumed job passes the run id it wrote to
+  `<train.output_dir>/mlflow_run_id` (`read_run_id`) and continues that run. Lineage: the dataset trained on
+  (`mlflow.log_input`: name, digest and source from `<data.out_dir>/manifest.json`), the git commit
+  (`mlflow.source.git.commit`), `register.tags` (DVC experiment name, KFP run id), the flattened config.
+  Before training starts the server is checked with a bounded timeout: unreachable -> one-line
+  `TrackingUnreachable`, or with `register.on_unreachable: buffer` the metrics go to
+  `<train.output_dir>/mlflow_buffer.jsonl`, as they do when the server goes away mid-run; `sync` sends
+  them later (`dyme sync`, and `dyme register` first of all).
 - `DymeVLM`: a pyfunc wrapper around the saved HF directory (`mlflow.transformers` cannot log
   image-text-to-text models). Input columns `image` (path, PNG/JPEG bytes or base64) and `question`;
-  output columns `completion` and `answer`. Serving it needs `dyme_core` installed (the project image).
+  output columns `completion` and `answer`. The model carries `dyme_core` as code (`code_paths`) and
+  requirements without local version suffixes, so it loads where only its requirements are installed.
 - `register_model`: logs evaluation metrics, plots and the model, registers a new version with alias
   `challenger`, then promotes it to `champion` if `challenger >= champion - register.gate_margin` on
   `register.gate_metric`. The metric is stored as the model-version tag `eval.<gate_metric>`, so the gate
@@ -26,29 +34,26 @@ import io
 import json
 import logging
 import math
-import os
 import re
-import subprocess
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import mlflow.pyfunc
 import pandas as pd
-import yaml
+import requests
+from filelock import FileLock
+from mlflow import MlflowClient
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from dyme_core.config import Config, RegisterConfig
-
-# mlflow reads this when it is imported; otherwise it tries a DNS lookup for telemetry
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-import mlflow  # noqa: E402
-import mlflow.pyfunc  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.models import ModelSignature  # noqa: E402
-from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSpec, Schema  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +63,16 @@ BATCH_METRICS = 1000  # ... and on metrics
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 RUN_ID_FILE = "mlflow_run_id"
+BUFFER_FILE = "mlflow_buffer.jsonl"  # metrics (and the final status) not yet sent to the server
+MANIFEST_FILE = "manifest.json"  # written by the ingest step into data.out_dir
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
 EVAL_FILES = ("metrics.json", "predictions.jsonl")  # logged under eval/ with the plots
 PREDICT_BATCH_SIZE = 16  # rows per generate call when serving (evaluate.batch_size's default)
-# Packages the pyfunc's environment needs, pinned to the versions installed when logging.
-MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "pandas")
+# Distributions the pyfunc imports (dyme_core itself travels as code), pinned to the installed versions.
+MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "pandas",
+                      "numpy", "pyarrow", "pyyaml", "requests", "tqdm", "filelock", "peft")
 _METRIC_KEY_BAD = re.compile(r"[^\w\-. :/]")
+_REMOTE = ("http://", "https://")
 
 MODEL_SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(AnyType(), "image"), ColSpec(DataType.string, "question")]),
@@ -73,41 +83,97 @@ MODEL_SIGNATURE = ModelSignature(
 )
 
 
-def tracking_uri(cfg: RegisterConfig) -> str:
-    """`MLFLOW_TRACKING_URI` if set, else `register.tracking_uri`."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+class TrackingUnreachable(RuntimeError):
+    """The tracking server did not answer within `register.connect_timeout`."""
+
+
+def check_reachable(cfg: RegisterConfig) -> None:
+    """Raise TrackingUnreachable (one line) unless a tracking server answers /health in time.
+
+    Local stores (SQLite, files) are always reachable. The server's own retries are not used here: the
+    point is to fail (or start buffering) within `connect_timeout`, before training starts.
+    """
+    uri = cfg.tracking_uri
+    if not uri.startswith(_REMOTE):
+        return
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=cfg.connect_timeout)
+        response.raise_for_status()
+    except requests.Timeout:
+        reason = f"no answer within {cfg.connect_timeout:g} s"
+    except requests.RequestException as e:
+        errno = re.search(r"\[Errno -?\d+\] [^'\")]+", str(e))
+        reason = errno.group(0) if errno else type(e).__name__
+    else:
+        return
+    raise TrackingUnreachable(
+        f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix register.tracking_uri, "
+        "or set register.on_unreachable=buffer to log later with `dyme sync`")
 
 
 def _client(cfg: RegisterConfig) -> MlflowClient:
-    uri = tracking_uri(cfg)
+    uri = cfg.tracking_uri
     mlflow.set_tracking_uri(uri)  # fluent calls (log_model, models:/ URIs) use the same store
-    return MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri)
+    if uri.startswith("sqlite:///"):
+        # The first use of a new SQLite store creates its schema; two processes doing it at once race
+        # ("duplicate column name"). A file lock beside the database lets one migrate, the other wait.
+        db = Path(uri[len("sqlite:///"):])
+        if db.parent.is_dir():
+            with FileLock(str(db) + ".lock", timeout=120):
+                client.search_experiments(max_results=1)
+                client.search_registered_models(max_results=1)
+    return client
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created by a concurrent process in between
+        return client.get_experiment_by_name(name).experiment_id
 
 
-def data_version(dvc_file: str | Path = "data.dvc") -> dict[str, str]:
-    """{"data_md5": outs[0].md5 of the .dvc file, "git_rev": HEAD}; "" for what cannot be read."""
-    path = Path(dvc_file)
-    md5 = ""
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The ingest manifest of a materialised dataset ({} when there is none)."""
+    path = Path(data_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return {}
     try:
-        md5 = str(yaml.safe_load(path.read_text())["outs"][0]["md5"])
-    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
-        pass
-    rev = ""
-    cwd = path.parent if path.parent.is_dir() else Path.cwd()
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
-        if done.returncode == 0:
-            rev = done.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"data_md5": md5, "git_rev": rev}
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable JSON manifest: {e}") from None
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def dataset_name(manifest: dict[str, Any], data_dir: str | Path) -> str:
+    """A short name for the dataset: the last part of its source (a hub id's name, a folder's name)."""
+    source = str(manifest.get("source") or data_dir).rstrip("/")
+    return re.split(r"[/\\:]", source)[-1] or "dataset"
+
+
+def default_run_name(cfg: Config) -> str:
+    """`register.run_name`, else `<method>-<dataset>-<digest[:7]>`, so runs on other data read apart."""
+    if cfg.register.run_name:
+        return cfg.register.run_name
+    manifest = read_manifest(cfg.data.out_dir)
+    digest = str(manifest.get("digest", ""))[:7]
+    return "-".join(p for p in (cfg.train.method, dataset_name(manifest, cfg.data.out_dir), digest) if p)
+
+
+def dataset_input(data_dir: str | Path, context: str = "train") -> DatasetInput | None:
+    """The materialised dataset as an MLflow dataset input (name, digest, source), None without manifest."""
+    manifest = read_manifest(data_dir)
+    if not manifest:
+        return None
+    source = str(manifest.get("source", data_dir))
+    dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(data_dir).resolve())),
+                          name=dataset_name(manifest, data_dir), digest=str(manifest.get("digest", ""))[:36] or None)
+    entity = dataset._to_mlflow_entity()
+    tags = [InputTag("mlflow.data.context", context), InputTag("dyme.data.source", source)]
+    return DatasetInput(entity, tags=tags)
 
 
 def flatten_config(cfg: Config) -> dict[str, str]:
@@ -126,9 +192,9 @@ def flatten_config(cfg: Config) -> dict[str, str]:
     return flat
 
 
-def _metric_entities(metrics: dict[str, Any], step: int) -> list[Metric]:
+def _metric_entities(metrics: dict[str, Any], step: int, timestamp_ms: int | None = None) -> list[Metric]:
     """Numeric values only (None, strings and NaN are skipped); keys limited to MLflow's characters."""
-    now = int(time.time() * 1000)
+    now = timestamp_ms or int(time.time() * 1000)
     out = []
     for key, value in metrics.items():
         if isinstance(value, bool):
@@ -162,36 +228,112 @@ def _log_config(client: MlflowClient, run_id: str, cfg: Config) -> None:
     _log_batches(client, run_id, params=params)
 
 
-class MlflowReporter:
-    """Per-step metric sink for the trainer: one MLflow run, resumed if `MLFLOW_RUN_ID` is set."""
+def _run_tags(cfg: Config) -> dict[str, str]:
+    tags = {k: str(v) for k, v in cfg.register.tags.items() if v not in (None, "")}
+    if cfg.register.git_commit:
+        tags[GIT_COMMIT_TAG] = cfg.register.git_commit
+    return tags
 
-    def __init__(self, cfg: Config, run_name: str | None = None, tags: dict[str, str] | None = None) -> None:
-        self._client = _client(cfg.register)
-        all_tags = {**data_version(), **(tags or {})}
-        resume = os.environ.get("MLFLOW_RUN_ID")
-        if resume:
-            self._run_id = self._client.get_run(resume).info.run_id
-            self._client.update_run(self._run_id, status="RUNNING")
-        else:
-            experiment_id = _experiment_id(self._client, cfg.register.experiment)
-            name = run_name or f"train-{cfg.train.method}-s{cfg.train.seed}"
-            self._run_id = self._client.create_run(experiment_id, run_name=name).info.run_id
-        _log_batches(self._client, self._run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
-        _log_config(self._client, self._run_id, cfg)
-        out = Path(cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_ID_FILE).write_text(self._run_id + "\n")
-        log.info("mlflow run %s at %s", self._run_id, tracking_uri(cfg.register))
+
+def _open_run(client: MlflowClient, cfg: Config, run_name: str, resume_run_id: str | None,
+              extra_tags: dict[str, str]) -> str:
+    """Resume `resume_run_id` (when this server has it) or create a run; log tags, config and dataset."""
+    run_id = None
+    if resume_run_id:
+        try:
+            run_id = client.get_run(resume_run_id).info.run_id
+            client.update_run(run_id, status="RUNNING")
+        except MlflowException:
+            log.warning("run %s is not on %s; starting a new run", resume_run_id, cfg.register.tracking_uri)
+    if run_id is None:
+        experiment_id = _experiment_id(client, cfg.register.experiment)
+        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    tags = {**_run_tags(cfg), **extra_tags}
+    _log_batches(client, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    _log_config(client, run_id, cfg)
+    dataset = dataset_input(cfg.data.out_dir)
+    if dataset is not None:
+        client.log_inputs(run_id, datasets=[dataset])
+    return run_id
+
+
+def read_run_id(run_dir: str | Path) -> str | None:
+    """The MLflow run id a training run wrote to `<run_dir>/mlflow_run_id` (None if none)."""
+    path = Path(run_dir) / RUN_ID_FILE
+    text = path.read_text().strip() if path.is_file() else ""
+    return text or None
+
+
+class MlflowReporter:
+    """Per-step metric sink for the trainer: one MLflow run, continued when `resume_run_id` is given.
+
+    `MlflowReporter(cfg, run_name=None, resume_run_id=None, tags=None)`; `log_metrics(metrics, step)`;
+    `close(status)` with FINISHED, FAILED or KILLED. Tracking never costs the run: when the server
+    cannot be reached (at the start with `register.on_unreachable: buffer`, or at any point later) the
+    metrics and the final status go to `<train.output_dir>/mlflow_buffer.jsonl`, with a warning, and
+    `sync` sends them once the server is back.
+    """
+
+    def __init__(self, cfg: Config, run_name: str | None = None, resume_run_id: str | None = None,
+                 tags: dict[str, str] | None = None) -> None:
+        self._cfg = cfg
+        self._out = Path(cfg.train.output_dir)
+        self._out.mkdir(parents=True, exist_ok=True)
+        self._buffer = self._out / BUFFER_FILE
+        self._run_name = run_name or default_run_name(cfg)
+        self._tags = dict(tags or {})
+        self._client: MlflowClient | None = None
+        self._run_id: str | None = resume_run_id
+        if self._buffer.is_file():  # an earlier attempt could not reach the server: keep buffering in order
+            log.warning("%s holds unsent metrics; buffering until `dyme sync`", self._buffer)
+            self._write_buffer({"run_name": self._run_name, "resume_run_id": resume_run_id, "tags": self._tags})
+            return
+        try:
+            check_reachable(cfg.register)
+            self._client = _client(cfg.register)
+            self._run_id = _open_run(self._client, cfg, self._run_name, resume_run_id, self._tags)
+        except (TrackingUnreachable, MlflowException, requests.RequestException) as e:
+            if cfg.register.on_unreachable != "buffer":
+                raise TrackingUnreachable(str(e).splitlines()[0]) from None
+            self._start_buffering(e)
+            return
+        (self._out / RUN_ID_FILE).write_text(self._run_id + "\n")
+        log.info("mlflow run %s (%s) at %s", self._run_id, self._run_name, cfg.register.tracking_uri)
 
     @property
-    def run_id(self) -> str:
+    def run_id(self) -> str | None:
+        """The MLflow run id; None while buffering a run the server has not seen yet."""
         return self._run_id
 
+    @property
+    def buffering(self) -> bool:
+        return self._client is None
+
+    def _write_buffer(self, row: dict[str, Any]) -> None:
+        with self._buffer.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _start_buffering(self, error: Exception) -> None:
+        log.warning("MLflow unreachable (%s): metrics go to %s; send them with `dyme sync`",
+                    str(error).splitlines()[0][:200], self._buffer)
+        self._client = None
+        self._write_buffer({"run_name": self._run_name, "resume_run_id": self._run_id, "tags": self._tags})
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        _log_batches(self._client, self._run_id, metrics=_metric_entities(metrics, step))
+        if self._client is not None:
+            try:
+                _log_batches(self._client, self._run_id, metrics=_metric_entities(metrics, step))
+                return
+            except (MlflowException, requests.RequestException) as e:
+                self._start_buffering(e)
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        self._write_buffer({"step": int(step), "time": int(time.time() * 1000), "metrics": clean})
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Upload a file or a directory's contents."""
+        """Upload a file or a directory's contents (skipped, with a warning, while buffering)."""
+        if self._client is None:
+            log.warning("MLflow unreachable: artifact %s not uploaded", path)
+            return
         path = Path(path)
         if path.is_dir():
             self._client.log_artifacts(self._run_id, str(path), artifact_path)
@@ -199,7 +341,42 @@ class MlflowReporter:
             self._client.log_artifact(self._run_id, str(path), artifact_path)
 
     def close(self, status: str = "FINISHED") -> None:
-        self._client.set_terminated(self._run_id, status=status)
+        """End the run with FINISHED, FAILED or KILLED (buffered when the server is away)."""
+        if self._client is not None:
+            try:
+                self._client.set_terminated(self._run_id, status=status)
+                return
+            except (MlflowException, requests.RequestException) as e:
+                self._start_buffering(e)
+        self._write_buffer({"status": status})
+
+
+def sync(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+    """Send what a reporter buffered in `<run_dir>/mlflow_buffer.jsonl` to the tracking server.
+
+    Continues the run named in the buffer or in `<run_dir>/mlflow_run_id` when the server has it,
+    else creates one (tags, config, dataset); logs the metrics with their steps and times; sets the
+    final status; then removes the buffer. Returns {"run_id", "metrics", "status"} ({} if nothing to send).
+    """
+    run_dir = Path(run_dir)
+    buffer = run_dir / BUFFER_FILE
+    if not buffer.is_file():
+        return {}
+    check_reachable(cfg.register)
+    rows = [json.loads(line) for line in buffer.read_text().splitlines() if line.strip()]
+    header = next((r for r in rows if "run_name" in r), {})
+    client = _client(cfg.register)
+    resume = header.get("resume_run_id") or read_run_id(run_dir)
+    run_id = _open_run(client, cfg, header.get("run_name") or default_run_name(cfg), resume, header.get("tags", {}))
+    metrics = [m for r in rows if "metrics" in r for m in _metric_entities(r["metrics"], r["step"], r["time"])]
+    _log_batches(client, run_id, metrics=metrics)
+    status = next((r["status"] for r in reversed(rows) if "status" in r), None)
+    if status:
+        client.set_terminated(run_id, status=status)
+    (run_dir / RUN_ID_FILE).write_text(run_id + "\n")
+    buffer.unlink()
+    log.info("sent %d buffered metric values to run %s", len(metrics), run_id)
+    return {"run_id": run_id, "metrics": len(metrics), "status": status}
 
 
 def _open_image(value: Any) -> Any:
@@ -237,7 +414,8 @@ class DymeVLM(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        from dyme_core.evaluate import generate_answers
+        from dyme_core.config import EvaluateConfig
+        from dyme_core.evaluate import generate_answers  # encodes through the model family's adapter
         from dyme_core.rewards import parse_completion
 
         params = params or {}
@@ -250,7 +428,7 @@ class DymeVLM(mlflow.pyfunc.PythonModel):
                 self.processor,
                 images[lo : lo + PREDICT_BATCH_SIZE],
                 questions[lo : lo + PREDICT_BATCH_SIZE],
-                max_new_tokens=int(params.get("max_new_tokens", 64)),
+                max_new_tokens=int(params.get("max_new_tokens", EvaluateConfig.max_new_tokens)),
                 style=str(params.get("style", "reason")),
             )
         answers = [parse_completion(c).answer for c in completions]
@@ -258,17 +436,23 @@ class DymeVLM(mlflow.pyfunc.PythonModel):
 
 
 def _model_requirements() -> list[str]:
-    return [f"{name}=={importlib.metadata.version(name)}" for name in MODEL_REQUIREMENTS]
+    """`name==version` of each distribution the pyfunc imports, without local suffixes (`+cpu`): an
+    index serves `torch==2.13.0`, not the local build's `2.13.0+cpu`."""
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
 
 
 def _log_pyfunc(model_name: str, model_dir: Path) -> Any:
-    """Log the HF directory inside a DymeVLM pyfunc and register it as a new version of `model_name`."""
+    """Log the HF directory inside a DymeVLM pyfunc and register it as a new version of `model_name`.
+
+    `dyme_core` travels with the model (`code_paths`): loading puts it on sys.path, so the model needs
+    its requirements only, not this repository.
+    """
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=DymeVLM(),
         artifacts={"model_dir": str(model_dir)},
         pip_requirements=_model_requirements(),
-        code_paths=None,
+        code_paths=[str(Path(__file__).resolve().parent)],
         signature=MODEL_SIGNATURE,
         registered_model_name=model_name,
     )
@@ -292,19 +476,19 @@ def _gate_tag(cfg: RegisterConfig) -> str:
 
 def _training_run_id(client: MlflowClient, train_dir: Path) -> str | None:
     """The run the trainer's reporter wrote to `<train_dir>/mlflow_run_id`, if this server has it."""
-    path = train_dir / RUN_ID_FILE
-    if not path.is_file():
+    run_id = read_run_id(train_dir)
+    if run_id is None:
         return None
-    run_id = path.read_text().strip()
     try:
         return client.get_run(run_id).info.run_id
     except MlflowException:
-        log.warning("training run %s (from %s) is not on this tracking server; using a new run", run_id, path)
+        log.warning("training run %s (from %s) is not on this tracking server; using a new run", run_id, train_dir)
         return None
 
 
 def register_model(cfg: Config, train_dir: str | Path, eval_dir: str | Path) -> dict[str, Any]:
-    """Log evaluation + model into the training run (or a new one), register it, run the gate.
+    """Send buffered training metrics, log evaluation + model into the training run (or a new one),
+    register it, run the gate.
 
     Returns {"run_id", "model_name", "version", "promoted", "challenger_metric", "champion_metric",
     "champion_version"}; champion_* describe the champion before the gate (None if there was none).
@@ -319,17 +503,17 @@ def register_model(cfg: Config, train_dir: str | Path, eval_dir: str | Path) -> 
         raise ValueError(f"register.gate_metric {reg.gate_metric!r} is not in {eval_dir / 'metrics.json'}")
     challenger_metric = float(eval_metrics[reg.gate_metric])
 
+    check_reachable(reg)
+    sync(cfg, train_dir)  # a training run that could not reach the server catches up first
     client = _client(reg)
     run_id = _training_run_id(client, train_dir)
     new_run = run_id is None
     if run_id is None:
-        experiment_id = _experiment_id(client, reg.experiment)
-        name = f"register-{cfg.train.method}-s{cfg.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = client.create_run(experiment_id, run_name=name, tags=data_version()).info.run_id
+        name = f"register-{default_run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_id = _open_run(client, cfg, name, None, {})
 
     with mlflow.start_run(run_id=run_id):
         if new_run:
-            _log_config(client, run_id, cfg)
             _log_batches(client, run_id, metrics=_training_metrics(train_dir / "metrics.jsonl"))
         eval_entities = _metric_entities({f"eval/{k}": v for k, v in eval_metrics.items()}, 0)
         _log_batches(client, run_id, metrics=eval_entities)
@@ -378,6 +562,7 @@ def register_model(cfg: Config, train_dir: str | Path, eval_dir: str | Path) -> 
 
 def promote(cfg: RegisterConfig, version: int | str, alias: str = CHAMPION) -> None:
     """Point `alias` at an existing version of `register.model_name`."""
+    check_reachable(cfg)
     client = _client(cfg)
     try:
         client.get_model_version(cfg.model_name, str(version))
@@ -405,14 +590,15 @@ def compare(
 ) -> str:
     """Side-by-side text table, one column per run (the latest `max_runs` of the experiment by default).
 
-    Rows: run name, method, seed, then `metrics` (default: every `eval/` metric found, then the final
-    training `reward/accuracy`).
+    Rows: run name, method, seed, dataset digest, then `metrics` (default: every `eval/` metric found,
+    then the final training `reward/accuracy`).
     """
+    check_reachable(cfg)
     client = _client(cfg)
     if run_ids is None:
         experiment = client.get_experiment_by_name(cfg.experiment)
         if experiment is None:
-            return f"no experiment {cfg.experiment!r} at {tracking_uri(cfg)}"
+            return f"no experiment {cfg.experiment!r} at {cfg.tracking_uri}"
         runs = list(client.search_runs(
             [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=max_runs))
     else:
@@ -422,11 +608,17 @@ def compare(
     if metrics is None:
         evals = sorted({k for run in runs for k in run.data.metrics if k.startswith("eval/")})
         metrics = [*evals, "reward/accuracy"]
+
+    def data_digest(run: Any) -> str | None:
+        inputs = run.inputs.dataset_inputs if run.inputs else []
+        return inputs[0].dataset.digest[:8] if inputs else None
+
     rows = [
         ["run", *[run.info.run_name for run in runs]],
         ["run_id", *[run.info.run_id[:8] for run in runs]],
         ["method", *[run.data.params.get("train.method") for run in runs]],
         ["seed", *[run.data.params.get("train.seed") for run in runs]],
+        ["data", *[data_digest(run) for run in runs]],
         *[[m, *[run.data.metrics.get(m) for run in runs]] for m in metrics],
     ]
     cells = [[_cell(v) for v in row] for row in rows]
