@@ -131,16 +131,23 @@ def refine(cfg: Config, client: ChatClient | None = None) -> dict:
 
 def _target_lengths(cfg: Config, targets: list[str]) -> dict:
     """p50/p95/max length of `targets`: tokens of the model's tokenizer if it loads from local files, else words."""
-    unit, count = "whitespace words", lambda text: len(text.split())
-    try:
-        from transformers import AutoTokenizer
+    from huggingface_hub import try_to_load_from_cache
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, local_files_only=True,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
-        unit, count = "tokens", lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    except (OSError, ValueError, KeyError, ImportError) as e:  # a hub id not downloaded, no tokenizer files
-        log.info("refine: target lengths in whitespace words (%s has no local tokenizer: %s)",
-                 cfg.model.name_or_path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    unit, count = "whitespace words", lambda text: len(text.split())
+    name = cfg.model.name_or_path
+    try:
+        # only a local folder or a hub id already in the cache: never a download
+        local = Path(name).is_dir() or isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str)
+        if local:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True,
+                                                      trust_remote_code=cfg.model.trust_remote_code)
+            unit, count = "tokens", lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except (OSError, ValueError, KeyError, ImportError) as e:  # not a repo id, no tokenizer files
+        log.info("refine: no local tokenizer for %s (%s)", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if unit != "tokens":
+        log.info("refine: target lengths are in whitespace words (%s has no local tokenizer)", name)
     lengths = np.array([count(t) for t in targets])
     return {"target_tokens_p50": int(np.percentile(lengths, 50)), "target_tokens_p95": int(np.percentile(lengths, 95)),
             "target_tokens_max": int(lengths.max()), "target_tokens_unit": unit}

@@ -2,6 +2,7 @@
 evolution, the cache, and the LLM paths against a local OpenAI-compatible server that answers, errors,
 hangs and returns garbage."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -243,3 +244,52 @@ def test_on_failure_fail_raises_instead_of_falling_back(fake_llm: FakeLLM) -> No
         Refiner("llm", client=client).refine([SAMPLE], DEFAULT_TEMPLATE)
     with pytest.raises(LLMError, match=r"on_failure=fail.*HTTP 500"):
         VisualChecker("llm", client=client).score_many([("Apples = 12", FACTS, "q", "5", None)])
+
+
+# ---------------------------------------------------------------- the refine step
+
+
+def _refine_cfg(tiny_setup: dict, tmp_path: Path, *extra: str):
+    from dyme_core.config import load_config
+
+    return load_config(None, [f"data.out_dir={tiny_setup['data']}", f"refine.out={tmp_path / 'targets.jsonl'}",
+                              f"refine.template_pool={tmp_path / 'templates.json'}",
+                              f"refine.cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def test_refine_step_refuses_splits_without_samples(tiny_setup: dict, tmp_path: Path, capsys) -> None:
+    from dyme_core import cli, steps
+
+    with pytest.raises(ValueError, match=r"refine.splits=\['nope'\] select 0 samples; the dataset has: test \(4\), "
+                                         r"train \(8\), val \(2\)"):
+        steps.refine(_refine_cfg(tiny_setup, tmp_path, "refine.splits=[nope]"))
+    args = [f"data.out_dir={tiny_setup['data']}", f"refine.out={tmp_path / 'targets.jsonl'}", "refine.splits=[nope]"]
+    assert cli.main(["refine", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "select 0 samples" in err
+    assert not (tmp_path / "targets.jsonl").exists()
+
+
+def test_refine_step_reports_target_lengths_in_model_tokens(tiny_setup: dict, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from transformers import AutoTokenizer
+
+    from dyme_core import steps
+
+    cfg = _refine_cfg(tiny_setup, tmp_path, f"model.name_or_path={tiny_setup['model']}", "train.max_new_tokens=4")
+    with caplog.at_level(logging.WARNING):
+        stats = steps.refine(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_setup["model"])
+    answers = {s.id: s.answer for s in tiny_setup["dataset"].samples}
+    rows = [json.loads(line) for line in (tmp_path / "targets.jsonl").read_text().splitlines()]
+    lengths = sorted(len(tokenizer(f"{r['trace']}\nAnswer: {answers[r['id']]}", add_special_tokens=False)["input_ids"])
+                     for r in rows)
+    assert stats["target_tokens_unit"] == "tokens" and stats["target_tokens_max"] == lengths[-1]
+    assert lengths[0] <= stats["target_tokens_p50"] <= stats["target_tokens_p95"] <= lengths[-1]
+    assert json.loads((tmp_path / "refine_stats.json").read_text()) == stats
+    assert any("train.max_new_tokens=4 is below the p95" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    words = steps.refine(_refine_cfg(tiny_setup, tmp_path, f"model.name_or_path={tmp_path / 'absent'}",
+                                     "train.max_new_tokens=100000", "train.max_target_tokens=100000"))
+    assert words["target_tokens_unit"] == "whitespace words" and words["target_tokens_max"] > 0
+    assert not any("is below the p95" in r.getMessage() for r in caplog.records)
