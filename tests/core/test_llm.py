@@ -1,4 +1,6 @@
-"""ChatClient retries and errors, the LLM judge's mapping and the LLM refiner, against a fake server."""
+"""ChatClient retries and errors, the LLM judge's mapping and the LLM refiner, against a fake server.
+
+Every endpoint fault class with its time bound lives in tests/reliability/test_llm_faults.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 from fake_llm import FakeLLM
 
 from dyme_core.config import LLMConfig
-from dyme_core.llm import ChatClient, LLMError, judge_thinking, refine_with_llm
+from dyme_core.llm import ChatClient, LLMError, _retry_after_s, judge_thinking, redact_url, refine_with_llm
 
 pytestmark = pytest.mark.server
 
@@ -150,3 +152,28 @@ def test_refine_garbage_raises(fake_llm: FakeLLM, reply: str) -> None:
     with pytest.raises(LLMError):
         refine_with_llm(client_for(fake_llm), question="q", answer="a", template=TEMPLATE,
                         facts="x=1", hint=None)
+
+
+def test_credentials_in_the_url_never_reach_a_message() -> None:
+    assert redact_url("https://bob:hunter2@llm.example:8443/v1?x=1") == "https://llm.example:8443/v1?x=1"
+    assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = ChatClient(LLMConfig(base_url=f"http://bob:hunter2@127.0.0.1:{port}/v1", timeout_s=0.5,
+                                  max_retries=0))
+    with pytest.raises(LLMError) as e:
+        client.chat(MSG)
+    assert "hunter2" not in str(e.value) and f"127.0.0.1:{port}" in str(e.value)
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    ("2", 2.0),                                  # delta-seconds
+    ("0.5", 0.5),
+    ("-3", 0.0),                                 # never negative
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),      # an HTTP date in the past: go now
+    ("soon", None),                              # unreadable: the backoff decides
+    (None, None),
+])
+def test_retry_after_header(header: str | None, seconds: float | None) -> None:
+    assert _retry_after_s(header) == seconds
