@@ -296,6 +296,21 @@ def test_loss_policy_is_the_surrogate_of_rollouts(tiny_setup: dict, tmp_path: Pa
     assert m["loss/sft"] > 0 and m["rows/kept"] == 9
 
 
+def test_trainer_scores_with_the_reward_table_and_named_weights(tiny_setup: dict, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_setup, tmp_path, "train.reward_weights={accuracy: 2, format: 0.5}", "train.max_steps=1")
+    trainer = DymeTrainer(cfg, tiny_setup["dataset"])
+    samples = trainer.samples[:2]
+    texts = [f"The chart gives {s.answer} here.\nAnswer: {s.answer}" if j == 0 else
+             ("Answer: wrong" if j == 1 else "no flag at all") for s in samples for j in range(3)]
+    rewards = trainer._score(samples, texts)
+    assert set(rewards) == {"format", "accuracy", "total"}  # only the named rewards (accuracy always)
+    assert rewards["accuracy"].tolist() == [[1.0, 0.0, 0.0]] * 2
+    assert rewards["format"].tolist() == [[1.0, 0.0, 0.0]] * 2
+    assert torch.equal(rewards["total"], 2 * rewards["accuracy"] + 0.5 * rewards["format"])
+    m = trainer.train_step()
+    assert {"reward/format", "reward/accuracy", "reward/total"} <= set(m) and "reward/thinking" not in m
+
+
 # ---------------------------------------------------------------- data-parallel gradients
 
 
