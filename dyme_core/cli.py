@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retries are reported as one error
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per LLM request; failures are logged
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     try:
         cfg = resolve_tracking(load_config(args.config, args.overrides))
