@@ -230,10 +230,13 @@ class RefineCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    VERSION = 2  # part of every key: bump it when the refiners' output for the same input changes
+
     @staticmethod
     def key(sample: Sample, template: str, backend: str, model: str = "") -> str:
         payload = json.dumps(
-            [sample.question, sample.answer, sample.hint, sample.visual_facts, template, backend, model],
+            [RefineCache.VERSION, sample.question, sample.answer, sample.hint, sample.visual_facts, template,
+             backend, model],
             sort_keys=True, default=str,
         )
         return hashlib.sha256(payload.encode()).hexdigest()
@@ -315,14 +318,14 @@ class Refiner:
 
     def refine_one(self, sample: Sample, template: str) -> tuple[str, bool]:
         """(trace, fell_back)."""
+        if not sample.visual_facts and not (sample.hint and sample.hint.strip()):
+            self.stats.add(ungrounded=1)  # counted on cache hits too: it describes the data, not the work
         model = self.client.cfg.model if self.client is not None else ""
         key = RefineCache.key(sample, template, self.backend, model) if self.cache else ""
         if self.cache and (hit := self.cache.get(key)) is not None:
             self.stats.add(cache_hits=1)
             return hit, False
         self.stats.add(calls=1)
-        if not sample.visual_facts and not (sample.hint and sample.hint.strip()):
-            self.stats.add(ungrounded=1)
         fell_back = False
         if self.backend == "llm" and self.client is not None and (sample.visual_facts or sample.hint):
             try:
