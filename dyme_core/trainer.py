@@ -403,12 +403,13 @@ class DymeTrainer:
         nll = -(logps * w).sum(dim=1) / count  # (N,)
         surrogate = (algorithm.policy_loss(logps, old, adv, self.t.clip_eps) * w).sum(dim=1) / count
         policy = ~memorized & (adv != 0)
-        parts = {"_sft_nll": float(nll[memorized].sum()), "_sft_rows": int(memorized.sum()),
-                 "_policy": float(surrogate[policy].sum()), "_policy_rows": int(policy.sum())}
+        parts = {"_sft_nll": nll[memorized].sum(), "_sft_rows": memorized.sum(),
+                 "_policy": surrogate[policy].sum(), "_policy_rows": policy.sum()}
         if ref is not None:
-            parts["_kl"] = float(((algorithm.kl_k3(logps, ref) * w).sum(dim=1) / count).sum())
-            parts["_kl_rows"] = len(chunk)
-        for key, value in parts.items():
+            parts["_kl"] = ((algorithm.kl_k3(logps, ref) * w).sum(dim=1) / count).sum()
+            parts["_kl_rows"] = torch.tensor(len(chunk), device=logps.device)
+        values = torch.stack([v.to(torch.float64) for v in parts.values()]).tolist()  # one host sync
+        for key, value in zip(parts, values, strict=True):
             m[key] = m.get(key, 0.0) + value
 
     def _sync_grads(self) -> None:
