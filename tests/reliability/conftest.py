@@ -1,4 +1,5 @@
-"""Shared fixtures for tests/reliability: a tiny dataset and model, and a small `dyme train` config."""
+"""Shared fixtures for tests/reliability: a tiny ingested and validated dataset, a tiny random model
+built from it, and the overrides of a `dyme train` run of a few seconds on the CPU."""
 
 from __future__ import annotations
 
@@ -9,31 +10,35 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A small synthetic dataset (project format) and a tiny random Idefics3 built from it."""
-    from dyme_core.config import InitModelConfig, SynthConfig
+    """The pipeline's first steps on a small synthetic set: ingest, validate, init-model."""
+    from dyme_core import steps
+    from dyme_core.config import InitModelConfig, load_config
     from dyme_core.data.ingest import open_dataset
-    from dyme_core.data.synth import synthesize
     from dyme_core.models import init_tiny_model
     from dyme_core.refiner import rule_refine
 
     root = tmp_path_factory.mktemp("tiny")
-    data_dir = synthesize(SynthConfig(out_dir=str(root / "data"), n_train=8, n_val=2, n_test=4, image_size=64))
-    ds = open_dataset(data_dir)
+    data = [f"data.out_dir={root / 'data'}", f"validate.report={root / 'validation.json'}"]
+    cfg = load_config(None, ["data.path=synthetic", f"data.report={root / 'ingest.json'}",
+                             f"synth.out_dir={root / 'synth'}", "synth.n_train=8", "synth.n_val=2", "synth.n_test=4",
+                             "synth.image_size=64", *data])
+    steps.ingest(cfg)
+    assert steps.validate(cfg)["success"]
+    ds = open_dataset(root / "data")
     texts = [t for s in ds.samples for t in (s.question, s.answer, s.hint or "", rule_refine(s))]
     model_dir = init_tiny_model(
         InitModelConfig(out_dir=str(root / "model"), vocab_size=300, hidden_size=32, num_layers=1,
                         num_heads=2, vision_hidden_size=32, vision_layers=1, image_size=32, patch_size=8),
         texts,
     )
-    return {"root": root, "data": data_dir, "model": model_dir, "dataset": ds}
+    return {"root": root, "data_overrides": data, "model": model_dir, "dataset": ds}
 
 
 @pytest.fixture(scope="session")
 def overrides(tiny: dict) -> Callable[..., list[str]]:
     """overrides(out, *extra): `dyme train` key=value overrides for a run of a few seconds on the CPU."""
     return lambda out, *extra: [
-        f"data.path={tiny['data']}", f"data.out_dir={tiny['data']}", f"model.name_or_path={tiny['model']}",
-        f"validate.report={out.parent / 'no-report.json'}",
+        *tiny["data_overrides"], f"model.name_or_path={tiny['model']}",
         f"train.output_dir={out}", "train.refined=", "train.template_pool=",
         f"train.refine_cache_dir={out.parent / 'refine_cache'}", "train.max_steps=4", "train.batch_size=2",
         "train.num_generations=2", "train.max_new_tokens=8", "train.progress_bar=false",
