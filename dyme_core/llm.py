@@ -29,6 +29,7 @@ import math
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -121,6 +122,7 @@ def redact_url(url: str) -> str:
     if parts.username is None and parts.password is None:
         return url
     host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
@@ -178,7 +180,7 @@ class ChatClient:
         payload = {"model": self.cfg.model, "messages": messages,
                    "max_tokens": max_tokens, "temperature": temperature}
         try:
-            content = asyncio.run(self._chat(payload))
+            content = self._run(payload)
         except LLMError as e:
             self._after_call(failure=str(e))
             raise
@@ -189,6 +191,15 @@ class ChatClient:
         return content
 
     # ------------------------------------------------------------------ one request
+    def _run(self, payload: dict) -> str:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: no event loop in this thread
+            return asyncio.run(self._chat(payload))
+        # called from inside a running event loop (a notebook): a private loop in a helper thread
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, self._chat(payload)).result()
+
     async def _chat(self, payload: dict) -> str:
         attempts = 1 + max(0, self.cfg.max_retries)
         retrying = tenacity.AsyncRetrying(

@@ -4,6 +4,7 @@ Every endpoint fault class with its time bound lives in tests/reliability/test_l
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +158,7 @@ def test_refine_garbage_raises(fake_llm: FakeLLM, reply: str) -> None:
 def test_credentials_in_the_url_never_reach_a_message() -> None:
     assert redact_url("https://bob:hunter2@llm.example:8443/v1?x=1") == "https://llm.example:8443/v1?x=1"
     assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    assert redact_url("http://bob:hunter2@[::1]:8000/v1") == "http://[::1]:8000/v1"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -177,3 +179,12 @@ def test_credentials_in_the_url_never_reach_a_message() -> None:
 ])
 def test_retry_after_header(header: str | None, seconds: float | None) -> None:
     assert _retry_after_s(header) == seconds
+
+
+def test_chat_from_inside_a_running_event_loop(fake_llm: FakeLLM) -> None:
+    fake_llm.reply = "from a notebook"
+
+    async def notebook_cell() -> str:  # a notebook runs cells inside an event loop
+        return client_for(fake_llm).chat(MSG)
+
+    assert asyncio.run(notebook_cell()) == "from a notebook"
