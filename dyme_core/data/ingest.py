@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,7 @@ class _Source:
 
     fmt: str
     root: Path  # image paths are relative to this
-    rows: list[tuple[str, dict[str, Any]]]  # (where, row): where names the row in messages
-    splits_found: list[str]  # the splits the source itself has (after mapping)
+    rows: Iterable[tuple[str, dict[str, Any]]]  # (where, row): where names the row in messages; read lazily
     notes: list[str]
 
 
@@ -127,8 +127,7 @@ def _read_project(cfg: DataConfig) -> _Source:
     folder, rows = read_rows(Path(cfg.path))
     root = Path(cfg.image_root) if cfg.image_root else folder
     listed = [(f"{cfg.path} row {i}", dict(row)) for i, row in enumerate(rows)]
-    splits = sorted({str(r.get("split") or "train") for _, r in listed})
-    return _Source("project", root, listed, splits, [])
+    return _Source("project", root, listed, [])
 
 
 def _read_dyme_json(cfg: DataConfig) -> _Source:
@@ -142,9 +141,8 @@ def _read_dyme_json(cfg: DataConfig) -> _Source:
         # the official files' extra fields (question_wo_prompt, human_or_machine, visual_fact, ...)
         row["meta"] = {k: v for k, v in raw.items() if k not in DYME_KEYS}
         listed.append((f"{cfg.path} row {i}", row))
-    splits = sorted({str(r.get("split") or "train") for _, r in listed})
     root = Path(cfg.image_root) if cfg.image_root else p.parent
-    return _Source("dyme_json", root, listed, splits, [])
+    return _Source("dyme_json", root, listed, [])
 
 
 def _hf_image(value: Any) -> Any:
@@ -185,9 +183,9 @@ def _read_hf(cfg: DataConfig) -> _Source:
     if unknown:
         raise DataError(f"data.hf_columns: unknown field(s) {unknown} (fields: {sorted(SAMPLE_FIELDS)})")
 
-    notes, listed, found = [], [], []
+    notes: list[str] = []
+    chosen: list[tuple[str, str, Any]] = []  # (our split, their split, datasets.Dataset)
     used: set[str] = set()
-    name = re.sub(r"[^\w.-]", "_", p.name or cfg.path)
     for ours, theirs in cfg.hf_split_map.items():
         if ours not in SPLITS:
             raise DataError(f"data.hf_split_map: {ours!r} is not one of {list(SPLITS)}")
@@ -197,7 +195,6 @@ def _read_hf(cfg: DataConfig) -> _Source:
         if split is None:
             continue
         used.add(split)
-        found.append(ours)
         ds = splits[split]
         missing = sorted(set(columns.values()) - set(ds.column_names))
         if missing:
@@ -206,23 +203,31 @@ def _read_hf(cfg: DataConfig) -> _Source:
         image_col = columns["image"]
         if isinstance(ds.features[image_col], datasets.Image):
             ds = ds.cast_column(image_col, datasets.Image(decode=False))  # raw bytes, no decode here
-        extra = [c for c in ds.column_names if c not in columns.values()]
         notes.append(f"split {ours}: {len(ds)} rows from the source's {split!r}")
+        chosen.append((ours, split, ds))
+    ignored = sorted(set(splits) - used)
+    if ignored:
+        notes.append(f"source split(s) {ignored} not mapped by data.hf_split_map: ignored")
+    if not chosen:
+        raise DataError(f"{cfg.path}: none of the splits {list(splits)} is mapped by data.hf_split_map "
+                        f"{dict(cfg.hf_split_map)}")
+    root = Path(cfg.image_root) if cfg.image_root else (p if p.is_dir() else Path("."))
+    name = re.sub(r"[^\w.-]", "_", p.name or cfg.path)
+    return _Source("hf", root, _hf_rows(cfg.path, name, columns, chosen), notes)
+
+
+def _hf_rows(path: str, name: str, columns: dict[str, str],
+             chosen: list[tuple[str, str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows one at a time: a large dataset is never held in memory with its image bytes."""
+    for ours, split, ds in chosen:
+        extra = [c for c in ds.column_names if c not in columns.values()]
         for i, record in enumerate(ds):
             row = {ours_field: record[col] for ours_field, col in columns.items()}
             row["image"] = _hf_image(row["image"])
             row.setdefault("id", f"{name}-{ours}-{i:05d}")
             row["split"] = ours
             row["meta"] = {c: record[c] for c in extra if _jsonable(record[c])}
-            listed.append((f"{cfg.path} [{split}] row {i}", row))
-    ignored = sorted(set(splits) - used)
-    if ignored:
-        notes.append(f"source split(s) {ignored} not mapped by data.hf_split_map: ignored")
-    if not listed:
-        raise DataError(f"{cfg.path}: none of the splits {list(splits)} is mapped by data.hf_split_map "
-                        f"{dict(cfg.hf_split_map)}")
-    root = Path(cfg.image_root) if cfg.image_root else (p if p.is_dir() else Path("."))
-    return _Source("hf", root, listed, found, notes)
+            yield f"{path} [{split}] row {i}", row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,8 +253,11 @@ def _as_text(field_name: str, value: Any, limit: int, limit_key: str, required: 
     return value
 
 
-def _image_source(value: Any, root: Path, max_pixels: int) -> tuple[bytes, str]:
-    """(bytes, file extension) of a row's image after every safety check; BadRow otherwise."""
+def _image_source(value: Any, root: Path, max_pixels: int, decoded: dict[str, str | BadRow]) -> tuple[bytes, str]:
+    """(bytes, file extension) of a row's image after every safety check; BadRow otherwise.
+
+    ``decoded`` remembers each content hash's outcome: many questions share one chart, decoded once.
+    """
     if isinstance(value, bytes | bytearray):
         data = bytes(value)
     elif isinstance(value, str):
@@ -261,16 +269,22 @@ def _image_source(value: Any, root: Path, max_pixels: int) -> tuple[bytes, str]:
         raise BadRow("missing", "image is missing")
     else:
         raise BadRow("type", f"image must be a path or bytes, got {type(value).__name__}")
-    try:
-        with decode_image(data, max_pixels) as image:
-            fmt = image.format or "PNG"
-    except DataError as e:
-        raise BadRow("image", str(e)) from None
-    return data, _EXT.get(fmt, fmt.lower())
+    key = hashlib.sha256(data).hexdigest()
+    if key not in decoded:
+        try:
+            with decode_image(data, max_pixels) as image:
+                fmt = image.format or "PNG"
+            decoded[key] = _EXT.get(fmt, fmt.lower())
+        except DataError as e:
+            decoded[key] = BadRow("image", str(e))
+    outcome = decoded[key]
+    if isinstance(outcome, BadRow):
+        raise outcome
+    return data, outcome
 
 
-def _normalise(row: dict[str, Any], split: str, cfg: DataConfig, limits: ValidateConfig,
-               root: Path) -> tuple[Sample, bytes, str]:
+def _normalise(row: dict[str, Any], split: str, cfg: DataConfig, limits: ValidateConfig, root: Path,
+               decoded: dict[str, str | BadRow]) -> tuple[Sample, bytes, str]:
     """A checked Sample (image not yet placed), its image bytes and extension; BadRow if unusable."""
     unknown = sorted(set(row) - SAMPLE_FIELDS)
     if unknown:
@@ -320,13 +334,15 @@ def _normalise(row: dict[str, Any], split: str, cfg: DataConfig, limits: Validat
     task, qtype = row.get("task") or cfg.task, row.get("qtype")
     if not isinstance(task, str) or (qtype is not None and not isinstance(qtype, str)):
         raise BadRow("type", "task and qtype must be strings")
-    data, ext = _image_source(row.get("image"), root, limits.max_pixels)
+    data, ext = _image_source(row.get("image"), root, limits.max_pixels, decoded)
     sample = Sample(id=sample_id, image="", question=question, answer=answer, hint=hint, visual_facts=facts,
                     direct_answers=direct, task=task, split=split, qtype=qtype, meta=meta)
     return sample, data, ext
 
 
 def _is_human(sample: Sample) -> bool:
+    if "human_or_machine" not in sample.meta:
+        raise BadRow("human_or_machine", "no human_or_machine field, which data.human_only needs")
     value = sample.meta.get("human_or_machine")
     text = str(value).strip().casefold()
     if text in _HUMAN:
@@ -408,16 +424,15 @@ def _materialise(cfg: Config, staging: Path) -> dict[str, Any]:
     source = _read_source(cfg, staging)
     report: dict[str, Any] = {"source": d.path, "format": source.fmt, "out_dir": d.out_dir, "notes": source.notes,
                               "dropped": {}, "dropped_rows": []}
-    if d.human_only and not any("human_or_machine" in str(row.get("meta") or "") for _, row in source.rows):
-        raise DataError(f"data.human_only is set but {d.path} has no human_or_machine field")
-    kept: list[tuple[Sample, bytes, str]] = []
+    kept: list[Sample] = []  # image already written under images/
     seen: set[str] = set()
+    decoded: dict[str, str | BadRow] = {}
     for where, row in source.rows:
         raw_id = row.get("id")
         label = f"{where} (id {raw_id!r})" if raw_id is not None else where
         try:
             split = row.pop("split", None) or "train"
-            sample, data, ext = _normalise(row, split, d, cfg.validate, source.root)
+            sample, data, ext = _normalise(row, split, d, cfg.validate, source.root, decoded)
             if sample.id in seen:
                 raise BadRow("duplicate_id", f"id {sample.id!r} is used by an earlier row")
             seen.add(sample.id)
@@ -429,11 +444,14 @@ def _materialise(cfg: Config, staging: Path) -> dict[str, Any]:
                 raise DataError(f"{label}: {bad.reason} (data.on_bad_row=drop skips such rows)") from None
             _drop(report, label, bad)
             continue
-        kept.append((sample, data, ext))
+        sample.image = f"images/{hashlib.sha256(data).hexdigest()[:32]}.{ext}"
+        if not (dest / sample.image).exists():  # many questions share one chart: stored once
+            (dest / sample.image).write_bytes(data)
+        kept.append(sample)
     if not kept:
         raise DataError(f"{d.path}: no usable rows (dropped: {report['dropped']})")
 
-    samples = [s for s, _, _ in kept]
+    samples = kept
     present = {s.split for s in samples}
     missing = [s for s in ("val", "test") if s not in present]
     report["carve"] = _carve(samples, missing, d) if missing and "train" in present else {}
@@ -442,15 +460,8 @@ def _materialise(cfg: Config, staging: Path) -> dict[str, Any]:
             report["notes"].append(f"split {split}: absent from the source and not carved")
 
     order = {name: i for i, name in enumerate(SPLITS)}
-    rows, n_images = [], 0
-    for sample, data, ext in sorted(kept, key=lambda k: order[k[0].split]):  # stable: source order inside a split
-        name = f"images/{hashlib.sha256(data).hexdigest()[:32]}.{ext}"
-        target = dest / name
-        if not target.exists():  # many questions share one chart: stored once
-            target.write_bytes(data)
-            n_images += 1
-        sample.image = name
-        rows.append(sample)
+    rows = sorted(samples, key=lambda s: order[s.split])  # stable: source order inside a split
+    n_images = len({s.image for s in rows})
     _write_samples(rows, dest / SAMPLES)
 
     counts = Counter(s.split for s in rows)
@@ -524,8 +535,7 @@ def dataset_digest(root: str | Path) -> str:
     images = set()
     for row in rows:
         # JSON-string columns and the native form hash alike
-        norm = {k: (json.loads(v) if k in ("visual_facts", "meta") and isinstance(v, str) else v)
-                for k, v in row.items() if v is not None}
+        norm = {k: (_json_or_text(v) if k in ("visual_facts", "meta") else v) for k, v in row.items() if v is not None}
         h.update(json.dumps(norm, sort_keys=True, ensure_ascii=True, default=str).encode("utf-8", "surrogateescape"))
         h.update(b"\n")
         if isinstance(row.get("image"), str):
@@ -537,6 +547,15 @@ def dataset_digest(root: str | Path) -> str:
             data_hash = f"<{e}>"
         h.update(f"{image}\0{data_hash}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+def _json_or_text(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def _file_sha256(path: Path) -> str:
