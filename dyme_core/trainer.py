@@ -19,8 +19,9 @@ keeps exact resume and multi-process data parallelism simple to verify.
 Multi-process: launch with `torchrun`; the CLI initialises the process group (gloo on CPU, NCCL on
 GPU). Each process owns whole prompt groups, so modes and advantages are local; gradients are
 all-reduced by hand (a process whose rows were all dropped still joins the reduction).
-Resume is exact: data order and sampling are seeded by (seed, step, rank), and a checkpoint holds the
-model and optimizer states.
+Resume is exact: data order and sampling are seeded by (seed, step, rank), and a checkpoint
+(`checkpoint.py`: atomic, verified, no pickle) holds the model, optimizer, scheduler and RNG states.
+A run is staged beside `output_dir` and published by a rename when it succeeds.
 """
 
 from __future__ import annotations
