@@ -1,10 +1,11 @@
 """One KFP component per pipeline step, each a thin shell over the `dyme_core.steps` function of the
 same name (the one `dyme <step>` calls).
 
-Every component takes `params` (the params.yaml text) and `overrides` (`section.key=value` strings),
-points the config's paths at its input/output artifacts and calls the step; no training, data or
-registry logic lives here. Imports sit inside the bodies: KFP ships each function's source alone into
-the project image, where `dyme_core` and this package are installed.
+Every component takes the params sections its step reads (`<section>_params`, one dict each, as the
+DVC stage declares them), points the config's paths at its input/output artifacts and calls the
+step; no training, data or registry logic lives here. So KFP's cache key changes when, and only when,
+what the step reads changes. Imports sit inside the bodies: KFP ships each function's source alone
+into the project image, where `dyme_core` and this package are installed.
 
 Run one locally: `kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False))`, then call it.
 """
@@ -16,32 +17,43 @@ from components.image import PROJECT_IMAGE
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def data_op(params: str, overrides: list, dataset: Output[Dataset]):
-    """Render the synthetic chart-QA dataset (samples.jsonl + images/) into `dataset`."""
-    from components.runtime import step_config
+def data_op(data_params: dict, synth_params: dict, validate_params: dict, data_path: str,
+            dataset: Output[Dataset], report: Output[Artifact]):
+    """Ingest `data_path` (else `data.path`; synthetic when both are unset) into the project format:
+    samples.parquet, images/ and manifest.json in `dataset`, as `dyme ingest` does; the ingest
+    report (rows per split, dropped rows, carve) into `report`."""
+    import tempfile
+
+    from components.runtime import fetch_data, step_config
     from dyme_core import steps
 
-    steps.synth(step_config(params, overrides, {"synth.out_dir": dataset.path}))
+    with tempfile.TemporaryDirectory() as tmp:
+        source = fetch_data(data_path or data_params.get("path", ""), tmp)
+        sections = {"data": data_params, "synth": synth_params, "validate": validate_params}
+        steps.ingest(step_config(sections, {"data.path": source, "data.out_dir": dataset.path,
+                                            "data.report": report.path}))
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def init_model_op(params: str, overrides: list, data: Input[Dataset], model: Output[Model]):
-    """Build the tiny random SmolVLM-architecture model, its tokenizer trained on `data`'s text."""
+def init_model_op(data_params: dict, init_model_params: dict, data: Input[Dataset], model: Output[Model]):
+    """Build the tiny random model, its tokenizer trained on `data`'s text."""
     from components.runtime import step_config
     from dyme_core import steps
 
-    steps.init_model(step_config(params, overrides, {"data.path": data.path, "init_model.out_dir": model.path}))
+    steps.init_model(step_config({"data": data_params, "init_model": init_model_params},
+                                 {"data.out_dir": data.path, "init_model.out_dir": model.path}))
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def validate_op(params: str, overrides: list, data: Input[Dataset], report: Output[Artifact],
+def validate_op(data_params: dict, validate_params: dict, data: Input[Dataset], report: Output[Artifact],
                 metrics: Output[Metrics]):
     """Validate `data` against the data contract; the task fails (and the DAG stops) if any check fails."""
     from components.runtime import step_config
     from dyme_core import steps
     from dyme_core.validation import summarize
 
-    result = steps.validate(step_config(params, overrides, {"data.path": data.path, "validate.report": report.path}))
+    result = steps.validate(step_config({"data": data_params, "validate": validate_params},
+                                        {"data.out_dir": data.path, "validate.report": report.path}))
     print(summarize(result))
     metrics.log_metric("n_rows", result["n_rows"])
     metrics.log_metric("n_failures", len(result["failures"]))
@@ -50,7 +62,8 @@ def validate_op(params: str, overrides: list, data: Input[Dataset], report: Outp
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def refine_op(params: str, overrides: list, data: Input[Dataset], refined: Output[Dataset]):
+def refine_op(data_params: dict, model_params: dict, refine_params: dict, train_params: dict,
+              data: Input[Dataset], refined: Output[Dataset]):
     """Refined reference traces (targets.jsonl, templates.json, refine_stats.json) into `refined`."""
     import tempfile
 
@@ -58,55 +71,67 @@ def refine_op(params: str, overrides: list, data: Input[Dataset], refined: Outpu
     from dyme_core import steps
 
     with tempfile.TemporaryDirectory() as cache:
-        cfg = step_config(params, overrides, {
-            "data.path": data.path, "refine.out": f"{refined.path}/targets.jsonl",
+        sections = {"data": data_params, "model": model_params, "refine": refine_params, "train": train_params}
+        cfg = step_config(sections, {
+            "data.out_dir": data.path, "refine.out": f"{refined.path}/targets.jsonl",
             "refine.template_pool": f"{refined.path}/templates.json", "refine.cache_dir": cache,
         })
         steps.refine(cfg, llm_client(cfg.refine.llm, cfg.refine.backend == "llm"))
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def train_op(params: str, overrides: list, data: Input[Dataset], refined: Input[Dataset],
+def train_op(data_params: dict, model_params: dict, train_params: dict, register_params: dict,
+             run_id: str, checkpoint_root: str, data: Input[Dataset], refined: Input[Dataset],
              validation: Input[Artifact], model: Output[Model], metrics: Output[Metrics],
              base_model: Input[Model] = None):
     """Train; `model` holds the run directory (model/, metrics.jsonl, config.yaml, mlflow_run_id).
 
-    Without `base_model` the model to train is `model.name_or_path` from the params (a hub id).
-    Refuses to train if `validation` (validate_op's report) says the data failed.
+    Checkpoints go to `<checkpoint_root>/<run_id>` (the checkpoint volume, one folder per pipeline
+    run) and training resumes from the latest one there, so a retried task continues where the
+    failed attempt stopped. The KFP run id is tagged on the MLflow run. Without `base_model` the model
+    to train is `model.name_or_path` (a hub id). Refuses to train if `validation` says the data failed.
     """
     from components.runtime import llm_client, step_config
     from dyme_core import steps
 
-    paths = {"data.path": data.path, "train.refined": f"{refined.path}/targets.jsonl",
-             "validate.report": validation.path, "train.output_dir": model.path}
+    paths = {"data.out_dir": data.path, "train.refined": f"{refined.path}/targets.jsonl",
+             "train.template_pool": f"{refined.path}/templates.json", "validate.report": validation.path,
+             "train.output_dir": model.path, "train.checkpoint_dir": f"{checkpoint_root}/{run_id}",
+             "train.resume_from": "auto", "register.tags": {**register_params.get("tags", {}), "kfp.run_id": run_id}}
     if base_model is not None:
         paths["model.name_or_path"] = base_model.path
-    cfg = step_config(params, overrides, paths)
+    sections = {"data": data_params, "model": model_params, "train": train_params, "register": register_params}
+    cfg = step_config(sections, paths)
     for key, value in steps.train(cfg, llm_client(cfg.train.llm, cfg.train.checker == "llm")).items():
         metrics.log_metric(key, value)
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def evaluate_op(params: str, overrides: list, data: Input[Dataset], model: Input[Model],
-                results: Output[Artifact], metrics: Output[Metrics]):
+def evaluate_op(data_params: dict, model_params: dict, evaluate_params: dict, data: Input[Dataset],
+                model: Input[Model], results: Output[Artifact], metrics: Output[Metrics]):
     """Greedy evaluation of train_op's `model`: predictions.jsonl, metrics.json and plots into `results`."""
     from components.runtime import step_config
     from dyme_core import steps
 
-    cfg = step_config(params, overrides, {"data.path": data.path, "evaluate.model_path": f"{model.path}/model",
-                                          "evaluate.out_dir": results.path})
+    cfg = step_config({"data": data_params, "model": model_params, "evaluate": evaluate_params},
+                      {"data.out_dir": data.path, "evaluate.model_path": f"{model.path}/model",
+                       "evaluate.out_dir": results.path})
     for key, value in steps.evaluate(cfg).items():
         metrics.log_metric(key, value)
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def register_op(params: str, overrides: list, model: Input[Model], results: Input[Artifact],
+def register_op(data_params: dict, train_params: dict, evaluate_params: dict, register_params: dict,
+                run_id: str, data: Input[Dataset], model: Input[Model], results: Input[Artifact],
                 registration: Output[Artifact]):
     """Log the run and model to MLflow, register a version and gate it; register.json into `registration`."""
     from components.runtime import step_config
     from dyme_core import steps
 
-    result = steps.register(step_config(params, overrides, {"train.output_dir": model.path,
-                                                             "evaluate.out_dir": results.path,
-                                                             "register.out": registration.path}))
+    sections = {"data": data_params, "train": train_params, "evaluate": evaluate_params,
+                "register": register_params}
+    result = steps.register(step_config(sections, {
+        "data.out_dir": data.path, "train.output_dir": model.path, "evaluate.out_dir": results.path,
+        "register.out": registration.path,
+        "register.tags": {**register_params.get("tags", {}), "kfp.run_id": run_id}}))
     registration.metadata.update({k: result[k] for k in ("model_name", "version", "promoted")})

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dyme_core import steps
 from dyme_core.config import Config, ConfigError, describe, load_config
@@ -37,7 +38,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "refine": (("data", "model", "refine", "train"), "Write grounded reference traces for the training split."),
     "train": (("data", "model", "train", "register"), "Train with dyme | grpo | sft | two_stage."),
     "evaluate": (("data", "model", "evaluate"), "Greedy evaluation: predictions, metrics, plots."),
-    "register": (("train", "evaluate", "register"), "Log the run and model to MLflow; gate champion."),
+    "register": (("data", "train", "evaluate", "register"), "Log the run and model to MLflow; gate champion."),
     "promote": (("register",), "Set an alias (default champion) on a registered version."),
     "compare": (("register",), "Print a side-by-side table of runs."),
     "sync": (("data", "train", "register"), "Send metrics buffered while MLflow was unreachable."),
@@ -203,6 +204,10 @@ def resolve_tracking(cfg: Config, environ: dict[str, str] | None = None, cwd: st
     cwd = cwd or os.getcwd()
     reg = cfg.register
     uri = env.get("MLFLOW_TRACKING_URI") or reg.tracking_uri
+    if urlsplit(uri).password or urlsplit(uri).username:
+        # the URI lands in config.yaml and the MLflow params: MLflow reads credentials from its own variables
+        raise ConfigError("MLFLOW_TRACKING_URI carries credentials; set MLFLOW_TRACKING_USERNAME and "
+                          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
     reg.tracking_uri = absolute_tracking_uri(uri, env.get("DVC_ROOT") or cwd)
     reg.run_name = reg.run_name or env.get("DVC_EXP_NAME", "")
     reg.git_commit = reg.git_commit or git_commit(cwd)

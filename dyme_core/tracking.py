@@ -70,7 +70,7 @@ EVAL_FILES = ("metrics.json", "predictions.jsonl")  # logged under eval/ with th
 PREDICT_BATCH_SIZE = 16  # rows per generate call when serving (evaluate.batch_size's default)
 # Distributions the pyfunc imports (dyme_core itself travels as code), pinned to the installed versions.
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "pandas",
-                      "numpy", "pyarrow", "pyyaml", "requests", "tqdm", "filelock", "peft")
+                      "numpy", "pyarrow", "pyyaml", "requests", "httpx", "tqdm", "filelock", "peft")
 _METRIC_KEY_BAD = re.compile(r"[^\w\-. :/]")
 _REMOTE = ("http://", "https://")
 
@@ -114,15 +114,16 @@ def check_reachable(cfg: RegisterConfig) -> None:
 def _client(cfg: RegisterConfig) -> MlflowClient:
     uri = cfg.tracking_uri
     mlflow.set_tracking_uri(uri)  # fluent calls (log_model, models:/ URIs) use the same store
-    client = MlflowClient(tracking_uri=uri)
-    if uri.startswith("sqlite:///"):
-        # The first use of a new SQLite store creates its schema; two processes doing it at once race
-        # ("duplicate column name"). A file lock beside the database lets one migrate, the other wait.
-        db = Path(uri[len("sqlite:///"):])
-        if db.parent.is_dir():
-            with FileLock(str(db) + ".lock", timeout=120):
-                client.search_experiments(max_results=1)
-                client.search_registered_models(max_results=1)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # Opening a new SQLite store creates its schema; two processes doing it at once race ("duplicate
+    # column name", "table ... already exists"). A file lock beside the database lets one create it
+    # while the other waits; both stores (tracking, registry) are opened inside it.
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=300):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_registered_models(max_results=1)
     return client
 
 

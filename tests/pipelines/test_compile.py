@@ -1,19 +1,31 @@
 """The committed pipeline YAML is what the code compiles to, and it carries the cluster settings:
-a GPU, the volumes of k8s/base/storage.yaml and the Secret/ConfigMap for the LLM key and MLflow."""
+a GPU, the volumes and the Secret/ConfigMap of k8s/kfp, checkpoints under the run id with retries, the
+image (overridable), and for each task only the params sections its step reads (KFP's cache key)."""
 
 from pathlib import Path
 
 import yaml
 
 from components.image import PROJECT_IMAGE
-from pipelines.dyme_pipeline import COMPILED, compile_pipeline
+from dyme_core.cli import COMMANDS
+from pipelines.dyme_pipeline import COMPILED, TRAIN_RETRIES, compile_pipeline, main
 
 ROOT = Path(__file__).resolve().parents[2]
+# task -> the `dyme` command whose step it runs
+STEP_COMMAND = {"data-op": "ingest", "validate-op": "validate", "init-model-op": "init-model",
+                "refine-op": "refine", "train-op": "train", "evaluate-op": "evaluate", "register-op": "register"}
 
 
 def _load(path: Path) -> tuple[dict, dict]:
     pipeline_spec, platform_spec = yaml.safe_load_all(path.read_text())
     return pipeline_spec, platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _tasks(pipeline_spec: dict) -> dict[str, dict]:
+    tasks = dict(pipeline_spec["root"]["dag"]["tasks"])
+    for component in pipeline_spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
 
 
 def _train_executors(pipeline_spec: dict) -> list[str]:
@@ -28,15 +40,59 @@ def test_committed_yaml_is_up_to_date(tmp_path: Path) -> None:
         f"{COMPILED.relative_to(ROOT)} is stale: run `python -m pipelines.dyme_pipeline` and commit it")
 
 
-def test_every_component_runs_the_project_image() -> None:
+def test_every_component_runs_the_project_image_and_the_image_is_overridable(tmp_path: Path) -> None:
     pipeline_spec, _ = _load(COMPILED)
     images = {e["container"]["image"] for e in pipeline_spec["deploymentSpec"]["executors"].values()}
     assert images == {PROJECT_IMAGE}
+    out = tmp_path / "mine.yaml"
+    assert main(["--image", "registry.example/me/dyme:dev", "--out", str(out)]) == 0
+    mine, platform = _load(out)
+    assert {e["container"]["image"] for e in mine["deploymentSpec"]["executors"].values()} == {
+        "registry.example/me/dyme:dev"}
+    assert platform == _load(COMPILED)[1]  # only the image differs
+
+
+def test_manifests_name_the_same_image() -> None:
+    kustomization = yaml.safe_load((ROOT / "k8s/base/kustomization.yaml").read_text())
+    [image] = [i for i in kustomization["images"] if i["name"] == "dyme"]
+    assert f"{image['newName']}:{image['newTag']}" == PROJECT_IMAGE
+
+
+def test_each_task_receives_only_the_sections_its_step_reads() -> None:
+    # what `dyme <step>` declares (and dvc.yaml lists); any other section would defeat KFP's cache
+    pipeline_spec, _ = _load(COMPILED)
+    seen = set()
+    for name, task in _tasks(pipeline_spec).items():
+        step = STEP_COMMAND.get(name.rsplit("-", 1)[0] if name[-1].isdigit() else name)
+        if step is None:
+            continue
+        seen.add(step)
+        params = {k.removesuffix("_params") for k in task["inputs"].get("parameters", {}) if k.endswith("_params")}
+        assert params == set(COMMANDS[step][0]), f"{name}: {sorted(params)} vs `dyme {step}` {COMMANDS[step][0]}"
+    assert seen == set(STEP_COMMAND.values())
+
+
+def test_train_checkpoints_under_the_run_id_on_the_volume_and_retries() -> None:
+    pipeline_spec, platform = _load(COMPILED)
+    tasks = _tasks(pipeline_spec)
+    for name in ("train-op", "train-op-2"):
+        task = tasks[name]
+        parameters = task["inputs"]["parameters"]
+        assert parameters["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+        assert parameters["checkpoint_root"]["componentInputParameter"].endswith("checkpoint_root")
+        assert task["retryPolicy"]["maxRetryCount"] == TRAIN_RETRIES
+    assert pipeline_spec["root"]["inputDefinitions"]["parameters"]["checkpoint_root"]["defaultValue"] == "/checkpoints"
+    for name in _train_executors(pipeline_spec):
+        mounts = {m["constant"]: m["mountPath"] for m in platform[name]["pvcMount"]}
+        assert mounts["dyme-checkpoints"] == "/checkpoints"
+    # the component resumes from the run's folder (a retry finds the failed attempt's checkpoints)
+    source = " ".join(pipeline_spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["command"])
+    assert '"train.checkpoint_dir": f"{checkpoint_root}/{run_id}"' in source
+    assert '"train.resume_from": "auto"' in source
 
 
 def test_train_gets_a_gpu_the_volumes_and_the_secrets() -> None:
     pipeline_spec, platform = _load(COMPILED)
-    pvcs = {d["metadata"]["name"] for d in yaml.safe_load_all((ROOT / "k8s/base/storage.yaml").read_text())}
     for name in _train_executors(pipeline_spec):
         resources = pipeline_spec["deploymentSpec"]["executors"][name]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
@@ -46,7 +102,6 @@ def test_train_gets_a_gpu_the_volumes_and_the_secrets() -> None:
         k8s = platform[name]
         mounts = {m["constant"]: m["mountPath"] for m in k8s["pvcMount"]}
         assert mounts == {"dyme-data": "/data", "dyme-checkpoints": "/checkpoints"}
-        assert set(mounts) <= pvcs  # the claims the manifests create
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
         [llm_key] = k8s["secretAsEnv"]
         assert (llm_key["secretName"], llm_key["optional"]) == ("dyme-llm", True)
@@ -57,12 +112,19 @@ def test_train_gets_a_gpu_the_volumes_and_the_secrets() -> None:
         assert mlflow["keyToEnv"] == [{"configMapKey": "tracking-uri", "envVar": "MLFLOW_TRACKING_URI"}]
 
 
+def test_data_step_takes_the_data_path_input() -> None:
+    pipeline_spec, platform = _load(COMPILED)
+    assert pipeline_spec["root"]["inputDefinitions"]["parameters"]["data_path"]["defaultValue"] == ""
+    data_task = _tasks(pipeline_spec)["data-op"]
+    assert data_task["inputs"]["parameters"]["data_path"]["componentInputParameter"] == "data_path"
+    source = " ".join(pipeline_spec["deploymentSpec"]["executors"]["exec-data-op"]["container"]["command"])
+    assert "steps.ingest(" in source and "steps.synth(" not in source  # the same ingest as `dyme ingest`
+    assert {m["constant"] for m in platform["exec-data-op"]["pvcMount"]} == {"dyme-data"}  # paths on the volume
+
+
 def test_training_waits_for_validation_and_registering_is_never_cached() -> None:
     pipeline_spec, _ = _load(COMPILED)
-    tasks = {}
-    for component in pipeline_spec["components"].values():
-        tasks.update(component.get("dag", {}).get("tasks", {}))
-    tasks.update(pipeline_spec["root"]["dag"]["tasks"])
+    tasks = _tasks(pipeline_spec)
     assert "validate-op" in tasks["refine-op"]["dependentTasks"]
     for name in ("train-op", "train-op-2"):
         validation = tasks[name]["inputs"]["artifacts"]["validation"]

@@ -1,11 +1,14 @@
-"""`submit` (what `dyme submit` calls) against a fake KFP API on 127.0.0.1: it creates the experiment
-and one run that carries the compiled pipeline (as committed) and the params file's text and overrides.
+"""`dyme-submit` (pipelines/submit.py) against a fake KFP API on 127.0.0.1: it creates the experiment
+and one run that carries the compiled pipeline (as committed, or on another image) and the params
+sections merged with the overrides; a dead host or a bad key is one line on stderr.
 
 The fake implements only what kfp.Client 2.17 calls for this: GET healthz, GET (list) and POST
 experiments, POST runs, all under /apis/v2beta1.
 """
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dyme_core.cli import main
-from dyme_core.config import ConfigError
-from pipelines.dyme_pipeline import COMPILED, submit
+from dyme_core.config import ConfigError, load_config
+from pipelines.dyme_pipeline import COMPILED, sections
+from pipelines.submit import main, submit
 
 pytestmark = [pytest.mark.server, pytest.mark.filterwarnings("ignore:This client only works:FutureWarning")]
 
@@ -90,11 +93,23 @@ def test_submit_sends_the_compiled_pipeline_with_params_and_overrides(kfp_api: t
     assert run["experiment_id"] == "exp-1"
     pipeline_spec, platform_spec = yaml.safe_load_all(COMPILED.read_text())
     assert run["pipeline_spec"] == {"pipeline_spec": pipeline_spec, "platform_spec": platform_spec}
-    assert run["runtime_config"]["parameters"] == {
-        "params": (ROOT / "params.yaml").read_text(),
-        "overrides": ["train.max_steps=3"],
-        "use_tiny_model": True,  # params.yaml trains the model init_model builds
-    }
+    parameters = run["runtime_config"]["parameters"]
+    expected = sections(load_config(ROOT / "params.yaml", ["train.max_steps=3"]))
+    expected["register"]["git_commit"] = parameters["register"]["git_commit"]
+    assert len(parameters["register"]["git_commit"]) == 40  # the submitting checkout's HEAD, for MLflow
+    assert {k: parameters[k] for k in expected} == json.loads(json.dumps(expected))
+    assert parameters["train"]["max_steps"] == 3  # the override, merged before the cluster sees it
+    assert parameters["use_tiny_model"] is True  # params.yaml trains the model init_model builds
+    assert parameters["data_path"] == ""  # data.path of the params
+
+
+def test_submit_on_another_image_with_a_dataset(kfp_api: tuple[str, list]) -> None:
+    host, requests = kfp_api
+    submit(host, params_file=ROOT / "params.yaml", image="registry.example/me/dyme:dev", data_path="/data/chartqa")
+    run = _run_body(requests)
+    executors = run["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"].values()
+    assert {e["container"]["image"] for e in executors} == {"registry.example/me/dyme:dev"}
+    assert run["runtime_config"]["parameters"]["data_path"] == "/data/chartqa"
 
 
 def test_submit_with_a_hub_model_skips_the_tiny_model(kfp_api: tuple[str, list]) -> None:
@@ -112,7 +127,23 @@ def test_submit_refuses_a_bad_config_before_contacting_the_cluster(kfp_api: tupl
 
 def test_dyme_submit_cli_prints_the_run_id(kfp_api: tuple[str, list], capsys: pytest.CaptureFixture) -> None:
     host, requests = kfp_api
-    assert main(["submit", "--host", host, "--experiment", "cli", "--config", str(ROOT / "params.yaml"),
+    assert main(["--host", host, "--experiment", "cli", "--config", str(ROOT / "params.yaml"),
                  "train.max_steps=3"]) == 0
     assert f"submitted run run-1 to {host}" in capsys.readouterr().out
-    assert _run_body(requests)["runtime_config"]["parameters"]["overrides"] == ["train.max_steps=3"]
+    assert _run_body(requests)["runtime_config"]["parameters"]["train"]["max_steps"] == 3
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    # nothing listens on port 9 (discard) of the loopback
+    (["--host", "http://127.0.0.1:9"], 1,
+     "dyme-submit: error: cannot reach the KFP API at http://127.0.0.1:9 ([Errno 111] Connection refused)"),
+    (["--host", "http://127.0.0.1:9", "train.max_stepz=3"], 2,
+     "dyme-submit: error: unknown config key train.max_stepz"),
+])
+def test_dyme_submit_errors_are_one_line(args: list[str], code: int, message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "pipelines.submit", "--config", str(ROOT / "params.yaml"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == code
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(message), done.stderr
+    assert done.stdout == ""
