@@ -525,7 +525,8 @@ class DymeTrainer:
         Each further iteration (num_iterations > 1, TRL's semantics: the generation is reused)
         accumulates over the same batches again, with the PPO ratio to the log-probs of the policy that
         generated them, then steps. The LR schedule advances once per train step, so `max_steps`,
-        `warmup_steps` and the schedule count train steps whatever num_iterations is.
+        `warmup_steps` and the schedule count train steps whatever num_iterations is. `loss` and
+        `grad_norm` are means over the step's optimizer steps; `learning_rate` is the rate they used.
         """
         step = self.step
         phase = self.phase(step)
@@ -648,7 +649,11 @@ class DymeTrainer:
         ckpt = self.checkpoint_root / f"checkpoint-{self.step}"
         if self.rank == 0:
             state = {"step": self.step, "history": self.history, "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
+                     "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state(),
+                     # cumulative counters in the metrics: a resumed run continues them
+                     "refiner_stats": self.refiner.stats.as_dict(),
+                     "checker_stats": {"calls": self.checker.stats.llm_calls,
+                                       "fallbacks": self.checker.stats.fallbacks}}
             checkpoint.write_checkpoint(self.checkpoint_root, self.step, self.model, state,
                                         {"templates.json": self.templates.save}, keep=self.t.keep_checkpoints)
         if self.world > 1:
@@ -663,6 +668,8 @@ class DymeTrainer:
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
         self.history = state["history"]
+        self.refiner.stats.add(**{k.removeprefix("refiner/"): v for k, v in state["refiner_stats"].items()})
+        self.checker.stats.add(**state["checker_stats"])
         self.templates = TemplatePool.load(ckpt / "templates.json")
         log.info("resumed from %s at step %d", ckpt, self.step)
 
