@@ -35,11 +35,21 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def straight(tiny: dict, overrides, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """Final weights of an uninterrupted 4-step run."""
+def straight_run(tiny: dict, overrides, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run dir of an uninterrupted 4-step run."""
     out = tmp_path_factory.mktemp("straight") / "run"
     _train(tiny, overrides, out)
-    return _weights(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run: Path) -> dict[str, torch.Tensor]:
+    """Final weights of the uninterrupted run."""
+    return _weights(straight_run)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture
@@ -97,11 +107,16 @@ def test_keep_zero_keeps_every_checkpoint(tiny: dict, overrides, tmp_path: Path)
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
 
 
-def test_resume_is_exact(tiny: dict, overrides, interrupted: Path, tmp_path: Path, straight) -> None:
+def test_resume_is_exact(tiny: dict, overrides, interrupted: Path, tmp_path: Path, straight,
+                         straight_run: Path) -> None:
     trainer = _resume(tiny, overrides, interrupted, tmp_path / "run")
     assert _equal(_weights(tmp_path / "run"), straight)
-    logged = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert logged == [1, 2, 3, 4] and len(trainer.history) == 4
+    logged = _metrics(tmp_path / "run")
+    assert [m["step"] for m in logged] == [1, 2, 3, 4] and len(trainer.history) == 4
+    # cumulative counters continue across the resume as in the uninterrupted run
+    counters = [(m["refiner/calls"], m["checker/llm_calls"]) for m in logged]
+    assert counters == [(m["refiner/calls"], m["checker/llm_calls"]) for m in _metrics(straight_run)]
+    assert counters[-1][0] > 0
 
 
 def _truncate(path: Path) -> None:
