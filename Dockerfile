@@ -41,7 +41,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     MLFLOW_DISABLE_TELEMETRY=true \
     DVC_NO_ANALYTICS=1 \
     HF_HUB_DISABLE_TELEMETRY=1
-# Code and packages stay root-owned and read-only to the runtime user.
+# Code and packages stay root-owned and read-only to the runtime user; steps run in its home, which it
+# owns, so a relative path a step writes (a cache, a report) never hits the root-owned /app.
+WORKDIR /home/dyme
 USER 1000:1000
 ENTRYPOINT ["dyme"]
 CMD ["--help"]

@@ -171,7 +171,29 @@ def evaluate(cfg: Config) -> dict[str, float]:
     history = Path(cfg.evaluate.model_path).parent / "metrics.jsonl"
     if history.is_file():
         plot_training(history, Path(cfg.evaluate.out_dir))
+    headline = training_headline(history) if history.is_file() else {}
+    (Path(cfg.evaluate.out_dir) / TRAIN_SUMMARY).write_text(json.dumps(headline, indent=2, sort_keys=True))
     return metrics
+
+
+TRAIN_SUMMARY = "train_summary.json"  # the training figures `dvc metrics show` lists (dvc.yaml, evaluate)
+HEADLINE_KEYS = ("reward/format", "reward/accuracy", "reward/thinking", "reward/total",
+                 "mode/memorize", "mode/explore", "mode/skip")
+HEADLINE_LAST_STEPS = 10
+
+
+def training_headline(history: Path) -> dict[str, float]:
+    """Reward means and mode fractions averaged over the last 10 logged steps (one step of a small batch
+    is noise), the number of steps and the wall time (summed step times of the logged steps, every step by
+    default); the rest stays in MLflow and the run dir."""
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    if not rows:
+        return {}
+    last = rows[-HEADLINE_LAST_STEPS:]
+    out = {k: round(sum(r[k] for r in last) / len(last), 4) for k in HEADLINE_KEYS if all(k in r for r in last)}
+    out["steps"] = int(rows[-1]["step"])
+    out["wall_time_s"] = round(sum(r.get("time/step_s", 0.0) for r in rows), 1)
+    return out
 
 
 def register(cfg: Config) -> dict:

@@ -27,6 +27,7 @@ Test: `pytest tests/core/test_tracking.py` (starts a real `mlflow server` on 127
 
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
 import importlib.metadata
@@ -35,6 +36,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -68,9 +70,8 @@ MANIFEST_FILE = "manifest.json"  # written by the ingest step into data.out_dir
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 EVAL_FILES = ("metrics.json", "predictions.jsonl")  # logged under eval/ with the plots
 PREDICT_BATCH_SIZE = 16  # rows per generate call when serving (evaluate.batch_size's default)
-# Distributions the pyfunc imports (dyme_core itself travels as code), pinned to the installed versions.
-MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "pandas",
-                      "numpy", "pyarrow", "pyyaml", "requests", "httpx", "tqdm", "filelock", "peft")
+# Always required by the saved model directory, whether or not dyme_core names them in an import.
+MODEL_BASE_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors")
 _METRIC_KEY_BAD = re.compile(r"[^\w\-. :/]")
 _REMOTE = ("http://", "https://")
 
@@ -436,10 +437,45 @@ class DymeVLM(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"completion": completions, "answer": answers})
 
 
+def _imported_distributions() -> set[str]:
+    """Distributions that the modules the pyfunc can reach import: the dyme_core import graph from this
+    module (nested imports included), its third-party top-level names, mapped to what installs them.
+    Derived, not listed by hand, so a new import in the serving path cannot leave the model unloadable."""
+    package = Path(__file__).resolve().parent
+    todo, seen, tops = [Path(__file__).resolve()], set(), set()
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [(a.name, []) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [(node.module, [a.name for a in node.names])]
+            else:
+                continue
+            for name, members in names:
+                top, *parts = name.split(".")
+                if top == package.name:  # follow the library's own modules (and `from pkg import module`)
+                    todo += [package.joinpath(*parts).with_suffix(".py"), package.joinpath(*parts, "__init__.py")]
+                    todo += [package.joinpath(*parts, f"{m}.py") for m in members]
+                elif top not in sys.stdlib_module_names:
+                    tops.add(top)
+    installed = importlib.metadata.packages_distributions()
+    found = set()
+    for top in tops:
+        dists = installed.get(top, [])
+        same = [d for d in dists if d.lower().replace("_", "-") == top.lower().replace("_", "-")]
+        found |= set(same or dists)  # `mlflow` is also shipped in part by mlflow-skinny: take mlflow
+    return found
+
+
 def _model_requirements() -> list[str]:
-    """`name==version` of each distribution the pyfunc imports, without local suffixes (`+cpu`): an
+    """`name==version` of each distribution the pyfunc needs, without local suffixes (`+cpu`): an
     index serves `torch==2.13.0`, not the local build's `2.13.0+cpu`."""
-    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+    names = {importlib.metadata.metadata(d)["Name"] for d in {*MODEL_BASE_REQUIREMENTS, *_imported_distributions()}}
+    return sorted(f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names)
 
 
 def _log_pyfunc(model_name: str, model_dir: Path) -> Any:
