@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dyme_core import checkpoint
+from dyme_core import checkpoint, cli
 from dyme_core.config import load_config
 from dyme_core.trainer import DymeTrainer
 
@@ -216,3 +216,12 @@ def test_state_flattening_round_trips_an_optimizer() -> None:
     assert restored["state"].keys() == original["state"].keys()
     for i, s in original["state"].items():
         assert all(torch.equal(s[k], restored["state"][i][k]) for k in s)
+
+
+def test_cli_resume_from_a_missing_checkpoint_is_one_line(tiny: dict, overrides, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "nowhere" / "checkpoint-7"
+    assert cli.main(["train", *overrides(tmp_path / "run", f"train.resume_from={missing}")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"dyme train: error: train.resume_from: no checkpoint folder at {missing}"
+    assert not (tmp_path / "run").exists()

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dyme_core.checkpoint import staging_dir
+from dyme_core.checkpoint import begin_run, staging_dir
 from dyme_core.config import load_config
 from dyme_core.trainer import DymeTrainer
 
@@ -152,3 +152,19 @@ def test_a_failed_train_leaves_the_finished_run_byte_identical(tiny: dict, overr
     assert load_config(out / "config.yaml").train.max_steps == 4
     assert _logged_steps(out) == [1, 2, 3, 4]
     assert _snapshot(out)["model/model.safetensors"] != before["model/model.safetensors"]
+
+
+@pytest.mark.parametrize("killed_after", ["first rename", "second rename"])
+def test_a_publish_cut_by_a_kill_is_rolled_back_or_completed(tmp_path: Path, killed_after: str) -> None:
+    """Publishing is two renames (old run aside, new run in place); a kill between or after them is
+    repaired by the next run's start: the finished run is back, or the new one stays, never neither."""
+    out = tmp_path / "run"
+    previous = tmp_path / ".run.previous"
+    previous.mkdir()
+    (previous / "summary.json").write_text("old")
+    if killed_after == "second rename":
+        out.mkdir()
+        (out / "summary.json").write_text("new")
+    stage = begin_run(out, resume=True)
+    assert (out / "summary.json").read_text() == ("old" if killed_after == "first rename" else "new")
+    assert not previous.exists() and stage == staging_dir(out) and stage.is_dir()
