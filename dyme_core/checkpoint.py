@@ -251,11 +251,13 @@ def read_checkpoint(ckpt: Path, model: torch.nn.Module) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- run directories
 def staging_dir(output_dir: Path) -> Path:
-    """Where a run is written before it is published to `output_dir`."""
+    """Where a run is written before it is published to `output_dir` (absolute: `.` has no name)."""
+    output_dir = Path(os.path.abspath(output_dir))
     return output_dir.parent / f".{output_dir.name}.staging"
 
 
 def _previous_dir(output_dir: Path) -> Path:
+    output_dir = Path(os.path.abspath(output_dir))
     return output_dir.parent / f".{output_dir.name}.previous"
 
 
