@@ -4,10 +4,12 @@ One module-scoped copy of the project (`git ls-files --cached --others --exclude
 `git init` + commit, so DVC sees a fresh clone) gets a tiny params.yaml (the real one with smaller
 sizes, same sections and keys) and one real `dvc repro`. The tests below then run in file order on
 that copy: what the first repro builds, `dvc status/metrics/plots`, a no-change repro, a train-param
-change, a refine-param change, a damaged stage output, `dvc pull` of the example dataset, and the
-validation gate. Subprocesses get `<repo>/.venv/bin` first on PATH, PYTHONPATH=<copy> (the copy's
-code runs) and MLFLOW_TRACKING_URI=sqlite in tmp (the repo's mlruns.db is never touched).
-About 2 minutes on 2 CPU cores; the timings print with `pytest -s`.
+change, a refine-param change, a damaged stage output, `dvc pull` of the example dataset, the
+validation gate and a bad row stopping ingest, then the whole DAG on a Hugging Face ChartQA-layout
+parquet folder and on a DyME JSON file, each by editing only `data.path`. Subprocesses get
+`<repo>/.venv/bin` first on PATH, PYTHONPATH=<copy> (the copy's code runs) and MLFLOW_TRACKING_URI=sqlite
+in tmp (the repo's mlruns.db is never touched).
+About 4 minutes on 2 CPU cores; the timings print with `pytest -s`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +97,11 @@ def _write_params(clone: Clone, params: dict) -> None:
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _dataset_rows(root: Path) -> list[dict]:
+    """Rows of the materialised dataset (the data stage's output)."""
+    return pq.read_table(root / "data/dataset/samples.parquet").to_pylist()
 
 
 def _md5(path: Path) -> str:
@@ -225,10 +234,14 @@ def test_repro_builds_every_stage_output(repro: Clone) -> None:
     assert _ran(c.repro.stdout) == list(STAGES), output
     root = c.root
 
-    samples = _rows(root / "data/synth/samples.jsonl")
+    samples = _dataset_rows(root)
     by_split = {s: sorted(r["id"] for r in samples if r["split"] == s) for s in ("train", "val", "test")}
     assert {k: len(v) for k, v in by_split.items()} == {"train": 8, "val": 2, "test": 4}
-    assert all((root / "data/synth" / r["image"]).is_file() for r in samples)
+    assert all((root / "data/dataset" / r["image"]).is_file() for r in samples)
+    manifest = json.loads((root / "data/dataset/manifest.json").read_text())
+    assert manifest["source"] == "synthetic" and manifest["rows_per_split"] == {"train": 8, "val": 2, "test": 4}
+    # validation is bound to the data it checked
+    assert json.loads((root / "reports/validation.json").read_text())["data_digest"] == manifest["digest"]
 
     assert (root / "models/tiny-smolvlm/model.safetensors").is_file()
     assert json.loads((root / "reports/validation.json").read_text())["success"] is True
@@ -283,6 +296,7 @@ def test_metrics_show(repro: Clone) -> None:
     shown = json.loads(done.stdout[done.stdout.index("{"):])[""]["data"]
     assert "relaxed_accuracy" in shown["reports/eval/metrics.json"]["data"]
     assert shown["reports/validation.json"]["data"]["success"] is True
+    assert shown["reports/ingest.json"]["data"]["rows_per_split"] == {"train": 8, "val": 2, "test": 4}
 
 
 def test_plots_show_renders_every_plot(repro: Clone) -> None:
@@ -353,10 +367,10 @@ def test_refine_param_change_stops_when_targets_are_unchanged(repro: Clone) -> N
 
 
 def test_damaged_stage_output_is_restored_from_cache(repro: Clone) -> None:
-    """A hand-damaged file of data/synth (an output of the data stage) comes back from the DVC cache:
+    """A hand-damaged file of data/dataset (the data stage's output) comes back from the DVC cache:
     repro checks it out again and runs nothing. (So the validation gate is shown on data/raw below.)"""
     _need_repro(repro)
-    image = repro.root / "data/synth/images" / sorted((repro.root / "data/synth/images").glob("*-train-*.png"))[0].name
+    image = sorted((repro.root / "data/dataset/images").glob("*.png"))[0]
     good = image.read_bytes()
     image.write_bytes(b"not an image at all")
     assert "data" in _dirty_stages(_status(repro))
@@ -376,21 +390,25 @@ def test_pull_restores_example_dataset(clone: Clone) -> None:
     assert samples and all((raw / r["image"]).is_file() for r in samples)
     assert "data.dvc" not in _status(clone)
     for config in ([], ["--config", "params.yaml"]):  # the defaults, then the pipeline's stricter checks
-        report = clone.tmp / f"raw-validation{len(config)}.json"
-        done = _run(clone, "dyme", "validate", *config, "data.path=data/raw", f"validate.report={report}")
-        _ok(done)
+        out, report = clone.tmp / f"raw-dataset{len(config)}", clone.tmp / f"raw-validation{len(config)}.json"
+        paths = [f"data.out_dir={out}", f"data.report={out}.json", f"validate.report={report}"]
+        done = _ok(_run(clone, "dyme", "ingest", *config, "data.path=data/raw", *paths))
+        assert "ingested data/raw (project)" in done.stdout
+        assert sum(json.loads(Path(f"{out}.json").read_text())["rows_per_split"].values()) == len(samples)
+        _ok(_run(clone, "dyme", "validate", *config, *paths))
         assert json.loads(report.read_text())["success"] is True
 
 
 def test_validation_gate_stops_repro_before_train(repro: Clone) -> None:
-    """A corrupt image in the dataset (data.path: data/raw, as the README says for your own data):
-    repro fails at validate, names the sample, and nothing downstream runs."""
+    """An image too small for the model in the dataset (data.path: data/raw, as the README says for your
+    own data): ingest takes it (it decodes), repro fails at validate, names the sample, and nothing
+    downstream runs."""
     _need_repro(repro)
     raw = repro.root / "data/raw"
     if not (raw / "samples.jsonl").is_file():
         pytest.skip("data/raw was not pulled (see test_pull_restores_example_dataset)")
     bad = next(r for r in _rows(raw / "samples.jsonl") if r["split"] == "train")
-    (raw / bad["image"]).write_bytes(b"\x00garbage, not a PNG\xff" * 8)
+    Image.new("RGB", (4, 4), "white").save(raw / bad["image"])
     params = _params(repro)
     params["data"]["path"] = "data/raw"
     _write_params(repro, params)
@@ -403,10 +421,105 @@ def test_validation_gate_stops_repro_before_train(repro: Clone) -> None:
     assert "failed to reproduce 'validate'" in done.stdout, _tail(done)
     assert bad["id"] in done.stdout, f"the failure should name {bad['id']}:\n{_tail(done)}"
     ran = _ran(done.stdout)
-    assert "validate" in ran and not {"refine", "train", "evaluate", "register"} & set(ran), ran
+    assert ran[:2] == ["data", "validate"] and not {"refine", "train", "evaluate", "register"} & set(ran), ran
     report = json.loads((repro.root / "reports/validation.json").read_text())
     assert report["success"] is False
     assert bad["id"] in {f["id"] for f in report["failures"]}, report["failures"]
     assert _md5(model) == model_before
     assert yaml.safe_load((repro.root / "dvc.lock").read_text())["stages"]["train"] == lock_train
+
+
+def test_bad_row_stops_repro_at_ingest(repro: Clone) -> None:
+    """An image that does not decode stops the data stage itself, with one line naming the row. (The
+    stage tracks data.path as a param, not the folder: a source edited in place is re-ingested with
+    `dvc repro --force data`, as the README says.)"""
+    _need_repro(repro)
+    raw = repro.root / "data/raw"
+    if not (raw / "samples.jsonl").is_file() or _params(repro)["data"]["path"] != "data/raw":
+        pytest.skip("needs data/raw as data.path (see test_validation_gate_stops_repro_before_train)")
+    bad = [r for r in _rows(raw / "samples.jsonl") if r["split"] == "train"][-1]
+    (raw / bad["image"]).write_bytes(b"\x00garbage, not a PNG\xff" * 8)
+    model_before = _md5(repro.root / "runs/train/model/model.safetensors")
+    done = _run(repro, "dvc", "repro", "--force", "data")
+    assert done.returncode != 0, _tail(done)
+    assert "failed to reproduce 'data'" in done.stdout, _tail(done)
+    assert f"(id '{bad['id']}'): " in done.stdout and "cannot decode image" in done.stdout, _tail(done)
+    assert "Traceback" not in done.stdout
+    assert _ran(done.stdout) == ["data"]
+    assert _md5(repro.root / "runs/train/model/model.safetensors") == model_before
+
+
+def _png_bytes(color: str, size: tuple[int, int] = (48, 36)) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _repro_on(repro: Clone, data_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """Edit only data.path in params.yaml, run `dvc repro`; (the run, the ingest manifest)."""
+    params = _params(repro)
+    params["data"]["path"] = str(data_path)
+    _write_params(repro, params)
+    t0 = time.perf_counter()
+    done = _run(repro, "dvc", "repro")
+    TIMINGS[f"dvc repro on {data_path.name}"] = time.perf_counter() - t0
+    _ok(done)
+    assert _ran(done.stdout) == list(STAGES), _tail(done)
+    assert not _dirty_stages(_status(repro))
+    return done, json.loads((repro.root / "data/dataset/manifest.json").read_text())
+
+
+def _check_downstream(root: Path, manifest: dict) -> None:
+    rows = _dataset_rows(root)
+    train_ids = sorted(r["id"] for r in rows if r["split"] == "train")
+    assert sorted(r["id"] for r in _rows(root / "refined/targets.jsonl")) == train_ids
+    assert json.loads((root / "reports/validation.json").read_text())["data_digest"] == manifest["digest"]
+    metrics = json.loads((root / "reports/eval/metrics.json").read_text())
+    assert metrics["n"] == manifest["rows_per_split"]["test"]
+    assert json.loads((root / "reports/register.json").read_text())["version"] >= 1
+
+
+def test_repro_on_a_hf_chartqa_parquet_folder(repro: Clone) -> None:
+    """A local folder in the hub layout (data/<split>-*.parquet, ChartQA columns): the whole DAG runs."""
+    _need_repro(repro)
+    import datasets
+
+    folder = repro.tmp / "ChartQA"
+    features = datasets.Features({"query": datasets.Value("string"),
+                                  "label": datasets.Sequence(datasets.Value("string")),
+                                  "human_or_machine": datasets.ClassLabel(names=["human", "machine"]),
+                                  "image": datasets.Image()})
+    colors = ["red", "green", "blue", "yellow", "purple", "orange"]
+    (folder / "data").mkdir(parents=True)
+    for split, n in {"train": 6, "val": 2, "test": 3}.items():
+        records = {"query": [f"What is the {split} value {i}?" for i in range(n)],
+                   "label": [[str(10 * i)] for i in range(n)], "human_or_machine": [i % 2 for i in range(n)],
+                   "image": [{"bytes": _png_bytes(colors[i % 6]), "path": None} for i in range(n)]}
+        datasets.Dataset.from_dict(records, features=features).to_parquet(
+            str(folder / f"data/{split}-00000-of-00001.parquet"))
+    done, manifest = _repro_on(repro, folder)
+    assert manifest["format"] == "hf" and manifest["rows_per_split"] == {"train": 6, "val": 2, "test": 3}
+    _check_downstream(repro.root, manifest)
+
+
+def test_repro_on_a_dyme_json_file(repro: Clone) -> None:
+    """An official-style DyME JSON training file (extra fields, numeric answers, one split): val and test
+    are carved from it and the whole DAG runs."""
+    _need_repro(repro)
+    folder = repro.tmp / "dyme"
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i in range(20):
+        (folder / f"images/{i}.png").write_bytes(_png_bytes(["red", "green", "blue", "gray"][i % 4]))
+        rows.append({"question": f"What is the value of bar {i}? Answer with a number.",
+                     "question_wo_prompt": f"What is the value of bar {i}?", "answer": i * 2,
+                     "hint": f"The chart shows bar {i} at {i * 2}. So the answer is {i * 2}.",
+                     "image": f"images/{i}.png", "human_or_machine": 0, "visual_fact": f"bar {i}: {i * 2}"})
+    (folder / "chart_train.json").write_text(json.dumps(rows))
+    done, manifest = _repro_on(repro, folder / "chart_train.json")
+    assert manifest["format"] == "dyme_json" and manifest["carve"]["rows"] == {"test": 2, "val": 2}
+    assert manifest["rows_per_split"] == {"train": 16, "val": 2, "test": 2}
+    _check_downstream(repro.root, manifest)
     print(f"\n[dvc] timings: {', '.join(f'{k} {v:.1f} s' for k, v in TIMINGS.items())}")
