@@ -167,12 +167,14 @@ def test_local_hf_parquet_folder_in_hub_layout_with_human_only(tmp_path: Path) -
     assert ds.load_image(first).size == (24, 18)
 
 
-def test_saved_to_disk_single_split_is_carved(tmp_path: Path) -> None:
+def test_saved_to_disk_dataset_is_the_train_split_and_is_carved(tmp_path: Path) -> None:
+    import io
+
     import datasets
 
     records = _chartqa_records(tmp_path, 30)
-    records["image"] = [Image.open(__import__("io").BytesIO(r["bytes"])) for r in records["image"]]
-    datasets.DatasetDict(train=datasets.Dataset.from_dict(records)).save_to_disk(str(tmp_path / "saved"))
+    records["image"] = [Image.open(io.BytesIO(r["bytes"])) for r in records["image"]]
+    datasets.Dataset.from_dict(records).save_to_disk(str(tmp_path / "saved"))  # one Dataset, no splits
 
     report = ingest(_cfg(tmp_path, tmp_path / "saved", "data.val_fraction=0.2", "data.test_fraction=0.1"))
     assert report["format"] == "hf"
@@ -352,3 +354,15 @@ def test_cli_ingest_help_and_one_line_errors(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "3 rows (train=2, val=0, test=1)" in done.stdout and "1 dropped" in done.stdout
     assert pq.read_table(tmp_path / "data/dataset/samples.parquet").num_rows == 3
+
+
+def test_cli_train_refuses_a_report_for_other_data(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _project(src)
+    assert _dyme("ingest", f"data.path={src}", cwd=tmp_path).returncode == 0
+    assert _dyme("validate", cwd=tmp_path).returncode == 0
+    _png(src / "images/a.png", "black")
+    assert _dyme("ingest", f"data.path={src}", cwd=tmp_path).returncode == 0  # other data, old report
+    done = _dyme("train", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "was made for other data" in done.stderr
