@@ -28,6 +28,7 @@ Test: `pytest tests/core/test_tracking.py` (starts a real `mlflow server` on 127
 from __future__ import annotations
 
 import ast
+import atexit
 import base64
 import binascii
 import importlib.metadata
@@ -289,6 +290,7 @@ class MlflowReporter:
         if self._buffer.is_file():  # an earlier attempt could not reach the server: keep buffering in order
             log.warning("%s holds unsent metrics; buffering until `dyme sync`", self._buffer)
             self._write_buffer({"run_name": self._run_name, "resume_run_id": resume_run_id, "tags": self._tags})
+            atexit.register(self._end_unclosed)
             return
         try:
             check_reachable(cfg.register)
@@ -298,8 +300,12 @@ class MlflowReporter:
             if cfg.register.on_unreachable != "buffer":
                 raise TrackingUnreachable(str(e).splitlines()[0]) from None
             self._start_buffering(e)
+            atexit.register(self._end_unclosed)
             return
         (self._out / RUN_ID_FILE).write_text(self._run_id + "\n")
+        # a process that ends without close() (an exception, sys.exit in between) leaves the run FAILED,
+        # not RUNNING for ever; the trainer's own close(status) comes first when it gets the chance
+        atexit.register(self._end_unclosed)
         log.info("mlflow run %s (%s) at %s", self._run_id, self._run_name, cfg.register.tracking_uri)
 
     @property
@@ -342,8 +348,13 @@ class MlflowReporter:
         else:
             self._client.log_artifact(self._run_id, str(path), artifact_path)
 
+    def _end_unclosed(self) -> None:
+        log.warning("training ended without closing MLflow run %s: marking it FAILED", self._run_id or "(buffered)")
+        self.close("FAILED")
+
     def close(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED (buffered when the server is away)."""
+        atexit.unregister(self._end_unclosed)
         if self._client is not None:
             try:
                 self._client.set_terminated(self._run_id, status=status)

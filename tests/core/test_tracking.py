@@ -323,6 +323,26 @@ def test_reporter_logs_lineage_and_resumes_the_same_run(server: str, tmp_path: P
     assert client.get_run(reporter.run_id).info.status == "FAILED"
 
 
+def test_a_crashed_training_process_leaves_its_run_failed(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/crash.db"
+    code = textwrap.dedent(f"""
+        from dyme_core import tracking
+        from dyme_core.config import Config
+        cfg = Config()
+        cfg.train.output_dir = {str(tmp_path / "train")!r}
+        cfg.register.tracking_uri = {uri!r}
+        reporter = tracking.MlflowReporter(cfg)
+        reporter.log_metrics({{"loss/sft": 1.0}}, 0)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    """)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and "illegal memory access" in done.stderr
+    run = _client(uri).get_run(tracking.read_run_id(tmp_path / "train"))
+    assert run.info.status == "FAILED"
+
+
 def test_unreachable_server_fails_fast_in_one_line(tmp_path: Path) -> None:
     cfg = _config(tmp_path, f"http://127.0.0.1:{_free_port()}")
     with pytest.raises(tracking.TrackingUnreachable) as err:

@@ -1,12 +1,17 @@
-"""The whole pipeline under kfp.local (SubprocessRunner in this environment) on a tiny config: every
-step leaves the artifact the next one needs, and bad data stops the run at validate."""
+"""The whole pipeline under kfp.local (SubprocessRunner in this environment) on a tiny config: the data
+step ingests a non-synthetic local dataset given as `data_path` (a DyME JSON file), every step leaves
+the artifact the next one needs, training checkpoints land under the run id in `checkpoint_root`, the
+model is registered with the run's lineage, and bad data stops the run before training."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from pipelines.dyme_pipeline import dyme_pipeline
+from dyme_core.config import SynthConfig, load_config
+from dyme_core.data.schema import read_jsonl
+from dyme_core.data.synth import synthesize
+from pipelines.dyme_pipeline import dyme_pipeline, sections
 
 pytestmark = [
     pytest.mark.slow,
@@ -15,14 +20,27 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Task .* have no effect in the current local runner:UserWarning"),
 ]
 
+ROOT = Path(__file__).resolve().parents[2]
 # The tiny configuration of the local runs (a few seconds a step on 2 CPU cores).
 TINY = [
     "synth.n_train=8", "synth.n_val=2", "synth.n_test=4", "synth.image_size=64",
     "init_model.vocab_size=300", "init_model.hidden_size=32", "init_model.num_layers=1",
     "init_model.vision_hidden_size=32", "init_model.vision_layers=1", "init_model.image_size=32",
     "train.max_steps=2", "train.batch_size=2", "train.num_generations=2", "train.max_new_tokens=8",
-    "train.report_to=[jsonl]", "train.progress_bar=false", "evaluate.max_new_tokens=8",
+    "train.save_steps=1", "train.report_to=[jsonl]", "train.progress_bar=false", "evaluate.max_new_tokens=8",
 ]
+
+
+def _dyme_json(root: Path) -> Path:
+    """A DyME JSON file (the official layout: question, answer, hint, image, plus its extra fields) over
+    charts on disk; `split` keeps a train/val/test split so the run has something to evaluate."""
+    charts = synthesize(SynthConfig(out_dir=str(root / "charts"), n_train=8, n_val=2, n_test=4, image_size=64))
+    rows = [{"id": f"q{i}", "question": s["question"], "answer": s["answer"], "hint": s["hint"],
+             "image": f"charts/{s['image']}", "split": s["split"], "question_wo_prompt": s["question"],
+             "human_or_machine": 0} for i, s in enumerate(read_jsonl(Path(charts) / "samples.jsonl"))]
+    path = root / "chartqa_dyme.json"
+    path.write_text(json.dumps(rows))
+    return path
 
 
 def _artifact(root: Path, task: str, output: str) -> Path:
@@ -30,28 +48,41 @@ def _artifact(root: Path, task: str, output: str) -> Path:
     return path
 
 
-def test_pipeline_trains_evaluates_and_registers_the_tiny_model(local_kfp: Path, params: str,
-                                                                tmp_path: Path) -> None:
-    dyme_pipeline(params=params, overrides=TINY)
+def test_pipeline_ingests_a_local_dataset_then_trains_evaluates_and_registers(local_kfp: Path,
+                                                                              tmp_path: Path) -> None:
+    dataset_file = _dyme_json(tmp_path / "mydata")
+    cfg = load_config(ROOT / "params.yaml", TINY)
+    dyme_pipeline(**sections(cfg), data_path=str(dataset_file), use_tiny_model=True,
+                  checkpoint_root=str(tmp_path / "checkpoints"))
 
+    manifest = json.loads((_artifact(local_kfp, "data-op", "dataset") / "manifest.json").read_text())
+    assert (manifest["source"], manifest["format"]) == (str(dataset_file), "dyme_json")
+    assert manifest["rows_per_split"] == {"train": 8, "val": 2, "test": 4}
     report = json.loads(_artifact(local_kfp, "validate-op", "report").read_text())
-    assert report["success"] is True
-    samples = [json.loads(line) for line in (_artifact(local_kfp, "data-op", "dataset") / "samples.jsonl").open()]
+    assert report["success"] is True and report["data_digest"] == manifest["digest"]
     targets = (_artifact(local_kfp, "refine-op", "refined") / "targets.jsonl").read_text().splitlines()
-    assert len(targets) == sum(s["split"] == "train" for s in samples) == 8
+    assert len(targets) == 8
     model_dir = _artifact(local_kfp, "train-op", "model") / "model"
-    assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json"} <= {
-        p.name for p in model_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in model_dir.iterdir()}
+    [run_folder] = (tmp_path / "checkpoints").iterdir()  # one folder, named by the pipeline run id
+    assert list(run_folder.glob("checkpoint-*")), "no checkpoint under <checkpoint_root>/<run id>"
     metrics = json.loads((_artifact(local_kfp, "evaluate-op", "results") / "metrics.json").read_text())
     assert 0.0 <= metrics["relaxed_accuracy"] <= 1.0
     registered = json.loads(_artifact(local_kfp, "register-op", "registration").read_text())
     assert (registered["model_name"], registered["version"], registered["promoted"]) == ("dyme-chart", 1, True)
-    assert (tmp_path / "mlruns.db").is_file()  # MLFLOW_TRACKING_URI reached the register subprocess
+
+    from dyme_core.tracking import MlflowClient  # MLFLOW_TRACKING_URI reached the register subprocess
+
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(registered["run_id"])
+    assert run.data.tags["kfp.run_id"] == run_folder.name
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == manifest["digest"][:36]
 
 
-def test_pipeline_stops_at_validate_on_bad_data(local_kfp: Path, params: str) -> None:
+def test_pipeline_stops_before_training_on_bad_data(local_kfp: Path) -> None:
     # every 64 px chart is below the smallest accepted image side: all rows fail validation
-    with pytest.raises(RuntimeError, match="validate-op"):
-        dyme_pipeline(params=params, overrides=[*TINY, "validate.min_image_px=65"])
+    cfg = load_config(ROOT / "params.yaml", [*TINY, "validate.min_image_px=65"])
+    with pytest.raises(RuntimeError, match="data-op|validate-op"):
+        dyme_pipeline(**sections(cfg), checkpoint_root=str(local_kfp / "checkpoints"))
     [run] = local_kfp.glob("dyme-*")
-    assert sorted(p.name for p in run.iterdir()) == ["data-op", "validate-op"]  # nothing after validate ran
+    assert {p.name for p in run.iterdir()} <= {"data-op", "validate-op"}  # nothing after validate ran
