@@ -64,3 +64,17 @@ def test_remote_code_is_refused_unless_configured(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_model(ModelConfig(name_or_path=str(tmp_path)))
+
+
+def test_unknown_families_are_refused_with_the_supported_ones_named() -> None:
+    from transformers import BertConfig
+
+    from dyme_core.config import ConfigError, load_config
+    from dyme_core.families import family_of, get_family
+
+    with pytest.raises(ValueError, match="qwen2_vl"):
+        get_family("llava")
+    with pytest.raises(ValueError, match="'bert' is not supported"):
+        family_of(BertConfig())
+    with pytest.raises(ConfigError, match="init_model.family"):
+        load_config(None, ["init_model.family=llava"])

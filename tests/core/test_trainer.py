@@ -121,3 +121,20 @@ def test_two_processes_gloo(tiny_setup: dict, tmp_path: Path) -> None:
     before = load_file(Path(tiny_setup["model"]) / "model.safetensors")
     after = _weights(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_truncated_target_keeps_its_answer_line(tiny_setup: dict, tmp_path: Path) -> None:
+    """train.max_target_tokens cuts the thinking of a long memorised reference, never its "Answer:" line."""
+    trainer = DymeTrainer(_cfg(tiny_setup, tmp_path, "train.max_target_tokens=40"), tiny_setup["dataset"])
+    tok = trainer.tokenizer
+    thinking = " ".join(f"The bar for year {y} is {y % 97}." for y in range(2000, 2020))
+    ids = trainer._encode_target(f"{thinking}\nAnswer: 42")
+    assert len(ids) == 41 and int(ids[-1]) == trainer.eos_id  # the budget, then eos
+    text = tok.decode(ids[:-1])
+    kept = text.removesuffix("\nAnswer: 42")
+    assert kept != text and len(kept) > 10 and thinking.startswith(kept)  # the start of the thinking, the answer
+    short = "The bar is 3.\nAnswer: 3"  # within the budget: encoded as is
+    expected = tok(short, add_special_tokens=False)["input_ids"] + [trainer.eos_id]
+    assert trainer._encode_target(short).tolist() == expected
+    no_answer = trainer._encode_target(thinking)  # nothing to keep: a plain cut
+    assert len(no_answer) == 41 and thinking.startswith(tok.decode(no_answer[:-1]))
