@@ -289,10 +289,13 @@ def _normalise(row: dict[str, Any], split: str, cfg: DataConfig, limits: Validat
     unknown = sorted(set(row) - SAMPLE_FIELDS)
     if unknown:
         raise BadRow("unknown_field", f"unknown field(s) {unknown}")
-    for name, value in row.items():
-        if name != "image" and bad_text(value):
+    # meta holds a source's extra fields (DyME JSON's visual_fact, ...): name the field inside it
+    named = [(f"meta.{k}", v) for k, v in row["meta"].items()] if isinstance(row.get("meta"), dict) else []
+    top = [(k, v) for k, v in row.items() if k != "image" and not (k == "meta" and named)]
+    for name, value in [*top, *named]:
+        if bad_text(value):
             raise BadRow("encoding", f"{name} is not valid UTF-8 text")
-        if name != "image" and non_finite(value):
+        if non_finite(value):
             raise BadRow("non_finite", f"{name} holds a NaN or Infinity")
     sample_id = row.get("id")
     if isinstance(sample_id, int) and not isinstance(sample_id, bool):

@@ -21,6 +21,7 @@ import math
 import os
 import stat
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,10 @@ def decode_image(source: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     data is not an image, is truncated, or has more than ``max_pixels`` pixels (read from the header,
     before decoding)."""
     try:
-        with _PIL_LIMIT:
-            # PIL's own bomb guard, set explicitly to our limit (it errors above twice its limit)
+        with _PIL_LIMIT, warnings.catch_warnings():
+            # PIL's own bomb guard, set explicitly to our limit (it errors above twice its limit); its
+            # warning between once and twice is replaced by our error just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = max_pixels
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         width, height = image.size
