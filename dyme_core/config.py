@@ -182,8 +182,10 @@ class TrainConfig:
     warmup_steps: int = _f(0, "Linear warm-up steps.")
     lr_scheduler: str = _f("constant", "constant | linear | cosine.", choices=("constant", "linear", "cosine"))
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
-    max_new_tokens: int = _f(64, "Longest completion (paper: 300).")
-    max_target_tokens: int = _f(256, "Longest memorised reference trace; longer ones are truncated.")
+    max_new_tokens: int = _f(128, "Longest completion (paper: 300); keep it above the p95 length of the refined "
+                             "targets (refine_stats.json), or rollouts cannot reach the answer line.")
+    max_target_tokens: int = _f(256, "Longest memorised reference (trace + answer line); a longer one loses the end "
+                                "of its thinking, never its 'Answer:' line.")
     temperature: float = _f(1.0, "Sampling temperature for rollouts.")
     top_p: float = _f(1.0, "Nucleus sampling for rollouts.")
     top_k: int = _f(0, "Top-k sampling for rollouts (0 = off, as TRL and the official code sample; "
@@ -235,7 +237,8 @@ class EvaluateConfig:
     split: str = _f("test", "Split to evaluate.", choices=("train", "val", "test"))
     out_dir: str = _f("reports/eval", "predictions.jsonl, metrics.json, plots.")
     batch_size: int = _f(16, "Prompts per greedy generate call.")
-    max_new_tokens: int = _f(64, "Longest generated answer.")
+    max_new_tokens: int = _f(160, "Longest generated answer (reasoning included); above the refined targets' "
+                             "longest, so that a trained model's answers are not clipped.")
     limit: int = _f(0, "Evaluate at most this many samples (0 = all).")
     prompt_style: str = _f("reason", "reason | direct.", choices=("reason", "direct"))
 
@@ -376,8 +379,12 @@ def _check_secrets(obj: Any, key: str) -> None:
         except ValueError:
             return  # not a URL
         if userinfo or any(_SECRET_QUERY.search(name) for name, _ in parse_qsl(url.query)):
-            where = (f"put the API key in the environment variable named by {key.removesuffix('base_url')}api_key_env"
-                     if key.endswith("llm.base_url") else "pass credentials through the environment")
+            if key.endswith("llm.base_url"):
+                where = f"put the API key in the environment variable named by {key[:-len('base_url')]}api_key_env"
+            elif key.endswith("tracking_uri"):  # also filled from MLFLOW_TRACKING_URI by the CLI
+                where = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+            else:
+                where = "pass credentials through the environment"
             raise ConfigError(f"{key} must not carry credentials (user:password@host or a token in the "
                               f"query): {where}")
 

@@ -686,6 +686,9 @@ class DymeTrainer:
         rename when the run succeeds: a failed or killed run leaves a finished run's outputs untouched.
         """
         main = self.rank == 0
+        # validated again before anything is written: the CLI fills keys from the environment after the
+        # first check (MLflow's tracking URI), and a credential must reach neither config.yaml nor MLflow
+        replace(self.cfg)
         self.stage = checkpoint.staging_dir(self.out)
         if main:
             checkpoint.begin_run(self.out, resume=bool(self.t.resume_from))

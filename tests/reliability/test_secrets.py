@@ -107,3 +107,16 @@ def test_the_api_key_from_the_environment_reaches_the_endpoint_and_no_file(
     assert any(p.name == "config.yaml" for p in files) and any(p.parent.name.startswith("checkpoint-") for p in files)
     leaked = [str(p.relative_to(tmp_path)) for p in files if PASSWORD.encode() in p.read_bytes()]
     assert not leaked
+
+
+def test_credentials_in_mlflow_tracking_uri_from_the_environment_are_refused(
+        tiny: dict, overrides, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """MLFLOW_TRACKING_URI fills register.tracking_uri after the config is read; the run refuses it
+    before writing anything (config.yaml and the MLflow params would carry it)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://alice:{PASSWORD}@mlflow.internal")
+    out = tmp_path / "run"
+    rc, text = _run_cli(["train", *overrides(out, "train.max_steps=1")], capsys)
+    assert rc == 2 and "MLFLOW_TRACKING_PASSWORD" in text and PASSWORD not in text
+    assert len(text.strip().splitlines()) == 1
+    leaked = [str(p) for p in tmp_path.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
+    assert not leaked and not out.exists()
