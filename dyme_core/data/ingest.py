@@ -8,7 +8,11 @@ evaluate read only that folder, through :func:`open_dataset`. Sources (``data.fo
   rows whose fields are all :class:`~dyme_core.data.schema.Sample` fields.
 - ``dyme_json``: the official DyME JSON list (``question``, ``answer``, ``hint``, ``image``, optional
   ``id``/``split``); its other fields (``question_wo_prompt``, ``human_or_machine``, ``visual_fact``, ...)
-  are kept in ``meta``.
+  are kept in ``meta``. The official ``question`` is the full training prompt: ``question_wo_prompt``,
+  when present, becomes the question (our steps add their own prompt). An answer written as an SFT
+  label (``<reasoning> Answer: <answer>``) is split: the answer after the last flag, the reasoning as
+  the hint when the row has none. Absolute image paths (the official files store them) are read only
+  inside an explicit ``data.image_root``.
 - ``hf``: a Hugging Face dataset by hub id, a local folder in the hub layout (``data/<split>-*.parquet``
   or ``.arrow``), or a ``save_to_disk`` folder. ``data.hf_columns`` maps our fields to columns
   (ChartQA's ``query``/``label``/``image``), ``data.hf_split_map`` our splits to theirs; other columns
@@ -16,7 +20,7 @@ evaluate read only that folder, through :func:`open_dataset`. Sources (``data.fo
 
 Every row is normalised the same way: a label list becomes ``direct_answers`` (answer = the first),
 numbers become strings (answers and questions), ``data.human_only`` keeps ChartQA's human-written rows
-(``human_or_machine``). A row that would break a later step (hostile input of issue 10: an image path
+(``human_or_machine``; rows without the field are kept, as the official loader does, and counted). A row that would break a later step (hostile input of issue 10: an image path
 leaving the root or through a symlink, a FIFO or other special file, a decompression bomb over
 ``validate.max_pixels``, text that is not UTF-8, NaN/Infinity, fields over the ``validate.max_*_chars``
 limits, missing or wrongly typed fields, a duplicate id) fails the ingest with one line naming the row
@@ -63,6 +67,7 @@ from dyme_core.data.loaders import (
     to_sample,
 )
 from dyme_core.data.schema import SPLITS, Sample
+from dyme_core.rewards import ANSWER_FLAG_RE, parse_completion
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +144,22 @@ def _read_dyme_json(cfg: DataConfig) -> _Source:
         row = {k: v for k, v in raw.items() if k in DYME_KEYS}
         row.setdefault("id", f"{p.stem}-{i}")
         # the official files' extra fields (question_wo_prompt, human_or_machine, visual_fact, ...)
-        row["meta"] = {k: v for k, v in raw.items() if k not in DYME_KEYS}
+        meta = {k: v for k, v in raw.items() if k not in DYME_KEYS}
+        # official `question` is the full training prompt; our steps add their own prompt to the pure one
+        pure = raw.get("question_wo_prompt")
+        if isinstance(pure, str) and pure.strip() and pure != raw.get("question"):
+            meta["question_with_prompt"] = raw.get("question")
+            row["question"] = pure
+        # an official SFT label is "<reasoning> <answer_flag> <answer>": the answer is what follows the
+        # last flag, the reasoning is the reference trace (unless the row has a hint)
+        answer = raw.get("answer")
+        if isinstance(answer, str) and ANSWER_FLAG_RE.search(answer):
+            parsed = parse_completion(answer)
+            meta["answer_label"] = answer
+            row["answer"] = parsed.answer
+            if parsed.thinking and not row.get("hint"):
+                row["hint"] = parsed.thinking
+        row["meta"] = meta
         listed.append((f"{cfg.path} row {i}", row))
     root = Path(cfg.image_root) if cfg.image_root else p.parent
     return _Source("dyme_json", root, listed, [])
@@ -253,11 +273,19 @@ def _as_text(field_name: str, value: Any, limit: int, limit_key: str, required: 
     return value
 
 
-def _image_source(value: Any, root: Path, max_pixels: int, decoded: dict[str, str | BadRow]) -> tuple[bytes, str]:
+def _image_source(value: Any, root: Path, max_pixels: int, decoded: dict[str, str | BadRow],
+                  absolute_ok: bool) -> tuple[bytes, str]:
     """(bytes, file extension) of a row's image after every safety check; BadRow otherwise.
 
     ``decoded`` remembers each content hash's outcome: many questions share one chart, decoded once.
+    Absolute paths (the official DyME files store them) are read only inside an explicit
+    ``data.image_root`` (``absolute_ok``), which is then ``root``.
     """
+    if isinstance(value, str) and os.path.isabs(value):
+        if not absolute_ok:
+            raise BadRow("image", f"image path {value!r} is absolute; set data.image_root to the folder that "
+                                  "holds the images (absolute paths are read only inside it)")
+        value = os.path.relpath(value, os.path.abspath(root))  # outside the root: refused just below
     if isinstance(value, bytes | bytearray):
         data = bytes(value)
     elif isinstance(value, str):
@@ -337,15 +365,14 @@ def _normalise(row: dict[str, Any], split: str, cfg: DataConfig, limits: Validat
     task, qtype = row.get("task") or cfg.task, row.get("qtype")
     if not isinstance(task, str) or (qtype is not None and not isinstance(qtype, str)):
         raise BadRow("type", "task and qtype must be strings")
-    data, ext = _image_source(row.get("image"), root, limits.max_pixels, decoded)
+    data, ext = _image_source(row.get("image"), root, limits.max_pixels, decoded, bool(cfg.image_root))
     sample = Sample(id=sample_id, image="", question=question, answer=answer, hint=hint, visual_facts=facts,
                     direct_answers=direct, task=task, split=split, qtype=qtype, meta=meta)
     return sample, data, ext
 
 
 def _is_human(sample: Sample) -> bool:
-    if "human_or_machine" not in sample.meta:
-        raise BadRow("human_or_machine", "no human_or_machine field, which data.human_only needs")
+    """ChartQA's flag: 0/"human" or 1/"machine" (rows without it are counted by the caller)."""
     value = sample.meta.get("human_or_machine")
     text = str(value).strip().casefold()
     if text in _HUMAN:
@@ -430,6 +457,7 @@ def _materialise(cfg: Config, staging: Path) -> dict[str, Any]:
     kept: list[Sample] = []  # image already written under images/
     seen: set[str] = set()
     decoded: dict[str, str | BadRow] = {}
+    no_flag = 0
     for where, row in source.rows:
         raw_id = row.get("id")
         label = f"{where} (id {raw_id!r})" if raw_id is not None else where
@@ -439,7 +467,9 @@ def _materialise(cfg: Config, staging: Path) -> dict[str, Any]:
             if sample.id in seen:
                 raise BadRow("duplicate_id", f"id {sample.id!r} is used by an earlier row")
             seen.add(sample.id)
-            if d.human_only and not _is_human(sample):
+            if d.human_only and "human_or_machine" not in sample.meta:
+                no_flag += 1  # the official DyME loader keeps such rows as human-written
+            elif d.human_only and not _is_human(sample):
                 report["dropped"]["machine_generated"] = report["dropped"].get("machine_generated", 0) + 1
                 continue
         except BadRow as bad:
@@ -453,6 +483,10 @@ def _materialise(cfg: Config, staging: Path) -> dict[str, Any]:
         kept.append(sample)
     if not kept:
         raise DataError(f"{d.path}: no usable rows (dropped: {report['dropped']})")
+    if no_flag:
+        report["notes"].append(f"data.human_only: {no_flag} row(s) without human_or_machine kept as human-written")
+        log.warning("data.human_only: %d row(s) of %s have no human_or_machine field; kept as human-written",
+                    no_flag, d.path)
 
     samples = kept
     present = {s.split for s in samples}

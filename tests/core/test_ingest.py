@@ -109,10 +109,14 @@ def test_project_folder_is_materialised_and_opens(tmp_path: Path) -> None:
 
 def test_dyme_json_with_official_extra_fields_and_numeric_answer(tmp_path: Path) -> None:
     _png(tmp_path / "pics/1.png")
-    rows = [{"question": f"What is the value of bar {i}?", "question_wo_prompt": f"Value {i}?",
+    prompt = "Look at the chart and think step by step, then answer.\nQuestion: {}"
+    rows = [{"question": prompt.format(f"Value {i}?"), "question_wo_prompt": f"Value {i}?",
              "answer": i * 1.5 if i % 2 else i, "hint": f"The bar reads {i}.", "image": "pics/1.png",
              "human_or_machine": i % 2, "visual_fact": f"bar {i}: {i}"} for i in range(20)]
-    rows[3]["question"] = 2024  # a numeric question
+    rows[3] = {"question": 2024, "answer": 4.5, "image": "pics/1.png"}  # a numeric question, no extras
+    # an official SFT label: reasoning, then the answer flag and the answer
+    rows[5]["answer"] = "The bar for 5 reads 7.5 on the axis.\nAnswer: 7.5"
+    del rows[5]["hint"]
     path = tmp_path / "chart_train.json"
     path.write_text(json.dumps(rows))
     assert detect_format(str(path)) == "dyme_json"
@@ -121,14 +125,31 @@ def test_dyme_json_with_official_extra_fields_and_numeric_answer(tmp_path: Path)
     ds = open_dataset(tmp_path / "out")
     by_id = {s.id: s for s in ds.samples}
     assert len(by_id) == 20 and report["n_dropped"] == 0
-    assert by_id["chart_train-0"].meta == {"question_wo_prompt": "Value 0?", "human_or_machine": 0,
-                                           "visual_fact": "bar 0: 0"}
-    assert by_id["chart_train-3"].answer == "4.5" and by_id["chart_train-4"].answer == "4"
-    assert by_id["chart_train-3"].question == "2024"
+    first = by_id["chart_train-0"]
+    # the pure question is ours (our steps add their own prompt); the extras are kept in meta
+    assert first.question == "Value 0?"
+    assert first.meta == {"question_wo_prompt": "Value 0?", "human_or_machine": 0, "visual_fact": "bar 0: 0",
+                          "question_with_prompt": prompt.format("Value 0?")}
+    assert (by_id["chart_train-1"].answer, by_id["chart_train-4"].answer) == ("1.5", "4")
+    assert (by_id["chart_train-3"].question, by_id["chart_train-3"].answer) == ("2024", "4.5")
+    fifth = by_id["chart_train-5"]
+    assert (fifth.answer, fifth.hint) == ("7.5", "The bar for 5 reads 7.5 on the axis.")
     assert all(isinstance(s.answer, str) and isinstance(s.question, str) for s in ds.samples)
     # a training file has no val/test: both carved from train, and the report says so
     assert report["rows_per_split"] == {"train": 16, "val": 2, "test": 2}
     assert report["carve"]["rows"] == {"test": 2, "val": 2} and report["carve"]["seed"] == 0
+
+
+def test_dyme_json_absolute_image_paths_need_an_image_root(tmp_path: Path) -> None:
+    _png(tmp_path / "store/charts/1.png")
+    rows = [{"question": "Q?", "answer": "1", "image": str(tmp_path / "store/charts/1.png")}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"row 0 \(id 'd-0'\): image path .* is absolute; set data.image_root"):
+        ingest(_cfg(tmp_path, tmp_path / "d.json"))
+    report = ingest(_cfg(tmp_path, tmp_path / "d.json", f"data.image_root={tmp_path / 'store'}"))
+    assert report["n_rows"] == 1
+    with pytest.raises(DataError, match="escapes the dataset root"):  # absolute, but outside the root
+        ingest(_cfg(tmp_path, tmp_path / "d.json", f"data.image_root={tmp_path / 'other'}"))
 
 
 def _chartqa_records(tmp_path: Path, n: int, start: int = 0) -> dict[str, list[Any]]:
@@ -292,10 +313,11 @@ def test_failed_ingest_keeps_the_previous_dataset(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reports", "src"]  # no staging left
 
 
-def test_human_only_without_the_field_is_one_clear_error(tmp_path: Path) -> None:
-    _project(tmp_path / "src")
-    with pytest.raises(DataError, match=r"row 0 \(id 'a1'\): no human_or_machine field, which data.human_only"):
-        ingest(_cfg(tmp_path, tmp_path / "src", "data.human_only=true"))
+def test_human_only_keeps_rows_without_the_field_and_says_so(tmp_path: Path) -> None:
+    _project(tmp_path / "src")  # no human_or_machine anywhere: the official loader keeps such rows
+    report = ingest(_cfg(tmp_path, tmp_path / "src", "data.human_only=true"))
+    assert report["n_rows"] == 4 and report["n_dropped"] == 0
+    assert "data.human_only: 4 row(s) without human_or_machine kept as human-written" in report["notes"]
 
 
 def test_missing_source_is_not_found(tmp_path: Path) -> None:
