@@ -20,8 +20,9 @@ evaluate read only that folder, through :func:`open_dataset`. Sources (``data.fo
 
 Every row is normalised the same way: a label list becomes ``direct_answers`` (answer = the first),
 numbers become strings (answers and questions), ``data.human_only`` keeps ChartQA's human-written rows
-(``human_or_machine``; rows without the field are kept, as the official loader does, and counted). A row that would break a later step (hostile input of issue 10: an image path
-leaving the root or through a symlink, a FIFO or other special file, a decompression bomb over
+(``human_or_machine``; rows without the field are kept, as the official loader does, and counted).
+A row that would break a later step (hostile input of issue 10: an image path leaving the root or
+through a symlink, a FIFO or other special file, a decompression bomb over
 ``validate.max_pixels``, text that is not UTF-8, NaN/Infinity, fields over the ``validate.max_*_chars``
 limits, missing or wrongly typed fields, a duplicate id) fails the ingest with one line naming the row
 and the reason, or with ``data.on_bad_row: drop`` is dropped and counted by reason. When the source has
