@@ -168,3 +168,19 @@ def test_a_publish_cut_by_a_kill_is_rolled_back_or_completed(tmp_path: Path, kil
     stage = begin_run(out, resume=True)
     assert (out / "summary.json").read_text() == ("old" if killed_after == "first rename" else "new")
     assert not previous.exists() and stage == staging_dir(out) and stage.is_dir()
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly(tiny: dict, overrides, tmp_path: Path) -> None:
+    """torchrun with 2 processes (gloo): rank 0 writes the checkpoints, both ranks resume from one."""
+    def torchrun(out: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "dyme_core.cli", "train", *overrides(out, "train.max_steps=3", "train.batch_size=1", *extra)]
+        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun(tmp_path / "straight", "train.save_steps=1")
+    assert sorted(p.name for p in (tmp_path / "straight").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    torchrun(tmp_path / "resumed", f"train.resume_from={tmp_path / 'straight' / 'checkpoint-1'}")
+    assert _equal(_weights(tmp_path / "resumed"), _weights(tmp_path / "straight"))
+    assert _logged_steps(tmp_path / "resumed") == [1, 2, 3]
