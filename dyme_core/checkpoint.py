@@ -249,6 +249,21 @@ def read_checkpoint(ckpt: Path, model: torch.nn.Module) -> dict[str, Any]:
     return unflatten_state(doc["state"], tensors)
 
 
+def config_changes(saved: dict[str, Any], current: dict[str, Any], ignore: set[str], prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two config dicts, except `ignore`d keys."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if dotted in ignore:
+            continue
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict) and old and new:
+            changes += config_changes(old, new, ignore, f"{dotted}.")
+        elif old != new:
+            changes.append(f"{dotted}: {old!r} -> {new!r}")
+    return changes
+
+
 # ---------------------------------------------------------------- run directories
 def staging_dir(output_dir: Path) -> Path:
     """Where a run is written before it is published to `output_dir` (absolute: `.` has no name)."""

@@ -88,6 +88,14 @@ class Batch:
         return self.prompts.prompt_ids
 
 
+# config sections a checkpoint records; resume_from=auto refuses a checkpoint whose settings differ
+# except in these keys, which do not change what a step computes (max_steps may grow to train longer)
+RESUME_SECTIONS = ("data", "model", "train")
+RESUME_FREE_KEYS = {f"train.{k}" for k in ("max_steps", "save_steps", "logging_steps", "keep_checkpoints",
+                                           "resume_from", "output_dir", "checkpoint_dir", "progress_bar",
+                                           "report_to", "refine_cache_dir", "llm")}
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -650,6 +658,7 @@ class DymeTrainer:
         if self.rank == 0:
             state = {"step": self.step, "history": self.history, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state(),
+                     "config": {k: v for k, v in self.cfg.to_dict().items() if k in RESUME_SECTIONS},
                      # cumulative counters in the metrics: a resumed run continues them
                      "refiner_stats": self.refiner.stats.as_dict(),
                      "checker_stats": {"calls": self.checker.stats.llm_calls,
@@ -660,9 +669,22 @@ class DymeTrainer:
             dist.barrier()
         return ckpt
 
-    def load_checkpoint(self, ckpt: Path) -> None:
-        """Restore model, optimizer, scheduler, RNG, step, history and templates; nothing is unpickled."""
+    def load_checkpoint(self, ckpt: Path, same_config: bool = False) -> None:
+        """Restore model, optimizer, scheduler, RNG, step, history and templates; nothing is unpickled.
+
+        A checkpoint written under other data, model or training settings (beyond RESUME_FREE_KEYS) is
+        refused when `same_config` (resume_from=auto: a shared checkpoint_dir may hold another run's
+        checkpoints) and resumed with a warning otherwise (an explicit path is the user's choice).
+        """
         state = checkpoint.read_checkpoint(ckpt, self.model)
+        current = {k: v for k, v in self.cfg.to_dict().items() if k in RESUME_SECTIONS}
+        changes = checkpoint.config_changes(state["config"], current, RESUME_FREE_KEYS)
+        if changes and same_config:
+            raise checkpoint.CheckpointError(
+                f"{ckpt} was written by a run with other settings ({'; '.join(changes[:3])}); resume it with "
+                "train.resume_from=<path>, or start fresh with another train.checkpoint_dir")
+        if changes:
+            log.warning("resuming %s under other settings: %s", ckpt, "; ".join(changes))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
@@ -699,7 +721,7 @@ class DymeTrainer:
         if self.t.resume_from == "auto":
             ckpt = self.latest_checkpoint()
             if ckpt is not None:
-                self.load_checkpoint(ckpt)
+                self.load_checkpoint(ckpt, same_config=True)
         elif self.t.resume_from:
             try:
                 self.load_checkpoint(Path(self.t.resume_from))

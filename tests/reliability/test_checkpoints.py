@@ -225,3 +225,16 @@ def test_cli_resume_from_a_missing_checkpoint_is_one_line(tiny: dict, overrides,
     err = capsys.readouterr().err.strip()
     assert err == f"dyme train: error: train.resume_from: no checkpoint folder at {missing}"
     assert not (tmp_path / "run").exists()
+
+
+def test_auto_refuses_a_checkpoint_of_other_settings(tiny: dict, overrides, interrupted: Path, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A shared checkpoint_dir may hold another run's checkpoints: `auto` does not mix them into this run
+    (max_steps may grow), an explicit path resumes them with a warning naming what changed."""
+    with pytest.raises(checkpoint.CheckpointError, match=r"other settings \(train.learning_rate: 0.001 -> 0.0005"):
+        _resume(tiny, overrides, interrupted, tmp_path / "run", "train.learning_rate=5e-4")
+    _resume(tiny, overrides, interrupted, tmp_path / "longer", "train.max_steps=5")  # training longer is fine
+    with caplog.at_level(logging.WARNING):
+        _train(tiny, overrides, tmp_path / "explicit", "train.learning_rate=5e-4",
+               f"train.resume_from={interrupted / 'checkpoint-3'}")
+    assert any("train.learning_rate: 0.001 -> 0.0005" in r.getMessage() for r in caplog.records)
