@@ -220,13 +220,13 @@ def test_reused_generations_step_once_per_iteration_after_every_batch(tiny_setup
 
     trainer._rl_rows = capture
     events: list[str] = []
-    backward, step = trainer._backward, trainer.optimizer.step
+    backward = trainer._backward
 
     def which(batch) -> str:
         return f"batch{next(i for i, c in enumerate(captured) if c[0] is batch)}"
 
     trainer._backward = lambda batch, *a: events.append(which(batch)) or backward(batch, *a)
-    trainer.optimizer.step = lambda *a, **kw: events.append("step") or step(*a, **kw)
+    trainer.optimizer.register_step_post_hook(lambda *_: events.append("step"))
     metrics = trainer.train_step()
     assert events == ["batch0", "batch1", "step", "batch0", "batch1", "step"]  # 2nd iteration replays both
     assert trainer.scheduler.last_epoch == 1  # once per train step, not per optimizer step
