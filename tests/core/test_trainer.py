@@ -71,7 +71,7 @@ def test_each_method_trains_and_logs(tiny_setup: dict, tmp_path: Path, method: s
 def test_grpo_collapses_without_reward_variance(tiny_setup: dict, tmp_path: Path) -> None:
     """Plain GRPO on a model that gets nothing right: all advantages 0, no row reaches the update."""
     cfg = _cfg(tiny_setup, tmp_path / "g", "train.method=grpo", "train.max_steps=1", "train.checker=none",
-               "train.reward_weights=[0,1,0]")
+               "train.reward_weights={format: 0, accuracy: 1, thinking: 0}")
     m = DymeTrainer(cfg, tiny_setup["dataset"]).train()
     assert m["frac_reward_zero_std"] == 1.0 and m["rows/kept"] == 0 and m["grad_norm"] == 0.0
 
@@ -106,12 +106,19 @@ def test_resume_is_exact(tiny_setup: dict, tmp_path: Path) -> None:
 
 
 def test_two_processes_gloo(tiny_setup: dict, tmp_path: Path) -> None:
+    from dyme_core import steps
+
     out = tmp_path / "ddp"
+    data = [f"data.path={tiny_setup['data']}", f"data.out_dir={tmp_path / 'dataset'}",
+            f"data.report={tmp_path / 'ingest.json'}", f"validate.report={tmp_path / 'validation.json'}"]
+    data_cfg = load_config(None, data)
+    steps.ingest(data_cfg)  # `dyme train` reads the materialised dataset, validated
+    steps.validate(data_cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "dyme_core.cli", "train", f"data.path={tiny_setup['data']}",
+           "-m", "dyme_core.cli", "train", *data,
            f"model.name_or_path={tiny_setup['model']}", f"train.output_dir={out}", "train.refined=",
            "train.max_steps=2", "train.batch_size=1", "train.num_generations=2", "train.max_new_tokens=8",
-           "train.progress_bar=false", f"validate.report={tmp_path / 'none.json'}"]
+           "train.progress_bar=false", f"train.checkpoint_dir={tmp_path / 'ckpt'}", "train.report_to=[jsonl]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
