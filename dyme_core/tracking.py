@@ -69,6 +69,7 @@ RUN_ID_FILE = "mlflow_run_id"
 BUFFER_FILE = "mlflow_buffer.jsonl"  # metrics (and the final status) not yet sent to the server
 MANIFEST_FILE = "manifest.json"  # written by the ingest step into data.out_dir
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+KFP_RUN_TAG = "kfp.run_id"  # set by the pipeline's train and register components
 EVAL_FILES = ("metrics.json", "predictions.jsonl")  # logged under eval/ with the plots
 PREDICT_BATCH_SIZE = 16  # rows per generate call when serving (evaluate.batch_size's default)
 # Always required by the saved model directory, whether or not dyme_core names them in an import.
@@ -238,19 +239,34 @@ def _run_tags(cfg: Config) -> dict[str, str]:
     return tags
 
 
+def _unfinished_pipeline_run(client: MlflowClient, experiment_id: str, cfg: Config) -> str | None:
+    """The newest unfinished run tagged with this pipeline run's id (`register.tags["kfp.run_id"]`):
+    what a retried train task continues, since its new pod has lost the failed attempt's run dir."""
+    pipeline_run = cfg.register.tags.get(KFP_RUN_TAG)
+    if not pipeline_run:
+        return None
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{KFP_RUN_TAG}` = '{pipeline_run}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found and found[0].info.status != "FINISHED" else None
+
+
 def _open_run(client: MlflowClient, cfg: Config, run_name: str, resume_run_id: str | None,
-              extra_tags: dict[str, str]) -> str:
-    """Resume `resume_run_id` (when this server has it) or create a run; log tags, config and dataset."""
+              extra_tags: dict[str, str], continue_pipeline_run: bool = False) -> str:
+    """Resume `resume_run_id` (when this server has it), or with `continue_pipeline_run` the unfinished
+    run of the same KFP run, or create a run; log tags, config and dataset."""
     run_id = None
     if resume_run_id:
         try:
             run_id = client.get_run(resume_run_id).info.run_id
-            client.update_run(run_id, status="RUNNING")
         except MlflowException:
             log.warning("run %s is not on %s; starting a new run", resume_run_id, cfg.register.tracking_uri)
+    experiment_id = _experiment_id(client, cfg.register.experiment)
+    if run_id is None and continue_pipeline_run:
+        run_id = _unfinished_pipeline_run(client, experiment_id, cfg)
     if run_id is None:
-        experiment_id = _experiment_id(client, cfg.register.experiment)
         run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
     tags = {**_run_tags(cfg), **extra_tags}
     _log_batches(client, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     _log_config(client, run_id, cfg)
@@ -295,7 +311,8 @@ class MlflowReporter:
         try:
             check_reachable(cfg.register)
             self._client = _client(cfg.register)
-            self._run_id = _open_run(self._client, cfg, self._run_name, resume_run_id, self._tags)
+            self._run_id = _open_run(self._client, cfg, self._run_name, resume_run_id, self._tags,
+                                     continue_pipeline_run=True)
         except (TrackingUnreachable, MlflowException, requests.RequestException) as e:
             if cfg.register.on_unreachable != "buffer":
                 raise TrackingUnreachable(str(e).splitlines()[0]) from None
@@ -380,7 +397,8 @@ def sync(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     header = next((r for r in rows if "run_name" in r), {})
     client = _client(cfg.register)
     resume = header.get("resume_run_id") or read_run_id(run_dir)
-    run_id = _open_run(client, cfg, header.get("run_name") or default_run_name(cfg), resume, header.get("tags", {}))
+    run_id = _open_run(client, cfg, header.get("run_name") or default_run_name(cfg), resume, header.get("tags", {}),
+                       continue_pipeline_run=True)
     metrics = [m for r in rows if "metrics" in r for m in _metric_entities(r["metrics"], r["step"], r["time"])]
     _log_batches(client, run_id, metrics=metrics)
     status = next((r["status"] for r in reversed(rows) if "status" in r), None)

@@ -323,6 +323,24 @@ def test_reporter_logs_lineage_and_resumes_the_same_run(server: str, tmp_path: P
     assert client.get_run(reporter.run_id).info.status == "FAILED"
 
 
+def test_a_retried_pipeline_task_continues_the_run_of_its_kfp_run(server: str, tmp_path: Path) -> None:
+    # a retried KFP task is a new pod: its run dir (and mlflow_run_id) is gone, the kfp.run_id tag is not
+    first = tracking.MlflowReporter(_config(tmp_path / "a", server, tags={"kfp.run_id": "kfp-42"}))
+    first.log_metrics({"loss/sft": 2.0}, 0)
+    first.close("FAILED")
+    retry = tracking.MlflowReporter(_config(tmp_path / "b", server, tags={"kfp.run_id": "kfp-42"}))
+    retry.log_metrics({"loss/sft": 1.0}, 1)
+    retry.close()
+    assert retry.run_id == first.run_id
+    client = _client(server)
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss/sft")] == [0, 1]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    # a finished pipeline run is never reopened: another run of the same KFP run id gets its own
+    again = tracking.MlflowReporter(_config(tmp_path / "c", server, tags={"kfp.run_id": "kfp-42"}))
+    again.close()
+    assert again.run_id != first.run_id
+
+
 def test_a_crashed_training_process_leaves_its_run_failed(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/crash.db"
     code = textwrap.dedent(f"""
