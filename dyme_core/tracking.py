@@ -5,7 +5,9 @@ It reads no environment: the CLI (or a KFP component's runtime) resolves the tra
 and the outside tags and passes them down in `cfg.register`.
 
 - `MlflowReporter`: one run per training job. A resumed job passes the run id it wrote to
-  `<train.output_dir>/mlflow_run_id` (`read_run_id`) and continues that run. Lineage: the dataset trained on
+  `<train.output_dir>/mlflow_run_id` (`read_run_id`) and continues that run; a retried KFP task, whose
+  new pod lost that file, continues the unfinished run tagged with its `kfp.run_id`. A process that
+  ends without `close(status)` leaves its run FAILED (atexit), never RUNNING. Lineage: the dataset trained on
   (`mlflow.log_input`: name, digest and source from `<data.out_dir>/manifest.json`), the git commit
   (`mlflow.source.git.commit`), `register.tags` (DVC experiment name, KFP run id), the flattened config.
   Before training starts the server is checked with a bounded timeout: unreachable -> one-line
