@@ -310,7 +310,7 @@ def test_plots_show_renders_every_plot(repro: Clone) -> None:
     done = _run(repro, "dvc", "plots", "show", "--json", "-o", str(out))  # -o: image plots go there too
     errors = json.loads(done.stdout[done.stdout.index("{"):]).get("errors") or []
     assert not errors, "dvc plots could not load: " + "; ".join(
-        f"{e['name']} ({e['source']}): {e['msg'].splitlines()[-1]}" for e in errors)
+        f"{e.get('name')} ({e.get('source', e.get('type'))}): {str(e.get('msg', e)).splitlines()[-1]}" for e in errors)
 
 
 def test_noop_repro_runs_no_stage(repro: Clone) -> None:
