@@ -317,8 +317,8 @@ def trl_trainer(kind: str, args: argparse.Namespace, work: Work, device: torch.d
     extra: dict[str, Any] = {}
     if kind == "trl-same-gen":
         gen_kwargs["max_cache_len"] = max_cache_len
-        # DyME samples with train.top_k (default 50, as transformers); TRL's default is 0 (off)
-        extra = {"cache_implementation": "static" if args.static_cache == "on" else None, "top_k": 50,
+        # DyME samples with train.top_k (default 0: off, as TRL and the official code)
+        extra = {"cache_implementation": "static" if args.static_cache == "on" else None, "top_k": 0,
                  "gradient_checkpointing": False, "loss_type": "grpo", "learning_rate": 8e-5, "weight_decay": 0.01}
     cfg = GRPOConfig(
         output_dir=str(Path(args.work) / f"run-{kind}"), max_steps=args.trl_steps, per_device_train_batch_size=micro,

@@ -23,14 +23,14 @@ def test_help_lists_keys(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_chain_synth_to_evaluate(tmp_path: Path) -> None:
+def test_default_chain_ingest_to_evaluate(tmp_path: Path) -> None:
     tiny = ["synth.n_train=6", "synth.n_val=2", "synth.n_test=3", "synth.image_size=64",
             "init_model.vocab_size=300", "init_model.hidden_size=32", "init_model.num_layers=1",
             "init_model.vision_hidden_size=32", "init_model.vision_layers=1", "init_model.image_size=32",
             "train.max_steps=2", "train.batch_size=2", "train.num_generations=2", "train.max_new_tokens=8",
             "train.report_to=[jsonl]", "evaluate.max_new_tokens=8"]
     params = Path(__file__).parents[2] / "params.yaml"
-    for step in ("synth", "init-model", "validate", "refine", "train", "evaluate"):
+    for step in ("ingest", "validate", "init-model", "refine", "train", "evaluate"):
         proc = run(step, "--config", str(params), *tiny, cwd=tmp_path)
         assert proc.returncode == 0, f"{step}: {proc.stderr[-1500:]}"
     metrics = json.loads((tmp_path / "reports/eval/metrics.json").read_text())
@@ -48,8 +48,9 @@ def test_default_chain_synth_to_evaluate(tmp_path: Path) -> None:
     (["train", "train.max_steps=abc"], "train.max_steps: expected an integer"),
     (["train", "train.method=ppo"], "train.method must be one of"),
     (["train", "--config", "missing.yaml"], "config file not found: missing.yaml"),
-    (["validate", "data.path=nowhere/data"], "dataset not found"),
-    (["evaluate", "data.path=./nowhere/data"], "dataset not found"),
+    (["ingest", "data.path=nowhere/data"], "dataset not found"),
+    (["validate", "data.out_dir=nowhere/data"], "dataset not found"),
+    (["evaluate", "data.out_dir=./nowhere/data"], "dataset not found"),
 ])
 def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     proc = run(*args, cwd=tmp_path)
@@ -59,40 +60,47 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_corrupt_image_fails_validation_then_training_refuses(tmp_path: Path, tiny_setup: dict) -> None:
-    import shutil
+def _ingested(tmp_path: Path, tiny_setup: dict) -> Path:
+    """The tiny synthetic set materialised by `dyme ingest` into tmp_path/ds."""
+    proc = run("ingest", f"data.path={tiny_setup['data']}", "data.out_dir=ds", "data.report=ingest.json",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return tmp_path / "ds"
 
-    data = tmp_path / "data"
-    shutil.copytree(tiny_setup["data"], data)
-    victim = sorted((data / "images").glob("*.png"))[0]
+
+def test_corrupt_image_fails_validation_then_training_refuses(tmp_path: Path, tiny_setup: dict) -> None:
+    ds = _ingested(tmp_path, tiny_setup)
+    victim = sorted((ds / "images").glob("*.png"))[0]
     victim.write_bytes(b"not a png")
-    proc = run("validate", f"data.path={data}", "validate.report=report.json", cwd=tmp_path)
+    proc = run("validate", "data.out_dir=ds", "validate.report=report.json", cwd=tmp_path)
     assert proc.returncode == 1
     report = json.loads((tmp_path / "report.json").read_text())
-    assert victim.stem in {f["id"] for f in report["failures"]}
-    proc = run("train", f"data.path={data}", "validate.report=report.json", cwd=tmp_path)
+    assert any(f["check"] == "image_decodable" for f in report["failures"]), report["failures"]
+    proc = run("train", "data.out_dir=ds", "validate.report=report.json", cwd=tmp_path)
     assert proc.returncode == 2 and "failed validation" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_corrupt_image_in_training_is_one_line(tmp_path: Path, tiny_setup: dict) -> None:
-    import shutil
-
-    data = tmp_path / "data"
-    shutil.copytree(tiny_setup["data"], data)
-    for png in (data / "images").glob("synth-train-*.png"):
+def test_data_changed_after_validation_is_refused_in_one_line(tmp_path: Path, tiny_setup: dict) -> None:
+    ds = _ingested(tmp_path, tiny_setup)
+    proc = run("validate", "data.out_dir=ds", "validate.report=report.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for png in (ds / "images").glob("*.png"):
         png.write_bytes(b"garbage")
-    proc = run("train", f"data.path={data}", f"model.name_or_path={tiny_setup['model']}",
-               "train.max_steps=1", "train.refined=", "validate.report=none.json", cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "cannot decode image" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("train", "data.out_dir=ds", f"model.name_or_path={tiny_setup['model']}", "train.max_steps=1",
+               "train.refined=", "validate.report=report.json", "train.report_to=[jsonl]", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "made for other data" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # nothing was started
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
     cfg_file = tmp_path / "p.yaml"
     cfg_file.write_text("train:\n  max_steps: 7\n  method: grpo\n")
-    cfg = load_config(cfg_file, ["train.max_steps=3", "train.reward_weights=[1,2,0]"])
-    assert cfg.train.max_steps == 3 and cfg.train.method == "grpo" and cfg.train.reward_weights == [1, 2, 0]
+    cfg = load_config(cfg_file, ["train.max_steps=3", "train.reward_weights={format: 1, accuracy: 2, thinking: 0}"])
+    assert cfg.train.max_steps == 3 and cfg.train.method == "grpo"
+    assert cfg.train.reward_weights == {"format": 1, "accuracy": 2, "thinking": 0}
     with pytest.raises(ConfigError, match="unknown config key nosection"):
         load_config(None, ["nosection.x=1"])
     with pytest.raises(ConfigError, match="train.num_generations must be >= 2"):
