@@ -78,7 +78,8 @@ METHODS: dict[str, list[str]] = {
     "grpo": ["train.method=grpo"],
     "two_stage": ["train.method=two_stage", "train.sft_target=hint"],
     "dyme": ["train.method=dyme"],
-    "dyme_no_checker": ["train.method=dyme", "train.checker=none", "train.reward_weights={format: 1.0, accuracy: 1.0, thinking: 0.0}"],
+    "dyme_no_checker": ["train.method=dyme", "train.checker=none",
+                        "train.reward_weights={format: 1.0, accuracy: 1.0, thinking: 0.0}"],
     "dyme_no_refiner": ["train.method=dyme", "train.use_refiner=false"],
 }
 # Training order: the cheapest runs last, so a call that runs out of time leaves them to the next one.
