@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -107,7 +108,13 @@ def _init_distributed() -> None:
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
 
 
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    # Kubernetes stops a pod with SIGTERM: end the MLflow run as KILLED (a checkpoint is kept for resume)
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     client = _llm_client(cfg.train.llm, cfg.train.checker == "llm")
     _init_distributed()
     metrics = steps.train(cfg, client)
@@ -262,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"dyme {args.command}: error: {msg}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"dyme {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

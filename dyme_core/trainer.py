@@ -733,17 +733,25 @@ class DymeTrainer:
         bar = tqdm(total=self.t.max_steps, initial=self.step, disable=not (main and self.t.progress_bar),
                    desc=f"train[{self.t.method}]", dynamic_ncols=True)
         last: dict[str, float] = {}
-        while self.step < self.t.max_steps:
-            last = self.train_step()
-            self.history.append(last)
-            if main and (self.step % self.t.logging_steps == 0 or self.step == self.t.max_steps):
-                self._log(last)
-            bar.update(1)
-            bar.set_postfix(acc=f"{last['reward/accuracy']:.2f}", mem=f"{last['mode/memorize']:.2f}",
-                            nll=f"{last['loss/nll_memorized']:.3f}")
-            if self.t.save_steps and self.step % self.t.save_steps == 0 and self.step < self.t.max_steps:
-                self.save_checkpoint()
-        bar.close()
+        try:
+            while self.step < self.t.max_steps:
+                last = self.train_step()
+                self.history.append(last)
+                if main and (self.step % self.t.logging_steps == 0 or self.step == self.t.max_steps):
+                    self._log(last)
+                bar.update(1)
+                bar.set_postfix(acc=f"{last['reward/accuracy']:.2f}", mem=f"{last['mode/memorize']:.2f}",
+                                sft=f"{last.get('loss/sft', 0.0):.3f}")
+                if self.t.save_steps and self.step % self.t.save_steps == 0 and self.step < self.t.max_steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into it by the CLI (a pod being stopped)
+            self._close_sinks("KILLED")
+            raise
+        except BaseException:
+            self._close_sinks("FAILED")
+            raise
+        finally:
+            bar.close()
         if main:
             save_model(self.model, self.processor, self.stage / "model")
             self.templates.save(self.stage / "templates.json")
@@ -776,14 +784,16 @@ class DymeTrainer:
     def _log(self, metrics: dict[str, float]) -> None:
         for report in self.reporters:
             report(metrics, int(metrics["step"]))
-        log.info("step %d: loss %.4f nll(mem) %.3f acc %.3f modes m/e/s %.2f/%.2f/%.2f", metrics["step"],
-                 metrics["loss"], metrics["loss/nll_memorized"],
+        log.info("step %d: loss %.4f sft %.3f acc %.3f modes m/e/s %.2f/%.2f/%.2f", metrics["step"],
+                 metrics["loss"], metrics.get("loss/sft", 0.0),
                  metrics["reward/accuracy"], metrics["mode/memorize"], metrics["mode/explore"],
                  metrics["mode/skip"])
 
-    def _close_sinks(self) -> None:
+    def _close_sinks(self, status: str = "FINISHED") -> None:
+        """End the MLflow run with `status` (FINISHED | FAILED | KILLED), once."""
         if self._mlflow is not None:
-            self._mlflow.close()
+            mlflow_run, self._mlflow = self._mlflow, None
+            mlflow_run.close(status)
 
 
 def _append_jsonl(path: Path, row: dict) -> None:

@@ -184,3 +184,45 @@ def test_two_processes_resume_exactly(tiny: dict, overrides, tmp_path: Path) -> 
     torchrun(tmp_path / "resumed", f"train.resume_from={tmp_path / 'straight' / 'checkpoint-1'}")
     assert _equal(_weights(tmp_path / "resumed"), _weights(tmp_path / "straight"))
     assert _logged_steps(tmp_path / "resumed") == [1, 2, 3]
+
+
+def _run_status(uri: str) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.status for r in client.search_runs(experiments)]
+
+
+def test_a_failed_train_ends_its_mlflow_run_failed(tiny: dict, overrides, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = load_config(None, overrides(tmp_path / "run", "train.report_to=[jsonl,mlflow]",
+                                      f"register.tracking_uri={uri}"))
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        _CrashAt(cfg, tiny["dataset"]).train()
+    assert _run_status(uri) == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_train_in_one_line_and_ends_its_mlflow_run_killed(tiny: dict, overrides,
+                                                                        tmp_path: Path) -> None:
+    """What a pod deletion does: SIGTERM. The run ends KILLED, the exit is 130, stderr says one line."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dyme_core.cli", "train",
+           *overrides(out, "train.max_steps=1000", "train.report_to=[jsonl,mlflow]", f"register.tracking_uri={uri}")]
+    proc = subprocess.Popen(cmd, env={**ENV, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = staging_dir(out) / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:  # wait for step 1 to be logged
+        if metrics.is_file() and metrics.read_text().strip():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    last = [line for line in stderr.splitlines() if line.startswith("dyme train:")]
+    assert last == ["dyme train: interrupted"] and "Traceback" not in stderr
+    assert _run_status(uri) == ["KILLED"]
+    assert not out.exists()  # nothing published: the staged run waits for resume_from=auto
