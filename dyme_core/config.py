@@ -172,7 +172,7 @@ class TrainConfig:
     template_pool: str = _f("refined/templates.json", "Template pool the refine step used (missing = default).")
     refine_cache_dir: str = _f(".cache/refine", "Cache for online refinement of MEMORIZE groups.")
     seed: int = _f(0, "Seed for data order, sampling and initialisation of LoRA.")
-    max_steps: int = _f(12, "Optimizer steps.")
+    max_steps: int = _f(12, "Train steps (one generation round of grad_accum_steps batches, then the updates).")
     batch_size: int = _f(4, "Prompts per process per generation batch.")
     num_generations: int = _f(4, "K: completions sampled per prompt.")
     grad_accum_steps: int = _f(1, "Generation batches accumulated per optimizer step.")
@@ -214,9 +214,11 @@ class TrainConfig:
     template_evolution: bool = _f(False, "Propose top-scoring correct traces as new templates.")
     prompt_style: str = _f("reason", "reason (think, then 'Answer:') | direct (answer only).",
                            choices=("reason", "direct"))
-    save_steps: int = _f(0, "Checkpoint every N optimizer steps (0 = none; the final model is always saved).")
-    checkpoint_dir: str = _f("", "Where checkpoint-N/ go ('' = output_dir), e.g. a volume that outlives the pod.")
-    resume_from: str = _f("", "'' | auto (latest checkpoint in output_dir) | a checkpoint path.")
+    save_steps: int = _f(0, "Checkpoint every N train steps (0 = none; the final model is always saved).")
+    checkpoint_dir: str = _f("", "Where checkpoint-N/ go, e.g. a volume that outlives the pod ('' = the run's "
+                             "staging folder beside output_dir, published with it).")
+    resume_from: str = _f("", "'' | auto (newest intact checkpoint in checkpoint_dir, or the staging folder) | "
+                          "a checkpoint path.")
     keep_checkpoints: int = _f(2, "Checkpoints kept (the newest N; 0 = all). resume_from=auto falls back to an "
                                "older intact one when the newest is broken, so keep at least 2.")
     logging_steps: int = _f(1, "Log every N steps.")
