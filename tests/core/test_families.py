@@ -141,3 +141,29 @@ def test_pyfunc_predicts(family_model: dict) -> None:
     out = pyfunc.predict(None, frame, {"max_new_tokens": 5})
     assert list(out.columns) == ["completion", "answer"] and len(out) == 2
     assert all(isinstance(c, str) for c in out["completion"])
+
+
+def test_dyme_init_model_builds_the_configured_family(tiny_setup: dict, tmp_path: Path) -> None:
+    """`dyme ingest` then `dyme init-model init_model.family=qwen2_5_vl`: the saved directory reloads through the
+    Auto classes in a fresh process that imports only the family module (it registers the image-text processor)."""
+    import subprocess
+    import sys
+
+    from dyme_core.cli import main
+
+    common = [f"data.path={tiny_setup['data']}", f"data.out_dir={tmp_path / 'dataset'}",
+              f"data.report={tmp_path / 'ingest.json'}"]
+    assert main(["ingest", *common]) == 0
+    out = tmp_path / "model"
+    assert main(["init-model", *common, "init_model.family=qwen2_5_vl", f"init_model.out_dir={out}",
+                 "init_model.vocab_size=300", "init_model.hidden_size=32", "init_model.num_layers=1",
+                 "init_model.num_heads=2", "init_model.vision_hidden_size=32", "init_model.vision_layers=1",
+                 "init_model.image_size=32"]) == 0
+    code = ("import sys, dyme_core.families; from transformers import AutoModelForImageTextToText, AutoProcessor; "
+            "m = AutoModelForImageTextToText.from_pretrained(sys.argv[1]); "
+            "p = AutoProcessor.from_pretrained(sys.argv[1]); "
+            "print(type(m).__name__, type(p).__name__, type(p.image_processor).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLImageTextProcessor",
+                                   "Qwen2VLImageProcessorPil"]
