@@ -4,8 +4,8 @@ The trainer, `evaluate.generate_answers` and the registered pyfunc never branch 
 the adapter of the loaded model (`family_of(model.config)`, keyed by `config.model_type`) to
 
 - encode prompts with the processor's chat template (`encode`) and keep, per prompt, the token ids and the
-  text-aligned processor outputs the model needs besides `input_ids` (Qwen2-VL's `mm_token_type_ids` in
-  transformers 5.24, which its multimodal RoPE reads; earlier releases do not return it);
+  text-aligned processor outputs the model needs besides `input_ids` (Qwen2-VL's `mm_token_type_ids`, which
+  its multimodal RoPE reads; passed on whenever the processor returns it);
 - keep the processor's image outputs (`PromptBatch.vision`) and hand the model the ones of a list of prompt
   rows (`vision_inputs`), repeated when a prompt owns several update rows:
   Idefics3 (SmolVLM): `pixel_values` (B, N, C, H, W) + `pixel_attention_mask`, indexed by prompt;
