@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "ingest": (("data", "synth", "validate"), "Materialise data.path (synthetic, project folder, DyME JSON, HF "
                "dataset) into data.out_dir, the dataset every later step reads."),
     "synth": (("synth",), "Render the synthetic chart-QA dataset alone into synth.out_dir (no ingest)."),
-    "init-model": (("data", "init_model"), "Build the tiny random SmolVLM-architecture model."),
+    "init-model": (("data", "init_model"), "Build a tiny random model of init_model.family (idefics3, qwen2_vl, ...)."),
     "validate": (("data", "validate"), "Validate the dataset; non-zero exit if any check fails."),
     "refine": (("data", "model", "refine", "train"), "Write grounded reference traces for the training split."),
     "train": (("data", "model", "train", "register"), "Train with dyme | grpo | sft | two_stage."),

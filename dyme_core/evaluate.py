@@ -92,7 +92,8 @@ def evaluate(cfg: Config, dataset: Dataset) -> dict[str, float]:
             rows.append({
                 "id": s.id, "qtype": s.qtype or "all", "question": s.question, "reference": s.answer,
                 "completion": text, "answer": p.answer, "correct": acc_fn(text, s.references()),
-                "format": format_reward(text), "grounding": rule_thinking_score(p.thinking, s.visual_facts, p.answer),
+                "format": format_reward(text),
+                "grounding": rule_thinking_score(p.thinking, s.visual_facts, p.answer, hint=s.hint),
                 "thinking_length": len(p.thinking),
             })
     metrics = summarize(rows)

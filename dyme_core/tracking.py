@@ -58,7 +58,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from dyme_core.config import Config, RegisterConfig
+from dyme_core.config import Config, EvaluateConfig, RegisterConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ MODEL_SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(AnyType(), "image"), ColSpec(DataType.string, "question")]),
     outputs=Schema([ColSpec(DataType.string, "completion"), ColSpec(DataType.string, "answer")]),
     params=ParamSchema(
-        [ParamSpec("max_new_tokens", DataType.long, 64), ParamSpec("style", DataType.string, "reason")]
+        [ParamSpec("max_new_tokens", DataType.long, EvaluateConfig.max_new_tokens),
+         ParamSpec("style", DataType.string, "reason")]
     ),
 )
 
@@ -447,7 +448,6 @@ class DymeVLM(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        from dyme_core.config import EvaluateConfig
         from dyme_core.evaluate import generate_answers  # encodes through the model family's adapter
         from dyme_core.rewards import parse_completion
 
