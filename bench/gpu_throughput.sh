@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The GPU throughput plan (bench/throughput.py), sized to finish in under 10 minutes on one machine.
 #
-#   bash bench/gpu_throughput.sh          one GPU (H100/H200), about 8-9 minutes (budget 520 s + timeouts):
+#   bash bench/gpu_throughput.sh          one GPU (H100/H200), about 5 minutes from a cold machine (budget 520 s):
 #     SmolVLM-256M shape, K=8, 8 prompts, 128 new tokens, mixes explore/skip75/memorize75:
-#     trl-default, trl-same-gen, dyme, grpo (2 warm-up + 3 timed steps each); DyME's update compiled
-#     (train.compile_update: about 200 s of one-time compile on an H200, inside the warm-up)
+#     trl-default, trl-same-gen, dyme, grpo (2 warm-up + 3 timed steps each); DyME's update eager
+#     (train.compile_update off); ms per decode step beside the memory-bandwidth floor (4.8 TB/s)
+#   bash bench/gpu_throughput.sh compile  one GPU, opt-in: the same table with DyME's update compiled. Its cold
+#     compile (about 200 s on an H200) plus TRL's phases does NOT fit one 10-minute call from a cold machine
+#     (measured: 530 s, killed before the first result); run it on a warm machine or with a bigger BUDGET
 #   bash bench/gpu_throughput.sh extra    one GPU, about 9 minutes, DyME's update eager (no 200 s compile):
 #     1. the DyME sweep (256M, explore) over K (2,4,8,16), completion length (64,128,256) and prompts per
 #        step (4,8,16); every new shape recompiles the decode step (about 35 s)
 #     2. SmolVLM-500M shape, mix explore: trl-default, trl-same-gen, dyme (1 warm-up + 2 timed steps)
 #   bash bench/gpu_throughput.sh profile  one GPU, about 3 minutes: bench/profile_update.py on the 256M shape (update
 #     halves timed apart, compiled against eager update, torch.profiler tables of a skip75 update)
-#   bash bench/gpu_throughput.sh multi    two GPUs of one host, about 3 minutes (EXTRA="--compile-update off"
-#     skips the update's 200 s compile in both runs):
+#   bash bench/gpu_throughput.sh multi    two GPUs of one host, about 3 minutes (update eager by default;
+#     EXTRA="--compile-update on" compiles it in both runs):
 #     DyME alone on 1 GPU, then the same per-GPU batch under torchrun on 2 GPUs: samples/s, efficiency
 #
 # Results (JSON, Markdown, PNG) go to $OUT (default bench/out/gpu). Each part gets a time budget and
@@ -37,14 +40,15 @@ read -r -a extra <<< "${EXTRA:-}"
 
 # --- packages missing on the GPU image, from the wheels in .wheels/ (only what is not importable there)
 if [[ -z "${SKIP_INSTALL:-}" ]]; then
-need=(trl datasets dill multiprocess xxhash)
+need=()
+for m in trl datasets dill multiprocess xxhash tenacity; do python3 -c "import $m" 2>/dev/null || need+=("$m"); done
 python3 -c "import pandas" 2>/dev/null || need+=(pandas python_dateutil six)
 python3 -c "import matplotlib" 2>/dev/null || need+=(matplotlib contourpy cycler fonttools kiwisolver pyparsing \
   python_dateutil six)
 python3 -c "import requests" 2>/dev/null || need+=(requests urllib3 charset_normalizer idna certifi)
 files=()
 for name in $(printf '%s\n' "${need[@]}" | sort -u); do files+=(.wheels/"$name"-[0-9]*.whl); done
-python3 -m pip install -q --no-index --no-deps --target "$SITE" "${files[@]}"
+if (( ${#files[@]} )); then python3 -m pip install -q --no-index --no-deps --target "$SITE" "${files[@]}"; fi
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -86,11 +90,14 @@ if [[ "${1:-single}" == "extra" ]]; then
     --label "${LABEL_B:-$SHAPE_B}" --mix explore --trainers trl-default,trl-same-gen,dyme --compile-update off \
     --warmup 1 --steps 2 --budget-s "$b" 2>&1 | tee "$OUT/500m.log" || echo "part 2 failed (see 500m.log)"
 else
-  # SmolVLM-256M: the main table
+  # SmolVLM-256M: the main table, update eager (default) or compiled (`compile`, opt-in: does not fit cold)
+  cu=off label="$SHAPE_A"
+  if [[ "${1:-single}" == "compile" ]]; then cu=on label="$SHAPE_A-compiled"; fi
   b=$(left 10)
-  timeout -k 10 $(( b + 40 )) "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_A" \
-    --mix explore,skip75,memorize75 --warmup 2 --steps 3 --budget-s "$b" 2>&1 | tee "$OUT/256m.log" \
-    || echo "the 256M table failed (see 256m.log)"
+  # throughput.py rewrites its result files after every timed round, so the hard timeout loses nothing measured
+  timeout -k 10 $(( b + 40 )) "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_A" --label "$label" \
+    --compile-update "$cu" --mix explore,skip75,memorize75 --warmup 2 --steps 3 --budget-s "$b" 2>&1 \
+    | tee "$OUT/256m.log" || echo "the 256M table failed (see 256m.log)"
 fi
 echo "plan finished in $(( $(date +%s) - T0 )) s"
 # at most 8 files come back from a device call: keep the JSON and PNG results, pack the rest
