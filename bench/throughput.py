@@ -11,7 +11,8 @@ One process builds a random Idefics3 model of `--shape` (bench/common.py) and a 
                 cuDNN attention) and DyME's update settings (no gradient checkpointing, loss "grpo"). Its
                 update runs eagerly (TRL's `torch_compile` would compile generation too; not used).
   dyme, grpo    dyme_core.trainer.DymeTrainer with method dyme / grpo (one instance, method switched per step),
-                on GPU with train.compile_update (--compile-update; the one-time compile is reported apart).
+                update eager by default; --compile-update on: train.compile_update (its one-time compile,
+                about 200 s cold on an H200, is reported apart and does not fit a cold 10-minute plan).
 
 Equal in all: the weights (loaded by dyme_core.models.load_model: bf16 weights on a GPU; TRL adds bf16
 autocast, DyME needs none for bf16 weights; vision tower frozen), prompts and images, K, prompts per step,
@@ -33,6 +34,10 @@ that times `_generate_single_turn` (generation), `_calculate_rewards` (reward) a
 `_prepare_inputs` plus the optimizer step (update). "other" = step - generation - reward - update: image
 preprocessing, prompt building, decoding, data loading, logging. Peak memory = resident memory of that
 trainer (its weights, optimizer state) + the peak allocated above the resident level during the step.
+
+Decode: ms per decode step = generation seconds / new tokens (prefill and vision tower included: an upper
+bound), beside the decode step's memory-bandwidth floor (decode_floor: weights + KV cache bytes / bandwidth).
+The result files are rewritten after every timed round, so a run killed at its limit keeps what it measured.
 
 MFU of DyME's update: 6 * trainable parameters * tokens fed through the update (prompt + completion of
 every kept row, padding excluded) / update seconds / peak bf16 FLOP/s measured with an 8192^3 bf16 matmul
