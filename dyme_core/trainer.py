@@ -756,8 +756,12 @@ class DymeTrainer:
             save_model(self.model, self.processor, self.stage / "model")
             self.templates.save(self.stage / "templates.json")
             (self.stage / "summary.json").write_text(json.dumps(last, indent=2))
-            # a JSON list: what `dvc plots` reads (it does not read JSON Lines)
-            (self.stage / "history.json").write_text(json.dumps(self.history))
+            # a JSON list: what `dvc plots` reads (it does not read JSON Lines); DVC looks up a plotted field
+            # in the first row, so a figure that some steps or the whole run lack (loss/policy, loss/sft: the
+            # `loss` plot of dvc.yaml) is null there
+            keys = list(dict.fromkeys([*(k for row in self.history for k in row), "loss/sft", "loss/policy"]))
+            (self.stage / "history.json").write_text(json.dumps([{k: row.get(k) for k in keys}
+                                                                 for row in self.history]))
             self._close_sinks()
             checkpoint.publish_run(self.stage, self.out)
         if self.world > 1:

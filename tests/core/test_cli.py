@@ -48,7 +48,7 @@ def test_default_chain_ingest_to_evaluate(tmp_path: Path) -> None:
     (["train", "train.max_steps=abc"], "train.max_steps: expected an integer"),
     (["train", "train.method=ppo"], "train.method must be one of"),
     (["train", "--config", "missing.yaml"], "config file not found: missing.yaml"),
-    (["ingest", "data.path=nowhere/data"], "dataset not found"),
+    (["ingest", "data.path=./nowhere/data"], "dataset not found"),  # a path, not a hub id: no network
     (["validate", "data.out_dir=nowhere/data"], "dataset not found"),
     (["evaluate", "data.out_dir=./nowhere/data"], "dataset not found"),
 ])
