@@ -85,7 +85,7 @@ def check_validated(cfg: Config) -> None:
 def refine(cfg: Config, client: ChatClient | None = None) -> dict:
     """Refined reference traces for `refine.splits`, written atomically to `refine.out`.
 
-    `refine_stats.json` beside it has the refiner's counters and the length of the memorised targets
+    `refine_stats.json` beside it has the fallback counters and the length of the memorised targets
     (trace + answer line: p50/p95/max, in tokens of `model.name_or_path`'s tokenizer when it loads
     locally, else in whitespace-separated words; `target_tokens_unit` says which); a warning is logged
     when `train.max_new_tokens` or `train.max_target_tokens` is below the p95.
@@ -125,7 +125,10 @@ def refine(cfg: Config, client: ChatClient | None = None) -> dict:
         if getattr(cfg.train, key) < lengths["target_tokens_p95"]:
             log.warning("refine: train.%s=%d is below the p95 length of the refined targets (%d %s)", key,
                         getattr(cfg.train, key), lengths["target_tokens_p95"], lengths["target_tokens_unit"])
-    out.with_name("refine_stats.json").write_text(json.dumps(stats, indent=2))
+    # the DVC metric: what the targets are; calls and cache hits depend on the local cache, so they are
+    # returned (and printed) but not written, and a fresh clone's repro writes the same file
+    kept = {k: v for k, v in stats.items() if k not in ("refiner/calls", "refiner/cache_hits")}
+    out.with_name("refine_stats.json").write_text(json.dumps(kept, indent=2))
     return stats
 
 

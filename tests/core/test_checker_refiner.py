@@ -288,7 +288,9 @@ def test_refine_step_reports_target_lengths_in_model_tokens(tiny_setup: dict, tm
                      for r in rows)
     assert stats["target_tokens_unit"] == "tokens" and stats["target_tokens_max"] == lengths[-1]
     assert lengths[0] <= stats["target_tokens_p50"] <= stats["target_tokens_p95"] <= lengths[-1]
-    assert json.loads((tmp_path / "refine_stats.json").read_text()) == stats
+    written = json.loads((tmp_path / "refine_stats.json").read_text())
+    # the file is the same in a fresh clone: counters that depend on the local cache are left out
+    assert written == {k: v for k, v in stats.items() if k not in ("refiner/calls", "refiner/cache_hits")}
     assert any("train.max_new_tokens=4 is below the p95" in r.getMessage() for r in caplog.records)
     caplog.clear()
     words = steps.refine(_refine_cfg(tiny_setup, tmp_path, f"model.name_or_path={tmp_path / 'absent'}",
