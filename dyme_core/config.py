@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,8 +284,8 @@ class Config:
 
 
 def _check(cfg: Config) -> None:
-    _check_finite(cfg, "")
-    _check_secrets(cfg, "")
+    _check_finite(cfg)
+    _check_secrets(cfg)
     t = cfg.train
     if t.keep_checkpoints < 0:
         raise ConfigError(f"train.keep_checkpoints must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
@@ -335,20 +336,27 @@ def _check(cfg: Config) -> None:
         _check_choices(getattr(cfg, section.name), section.name)
 
 
-def _check_finite(obj: Any, key: str) -> None:
-    """Every float in the config (fields, list items, mapping values) must be finite: a nan compares
-    False with every bound, so it would slip past the range checks below."""
+def _leaves(obj: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of the config: fields, list items (`key[i]`), mapping values."""
     if dataclasses.is_dataclass(obj):
         for f in dataclasses.fields(obj):
-            _check_finite(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+            yield from _leaves(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
     elif isinstance(obj, list):
         for i, item in enumerate(obj):
-            _check_finite(item, f"{key}[{i}]")
+            yield from _leaves(item, f"{key}[{i}]")
     elif isinstance(obj, dict):
         for name, item in obj.items():
-            _check_finite(item, f"{key}.{name}")
-    elif isinstance(obj, float) and not math.isfinite(obj):
-        raise ConfigError(f"{key} must be a finite number, got {obj}")
+            yield from _leaves(item, f"{key}.{name}")
+    else:
+        yield key, obj
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every float in the config must be finite: a nan compares False with every bound, so it would
+    slip past the range checks below."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
 
 
 # query parameters that carry credentials (api_key=, access_token=, X-Amz-Signature=, password=...)
@@ -356,39 +364,36 @@ _SECRET_QUERY = re.compile(r"key|token|secret|passw|signature|credential", re.IG
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _check_secrets(obj: Any, key: str) -> None:
+def _check_secrets(cfg: Config) -> None:
     """No credentials in any config value: the config is written to config.yaml, MLflow params and
     dvc.lock. A URL with user:password@ or a token in its query is refused (the message names the key,
     never the value); `*.api_key_env` must name an environment variable, not hold the key."""
-    if dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            _check_secrets(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
-    elif isinstance(obj, list):
-        for i, item in enumerate(obj):
-            _check_secrets(item, f"{key}[{i}]")
-    elif isinstance(obj, dict):
-        for name, item in obj.items():
-            _check_secrets(item, f"{key}.{name}")
-    elif isinstance(obj, str):
-        if key.endswith(".api_key_env") and obj and not _ENV_NAME.fullmatch(obj):
-            raise ConfigError(f"{key} must be the NAME of an environment variable holding the API key "
-                              "(letters, digits, _), not the key itself")
-        if "://" not in obj:
-            return
-        try:
-            url = urlsplit(obj.strip())
-            userinfo = url.username is not None or url.password is not None
-        except ValueError:
-            return  # not a URL
-        if userinfo or any(_SECRET_QUERY.search(name) for name, _ in parse_qsl(url.query)):
-            if key.endswith("llm.base_url"):
-                where = f"put the API key in the environment variable named by {key[:-len('base_url')]}api_key_env"
-            elif key.endswith("tracking_uri"):  # also filled from MLFLOW_TRACKING_URI by the CLI
-                where = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
-            else:
-                where = "pass credentials through the environment"
-            raise ConfigError(f"{key} must not carry credentials (user:password@host or a token in the "
-                              f"query): {where}")
+    for key, value in _leaves(cfg):
+        if isinstance(value, str):
+            _check_secret(key, value)
+
+
+def _check_secret(key: str, obj: str) -> None:
+    """One string value: `*.api_key_env` names a variable; a URL carries no user:password@ or token."""
+    if key.endswith(".api_key_env") and obj and not _ENV_NAME.fullmatch(obj):
+        raise ConfigError(f"{key} must be the NAME of an environment variable holding the API key "
+                          "(letters, digits, _), not the key itself")
+    if "://" not in obj:
+        return
+    try:
+        url = urlsplit(obj.strip())
+        userinfo = url.username is not None or url.password is not None
+    except ValueError:
+        return  # not a URL
+    if userinfo or any(_SECRET_QUERY.search(name) for name, _ in parse_qsl(url.query)):
+        if key.endswith("llm.base_url"):
+            where = f"put the API key in the environment variable named by {key[:-len('base_url')]}api_key_env"
+        elif key.endswith("tracking_uri"):  # also filled from MLFLOW_TRACKING_URI by the CLI
+            where = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+        else:
+            where = "pass credentials through the environment"
+        raise ConfigError(f"{key} must not carry credentials (user:password@host or a token in the "
+                          f"query): {where}")
 
 
 def _check_choices(obj: Any, prefix: str) -> None:

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from blocking import deadline
 from PIL import Image
 
 from dyme_core import steps
@@ -41,21 +39,6 @@ def _cfg(tmp_path: Path, path: str | Path, *overrides: str) -> Config:
     return load_config(None, [f"data.path={path}", f"data.out_dir={tmp_path / 'out'}",
                               f"data.report={tmp_path / 'reports/ingest.json'}",
                               f"validate.report={tmp_path / 'reports/validation.json'}", *overrides])
-
-
-@contextmanager
-def _deadline(seconds: int) -> Iterator[None]:
-    """Fail instead of hanging the suite when something blocks (a FIFO opened for reading)."""
-    def _raise(signum: int, frame: object) -> None:
-        raise TimeoutError(f"blocked for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _project(root: Path) -> list[Sample]:
@@ -278,13 +261,13 @@ def test_bad_row_fails_with_row_and_reason_or_is_dropped(tmp_path: Path, case: s
                                                          reason: str) -> None:
     src = tmp_path / "src"
     _bad_folder(src, mutate)
-    with _deadline(30), pytest.raises(DataError) as err:
+    with deadline(30), pytest.raises(DataError) as err:
         ingest(_cfg(tmp_path, src, "validate.max_pixels=1000000"))
     message = str(err.value)
     assert "\n" not in message and "row 1 (id 'bad')" in message and reason in message
     assert not (tmp_path / "out").exists(), "a failed ingest must not leave a dataset behind"
 
-    with _deadline(30):
+    with deadline(30):
         report = ingest(_cfg(tmp_path, src, "validate.max_pixels=1000000", "data.on_bad_row=drop"))
     assert report["n_dropped"] == 1 and report["rows_per_split"] == {"train": 2, "val": 0, "test": 1}
     dropped = report["dropped_rows"][0]

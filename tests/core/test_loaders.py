@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from blocking import deadline
 from PIL import Image
 
 from dyme_core.config import DataConfig
@@ -126,27 +124,12 @@ def test_unknown_field_is_reported(tmp_path: Path) -> None:
         load_dataset(DataConfig(path=str(tmp_path)))
 
 
-@contextmanager
-def _deadline(seconds: int) -> Iterator[None]:
-    """Fail (instead of hanging the suite) if the body blocks, e.g. on opening a FIFO."""
-    def _raise(signum: int, frame: object) -> None:
-        raise TimeoutError(f"blocked for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def test_fifo_image_is_refused_without_opening_it(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "pipe.png")
     ds = Dataset(tmp_path, [Sample(id="f", image="pipe.png", question="Q?", answer="1")])
-    with _deadline(10), pytest.raises(DataError, match=r"sample 'f'.*is a FIFO, not a regular file"):
+    with deadline(10), pytest.raises(DataError, match=r"sample 'f'.*is a FIFO, not a regular file"):
         ds.load_image(ds.samples[0])
-    with _deadline(10), pytest.raises(DataError, match="FIFO"):
+    with deadline(10), pytest.raises(DataError, match="FIFO"):
         safe_image_file(tmp_path, "pipe.png")
 
 
