@@ -42,7 +42,7 @@ from typing import Any
 
 from dyme_core.config import ValidateConfig
 from dyme_core.data.loaders import DataError, bad_text, decode_image, non_finite, safe_image_file
-from dyme_core.data.schema import SPLITS, Sample
+from dyme_core.data.schema import SPLITS, Sample, jsonl_rows
 
 KNOWN_FIELDS = frozenset(f.name for f in fields(Sample))
 _NUMBER = re.compile(r"^[-+]?\$?(\d[\d,]*(\.\d*)?|\.\d+)([eE][-+]?\d+)?%?$")
@@ -476,22 +476,11 @@ def _dedupe(failures: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _read_jsonl_rows(path: Path) -> tuple[list[Any], list[dict[str, Any]]]:
     """Rows of a JSONL file; a line that is not a JSON object becomes a failure naming the line."""
     rows, failures = [], []
-    # surrogateescape: bytes that are not UTF-8 survive as lone surrogates, reported by text_encoding
-    with path.open(encoding="utf-8", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                reason = f"not valid JSON ({e.msg})"
-            else:
-                if isinstance(row, dict):
-                    rows.append(row)
-                    continue
-                reason = f"a JSON {type(row).__name__}, not an object"
-            failures.append({"id": f"line {lineno}", "check": "json",
-                             "reason": f"{path.name}:{lineno}: {reason}"})
+    for lineno, row, reason in jsonl_rows(path):  # non-UTF-8 bytes survive, reported by text_encoding
+        if row is None:
+            failures.append({"id": f"line {lineno}", "check": "json", "reason": f"{path.name}:{lineno}: {reason}"})
+        else:
+            rows.append(row)
     return rows, failures
 
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from dyme_core.config import DataConfig, ValidateConfig
-from dyme_core.data.schema import Sample
+from dyme_core.data.schema import Sample, jsonl_rows
 
 REQUIRED = ("id", "image", "question", "answer")
 DEFAULT_MAX_PIXELS = ValidateConfig().max_pixels  # one home for the limit: validate.max_pixels
@@ -136,17 +136,10 @@ def read_rows(path: Path) -> tuple[Path, list[dict[str, Any]]]:
         raise DataError(f"dataset not found: {path}")
     if p.suffix == ".jsonl":
         rows = []
-        with p.open(encoding="utf-8", errors="surrogateescape") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{p}:{lineno}: a JSON {type(row).__name__}, not an object")
-                rows.append(row)
+        for lineno, row, reason in jsonl_rows(p):
+            if row is None:
+                raise DataError(f"{p}:{lineno}: {reason}")
+            rows.append(row)
     elif p.suffix == ".parquet":
         try:
             table = pq.read_table(p)

@@ -7,6 +7,7 @@ images it names by paths relative to that root. One row is one :class:`Sample`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -57,14 +58,30 @@ def write_jsonl(samples: list[Sample], path: Path) -> None:
             f.write(json.dumps(s.to_dict(), sort_keys=True) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open() as f:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(line number, row, "") for every JSON object line of a JSONL file, or (line number, None, reason)
+    for a line that is not one; blank lines are skipped. Text is decoded as UTF-8 with
+    ``surrogateescape``: bytes that are not UTF-8 survive as lone surrogates, so the row that holds them
+    can be named later instead of the whole file failing."""
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                yield lineno, None, f"not valid JSON ({e.msg})"
+                continue
+            if isinstance(row, dict):
+                yield lineno, row, ""
+            else:
+                yield lineno, None, f"a JSON {type(row).__name__}, not an object"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, row, reason in jsonl_rows(path):
+        if row is None:
+            raise ValueError(f"{path}:{lineno}: {reason}")
+        rows.append(row)
     return rows

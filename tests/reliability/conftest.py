@@ -9,13 +9,11 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_model_overrides: list[str]) -> dict:
     """The pipeline's first steps on a small synthetic set: ingest, validate, init-model."""
     from dyme_core import steps
-    from dyme_core.config import InitModelConfig, load_config
+    from dyme_core.config import load_config
     from dyme_core.data.ingest import open_dataset
-    from dyme_core.models import init_tiny_model
-    from dyme_core.refiner import rule_refine
 
     root = tmp_path_factory.mktemp("tiny")
     data = [f"data.out_dir={root / 'data'}", f"validate.report={root / 'validation.json'}"]
@@ -25,12 +23,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     steps.ingest(cfg)
     assert steps.validate(cfg)["success"]
     ds = open_dataset(root / "data")
-    texts = [t for s in ds.samples for t in (s.question, s.answer, s.hint or "", rule_refine(s))]
-    model_dir = init_tiny_model(
-        InitModelConfig(out_dir=str(root / "model"), vocab_size=300, hidden_size=32, num_layers=1,
-                        num_heads=2, vision_hidden_size=32, vision_layers=1, image_size=32, patch_size=8),
-        texts,
-    )
+    model_dir = steps.init_model(load_config(None, [*tiny_model_overrides, f"init_model.out_dir={root / 'model'}"]), ds)
     return {"root": root, "data_overrides": data, "model": model_dir, "dataset": ds}
 
 
