@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -108,16 +109,15 @@ def _init_distributed() -> None:
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _interrupt_on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
-    # Kubernetes stops a pod with SIGTERM: end the MLflow run as KILLED (a checkpoint is kept for resume)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    # Kubernetes stops a pod with SIGTERM: finish the current step, then end the MLflow run as KILLED (the
+    # staged run and its checkpoints wait for resume_from=auto). Raising from the handler instead would
+    # interrupt whatever runs at that moment, a metrics write to the tracking store included.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     client = _llm_client(cfg.train.llm, cfg.train.checker == "llm")
     _init_distributed()
-    metrics = steps.train(cfg, client)
+    metrics = steps.train(cfg, client, stop=stop)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -156,13 +157,13 @@ def _target_lengths(cfg: Config, targets: list[str]) -> dict:
             "target_tokens_max": int(lengths.max()), "target_tokens_unit": unit}
 
 
-def train(cfg: Config, client: ChatClient | None = None) -> dict[str, float]:
+def train(cfg: Config, client: ChatClient | None = None, stop: threading.Event | None = None) -> dict[str, float]:
     from dyme_core.trainer import load_refined
     from dyme_core.trainer import train as run_training
 
     check_validated(cfg)
     dataset = open_dataset(cfg.data.out_dir, max_pixels=cfg.validate.max_pixels)
-    return run_training(cfg, dataset, load_refined(cfg.train.refined), llm_client=client)
+    return run_training(cfg, dataset, load_refined(cfg.train.refined), llm_client=client, stop=stop)
 
 
 def evaluate(cfg: Config) -> dict[str, float]:

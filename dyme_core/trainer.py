@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import resource
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -116,8 +117,10 @@ class DymeTrainer:
         refined: dict[str, str] | None = None,
         llm_client: ChatClient | None = None,
         device: torch.device | str | None = None,
+        stop: threading.Event | None = None,
     ):
         self.cfg = cfg
+        self.stop = stop  # set (e.g. on SIGTERM by the CLI): stop after the current step, the run ends KILLED
         self.t = cfg.train
         self.rank, self.world = rank_and_world()
         if device is None:
@@ -744,7 +747,9 @@ class DymeTrainer:
                                 sft=f"{last.get('loss/sft', 0.0):.3f}")
                 if self.t.save_steps and self.step % self.t.save_steps == 0 and self.step < self.t.max_steps:
                     self.save_checkpoint()
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into it by the CLI (a pod being stopped)
+                if self._stop_requested() and self.step < self.t.max_steps:
+                    raise TrainingStopped(f"stopped at step {self.step}")
+        except KeyboardInterrupt:  # Ctrl-C, or a requested stop (the CLI sets `stop` on SIGTERM)
             self._close_sinks("KILLED")
             raise
         except BaseException:
@@ -767,6 +772,15 @@ class DymeTrainer:
         if self.world > 1:
             dist.barrier()
         return last
+
+    def _stop_requested(self) -> bool:
+        """`stop` is set on this process or, under torchrun, on any: every rank stops after the same step."""
+        flag = self.stop is not None and self.stop.is_set()
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def _open_sinks(self) -> None:
         sinks = set(self.t.report_to) - {"none"}
@@ -805,10 +819,14 @@ def _append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped between steps on request (`stop`): handled as an interrupt, the run ends KILLED."""
+
+
 def train(cfg: Config, dataset: Dataset, refined: dict[str, str] | None = None,
-          llm_client: ChatClient | None = None) -> dict[str, float]:
+          llm_client: ChatClient | None = None, stop: threading.Event | None = None) -> dict[str, float]:
     """Library entry point of `dyme train`."""
-    return DymeTrainer(cfg, dataset, refined, llm_client).train()
+    return DymeTrainer(cfg, dataset, refined, llm_client, stop=stop).train()
 
 
 def load_refined(path: str | Path) -> dict[str, str]:
