@@ -1,37 +1,54 @@
-"""The paper's method table in miniature (DESIGN.md section 2 for the paper numbers).
+"""The paper's method table in miniature, run fairly (DESIGN.md section 2 for the paper numbers; issue 12).
 
-The claim under test: on a small VLM, SFT on reasoning traces, GRPO and two-stage SFT->GRPO do not
-improve (or lower) chart-QA accuracy, while DyME raises it. At a scale one GPU allows in minutes:
+The claim under test: on a small VLM that can read charts but does not reason to the answer, SFT on
+reasoning traces, GRPO and two-stage SFT->GRPO do not improve (or lower) chart-QA accuracy, while DyME
+raises it. Inputs: ``--base DIR`` (an HF ``save_pretrained`` Idefics3 folder, e.g. bench/chart_base.py's
+``W/base``, with its ``gate.json`` when it has one) and ``--data DIR`` (a materialised project dataset
+with train / val / test splits, opened with ``dyme_core.data.ingest.open_dataset``).
 
-1. ``base``: a small Idefics3 (SmolVLM architecture, 6.4M parameters) trained from scratch with
-   ``DymeTrainer`` (``method=sft``) on the synthetic chart task with bare answers only, no reasoning:
-   by default under the reasoning prompt with the target ``Answer: <gt>`` (so the base answers, with the
-   flag the accuracy reward parses, but never thinks: the paper's starting point; ``base_prompt=direct``
-   trains on the direct prompt instead, see bench/README.md for why that start is degenerate). Saved in
-   bf16 as the common starting point (``base.tar``) and evaluated on the held-out test split with the
-   reasoning prompt (the reference every method is compared with) and the direct prompt.
-2. ``runs-seed<N>``: from that base, with the reasoning prompt, the same data, steps, prompts per step,
-   K, completion length and learning rate: ``sft`` (medium traces), ``grpo``, ``two_stage``, ``dyme``,
-   ``dyme_no_checker`` (thinking reward 0) and ``dyme_no_refiner`` (memorises the raw hint); each
-   evaluated with ``dyme_core.evaluate.evaluate`` on the test split.
-3. ``aggregate``: mean and spread over seeds beside the paper's numbers (``results.json``,
-   ``table.md``), reward curves and the advantage-collapse rate (``curves.png``), DyME's mode fractions
-   over training (``modes.png``) and accuracy per question type (``by_type.png``).
+Methods (``METHODS``), all from the same base with the reasoning prompt and identical data, steps,
+prompts per step, K, completion budget and evaluation:
 
-Every piece writes its result files under ``--out`` and is skipped when they already exist there or in a
-``--from`` folder (earlier GPU calls' files, carried back in), so an interrupted call resumes: a
-``runs-seed<N>`` file is rewritten after every finished run and only the missing runs are trained.
-``--deadline-s`` stops cleanly (exit 3) before a run that would not finish in the call's time.
-Everything else (the synthetic data, refined targets, run folders) lives under ``--work`` and is
-rebuilt deterministically when missing. Nothing here imports trl, datasets, mlflow, dvc, kfp or
-great_expectations (checked at exit).
+- core: ``base`` (evaluated only); ``sft`` on the rule-refined traces (= DyME without exploration);
+  ``grpo`` with all three rewards (= DyME without memorisation); ``dyme``;
+- extended: ``sft_low`` (SFT on the low-quality traces, ``meta.traces.low``), ``two_stage`` (SFT on
+  refined traces, then GRPO), ``dyme_no_checker`` (thinking reward 0), ``dyme_no_refiner`` (memorises the
+  raw hint).
 
-Run (GPU, one call per line; bench/README.md has the budget math)::
+Learning rate: every trained method runs seed 0 at each value of a small grid (``lr_grid``); the LR with
+the best *validation* accuracy is that method's (ties: the shared LR, then the lower); the other seeds
+(``seeds_core`` for the core methods, ``seeds_extended`` for the rest) run at the chosen LR only. The
+shared-LR table (every method at ``shared_lr``, seed 0) comes from the same grid runs. The test split
+is never used to choose anything.
 
-    bash bench/gpu_method_table.sh base runs-seed0
-    bash bench/gpu_method_table.sh runs-seed0 runs-seed1 aggregate
+Execution (``runs``): a scheduler launches up to ``--parallel`` runs as subprocesses (``subprocess``,
+never fork after CUDA), each pinned to the least-loaded GPU through ``CUDA_VISIBLE_DEVICES`` and limited
+to ``threads`` torch threads; a run trains with ``DymeTrainer`` and evaluates greedily with
+``dyme_core.evaluate.evaluate`` on val and test. The parent appends one JSON line per finished run to
+``--out/<results-name>`` immediately (failed runs too, marked ``failed``); runs already recorded in
+``--out`` or a ``--from`` folder are skipped, so rerunning the same command resumes. ``--deadline-s``
+stops launching runs whose estimated time (measured in this call, else ``est_*`` of the scale) does not
+fit, and at the deadline ends the stragglers (SIGTERM, then SIGKILL, each by its own process group),
+keeping everything finished; the call exits 3 while runs remain.
 
-CPU check of the whole flow at a tiny scale (about 2 minutes on 2 cores)::
+Per run (test split, questions ordered by sample id so that paired statistics are possible): relaxed
+accuracy and the 0/1 vector, accuracy on single-step and multi-step questions (``meta.steps``, else from
+the question type), strict format rate, grounding (the rule checker's score) and the hallucinated-number
+rate (``hallucinated_numbers``); validation accuracy; training curves from the run's metrics.jsonl,
+downsampled to ``curve_points`` rows; per-run seconds.
+
+``aggregate`` (CPU, from the .jsonl files): paired-bootstrap 95% intervals (bench/stats.py: the same
+resampled questions for every method, seeds averaged per question) for each method's accuracy, each
+method minus base, and DyME minus each of sft / grpo / two_stage; ``table.md`` beside the paper's
+numbers, ``results.json``, ``curves.png``, ``modes.png``; and whether issue 12's goal lines are met.
+
+Run (GPU, bench/gpu_method_table.sh; bench/README.md has the plan and budget)::
+
+    BASE=W/base DATA=W/data bash bench/gpu_method_table.sh runs      # repeat (carrying results) to resume
+    python bench/method_table.py aggregate --out bench/out/method_table --from bench/out/method_table/*/
+
+CPU check of the whole flow at a tiny scale (about 2 minutes on 2 cores; builds its own tiny base and
+synthetic data in ``--work`` because no ``--base``/``--data`` is given)::
 
     .venv/bin/python bench/method_table.py all --scale smoke --out bench/out/method_table_smoke
 """
@@ -41,22 +58,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import gc
-import hashlib
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
-import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench.stats` when run as a script
 
 # Paper numbers (ChartQA relaxed accuracy, %; DESIGN.md section 2). The method rows are SmolVLM-500M;
 # the ablation rows are LLaVA-OV-0.5B, 3-domain average, whose full DyME scores 55.4.
@@ -67,37 +85,51 @@ PAPER = {
     "two_stage": {"acc": 60.1, "model": "SmolVLM-500M, ChartQA"},
     "dyme": {"acc": 69.7, "model": "SmolVLM-500M, ChartQA"},
     "dyme_full_ablation": {"acc": 55.4, "model": "LLaVA-OV-0.5B, 3-domain avg"},
-    "dyme_no_checker": {"acc": 52.8, "model": "LLaVA-OV-0.5B, 3-domain avg"},
+    "ablation_no_memorization": {"acc": 43.9, "model": "LLaVA-OV-0.5B, 3-domain avg"},
+    "ablation_no_exploration": {"acc": 50.4, "model": "LLaVA-OV-0.5B, 3-domain avg"},
     "dyme_no_refiner": {"acc": 51.6, "model": "LLaVA-OV-0.5B, 3-domain avg"},
+    "dyme_no_checker": {"acc": 52.8, "model": "LLaVA-OV-0.5B, 3-domain avg"},
 }
 
-# Method runs in the paper's table order: name -> the `train.*` overrides that make it (all else is
-# shared, see run_overrides).
-METHODS: dict[str, list[str]] = {
-    "sft": ["train.method=sft", "train.sft_target=hint"],
-    "grpo": ["train.method=grpo"],
-    "two_stage": ["train.method=two_stage", "train.sft_target=hint"],
-    "dyme": ["train.method=dyme"],
-    "dyme_no_checker": ["train.method=dyme", "train.checker=none",
-                        "train.reward_weights={format: 1.0, accuracy: 1.0, thinking: 0.0}"],
-    "dyme_no_refiner": ["train.method=dyme", "train.use_refiner=false"],
+
+@dataclass(frozen=True)
+class Method:
+    overrides: tuple[str, ...]  # the `train.*` overrides that make the method (all else is shared)
+    core: bool  # core methods run `seeds_core` seeds, the others `seeds_extended`
+    label: str
+    color: str
+    hint_trace: str | None = None  # replace each sample's hint by meta.traces[<this>] (the SFT target)
+    rollouts: bool = True  # False: no sampling at all (cheaper; the scheduler's estimate)
+
+
+# Launch priority order: the core methods first (their other seeds wait for their LR grid).
+METHODS: dict[str, Method] = {
+    "dyme": Method(("train.method=dyme",), True, "+DyME", "#1f77b4"),
+    "grpo": Method(("train.method=grpo",), True, "+GRPO (= w/o memorisation)", "#ff7f0e"),
+    "sft": Method(("train.method=sft", "train.sft_target=refined"), True, "+SFT refined (= w/o exploration)",
+                  "#8c564b", rollouts=False),
+    "two_stage": Method(("train.method=two_stage", "train.sft_target=refined"), False, "+two-stage SFT->GRPO",
+                        "#2ca02c"),
+    "dyme_no_checker": Method(("train.method=dyme", "train.checker=none",
+                               "train.reward_weights={format: 1.0, accuracy: 1.0, thinking: 0.0}"), False,
+                              "DyME w/o checker", "#d62728"),
+    "dyme_no_refiner": Method(("train.method=dyme", "train.use_refiner=false"), False, "DyME w/o refiner",
+                              "#9467bd"),
+    "sft_low": Method(("train.method=sft", "train.sft_target=hint"), False, "+SFT low-quality traces", "#e377c2",
+                      hint_trace="low", rollouts=False),
 }
-# Training order: the cheapest runs last, so a call that runs out of time leaves them to the next one.
-RUN_ORDER = ("dyme", "grpo", "dyme_no_checker", "dyme_no_refiner", "two_stage", "sft")
-LABELS = {
-    "base": "base (direct prompt)", "base_reason": "base (reasoning prompt)", "sft": "+SFT (medium traces)",
-    "grpo": "+GRPO", "two_stage": "+two-stage SFT->GRPO", "dyme": "+DyME",
-    "dyme_no_checker": "DyME w/o checker", "dyme_no_refiner": "DyME w/o refiner",
-}
-RL_METHODS = ("dyme", "dyme_no_checker", "dyme_no_refiner", "grpo", "two_stage")
-COLORS = {"base_reason": "#7f7f7f", "base": "#c7c7c7", "sft": "#8c564b", "grpo": "#ff7f0e", "two_stage": "#2ca02c",
-          "dyme": "#1f77b4", "dyme_no_checker": "#d62728", "dyme_no_refiner": "#9467bd"}
+BASE_LABEL, BASE_COLOR = "base", "#7f7f7f"
+# DyME is compared with each of these (issue 12's goal: >= 3 points above the best of them, >= 5 above base)
+BASELINES = ("sft", "grpo", "two_stage")
+GOAL_VS_BEST_BASELINE, GOAL_VS_BASE = 0.03, 0.05
+# Question types answered from one read of the chart; everything else takes several steps.
+SINGLE_STEP_QTYPES = frozenset({"value_lookup", "lookup", "max_label", "min_label", "max", "min", "count"})
 # Per-step metrics kept from each run's metrics.jsonl (the trainer logs more).
 HISTORY_KEYS = (
     "step", "phase_sft", "loss", "loss/nll_memorized", "reward/format", "reward/accuracy", "reward/thinking",
     "reward/total", "mode/memorize", "mode/explore", "mode/skip", "frac_reward_zero_std",
-    "completion/mean_length", "completion/clipped_ratio", "rows/kept", "rows/total", "grad_norm",
-    "time/step_s", "time/generation_s", "time/reward_s", "time/update_s", "memory/peak_mb",
+    "completion/mean_length", "completion/clipped_ratio", "grad_norm", "time/step_s", "time/generation_s",
+    "memory/peak_mb",
 )
 FORBIDDEN_MODULES = ("trl", "datasets", "mlflow", "great_expectations", "kfp", "dvc")
 EXIT_INCOMPLETE = 3
@@ -107,66 +139,55 @@ EXIT_INCOMPLETE = 3
 class Scale:
     """Everything that sizes the experiment; `--set name=value` overrides one field (recorded)."""
 
-    # data: `shards` synthesize() calls run in parallel and are merged (per-shard seed = seed*1000+shard)
-    shards: int
-    train_per_shard: int
-    val_per_shard: int
-    test_per_shard: int
-    image_size: int
-    # the model (init_model.* overrides); bf16 weights must stay < 16 MiB to come back from a GPU call
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    vision_hidden_size: int
-    vision_layers: int
-    patch_size: int
-    vocab_size: int
-    # the base: SFT from scratch on bare answers, vision tower trained, cosine schedule. base_prompt
-    # "reason": the reasoning prompt with the target "Answer: <gt>" (no thinking); "direct": the direct
-    # prompt with the target "<gt>" (then no base output carries the answer flag the reward parses)
-    base_prompt: str
-    base_steps: int
-    base_batch: int
-    base_lr: float
-    base_warmup: int
-    base_eval_max_new_tokens: int
     # the method runs: identical for every method
     steps: int
     batch: int
     k: int
     max_new_tokens: int
-    lr: float
     micro_batch: int
     eval_max_new_tokens: int
     eval_batch: int
-    static_cache: bool  # speed only: HF's compiled static-cache decode step for the rollouts
-    # planning only: expected seconds, for --deadline-s
-    est_base_s: float
-    est_run_s: float
-    loss_type: str = "grpo"  # train.loss_type of every method run (the official GRPO normalisation by default)
-    min_thinking_chars: int = 10  # train.min_thinking_chars: the format reward's shortest thinking
+    lr_grid: str  # comma list, e.g. "1e-4,3e-4,1e-3"
+    shared_lr: float  # the common-LR table; must be in lr_grid
+    seeds_core: int
+    seeds_extended: int
+    threads: int  # torch threads per run
+    # planning only (the scheduler's estimate until a run of the kind has finished in this call)
+    est_run_s: float  # one run with rollouts, training and both evaluations
+    est_sft_s: float  # one run without rollouts
+    est_eval_s: float  # the base's evaluation
+    # the built-in tiny base (only without --base/--data): synthetic data and SFT from scratch on bare answers
+    shards: int = 2
+    train_per_shard: int = 28
+    val_per_shard: int = 8
+    test_per_shard: int = 14
+    image_size: int = 64
+    base_steps: int = 30
+    base_batch: int = 16
+    base_lr: float = 1e-3
+    # shared knobs with their defaults
+    static_cache: bool = False  # speed only: HF's compiled static-cache decode step for the rollouts
+    loss_type: str = "grpo"
+    beta: float = 0.0
+    min_thinking_chars: int = 10
+    sft_fraction: float = 0.5  # two_stage: share of the steps spent on SFT
+    curve_points: int = 60  # training-curve rows kept per run
+    n_boot: int = 2000  # bootstrap resamples in aggregate
+
+    @property
+    def lrs(self) -> list[float]:
+        return [float(v) for v in self.lr_grid.split(",") if v.strip()]
 
 
 SCALES = {
     # CPU, this machine: the whole flow in about two minutes; numbers mean nothing
-    "smoke": Scale(
-        shards=2, train_per_shard=28, val_per_shard=0, test_per_shard=14, image_size=64,
-        hidden_size=128, num_layers=2, num_heads=4, vision_hidden_size=64, vision_layers=2, patch_size=8,
-        vocab_size=1024,
-        base_prompt="reason", base_steps=30, base_batch=16, base_lr=1e-3, base_warmup=5, base_eval_max_new_tokens=8,
-        steps=3, batch=4, k=4, max_new_tokens=24, lr=1e-3, micro_batch=16, eval_max_new_tokens=32,
-        eval_batch=28, static_cache=False, est_base_s=60, est_run_s=20,
-    ),
-    # one H100/H200: base about 3 min, six runs per seed about 4 min (bench/README.md)
-    "full": Scale(
-        shards=16, train_per_shard=504, val_per_shard=14, test_per_shard=42, image_size=224,
-        hidden_size=256, num_layers=6, num_heads=4, vision_hidden_size=192, vision_layers=4, patch_size=16,
-        vocab_size=2048,
-        base_prompt="reason", base_steps=1000, base_batch=64, base_lr=1e-3, base_warmup=50,
-        base_eval_max_new_tokens=16,
-        steps=32, batch=64, k=8, max_new_tokens=128, lr=1e-3, micro_batch=256, eval_max_new_tokens=160,
-        eval_batch=672, static_cache=False, est_base_s=240, est_run_s=75,
-    ),
+    "smoke": Scale(steps=2, batch=4, k=4, max_new_tokens=16, micro_batch=16, eval_max_new_tokens=16, eval_batch=32,
+                   lr_grid="3e-4,1e-3", shared_lr=1e-3, seeds_core=2, seeds_extended=1, threads=1,
+                   est_run_s=60, est_sft_s=40, est_eval_s=30),
+    # 1-2 H200s, `--parallel 16`: sized so one call of 16 parallel runs fits about 8 minutes (bench/README.md)
+    "full": Scale(steps=40, batch=32, k=8, max_new_tokens=128, micro_batch=256, eval_max_new_tokens=160,
+                  eval_batch=512, lr_grid="1e-4,3e-4,1e-3", shared_lr=3e-4, seeds_core=3, seeds_extended=1,
+                  threads=2, est_run_s=300, est_sft_s=120, est_eval_s=90),
 }
 
 
@@ -182,6 +203,14 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def append_jsonl(path: Path, obj: Any) -> None:
+    """One line per record, flushed at once: a call killed later keeps every line written before."""
+    with path.open("a") as f:
+        f.write(json.dumps(obj, sort_keys=True, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def rounded(x: Any, digits: int = 5) -> Any:
     if isinstance(x, float):
         return float(f"{x:.{digits}g}") if math.isfinite(x) else None
@@ -190,14 +219,6 @@ def rounded(x: Any, digits: int = 5) -> Any:
     if isinstance(x, list | tuple):
         return [rounded(v, digits) for v in x]
     return x
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def environment() -> dict[str, Any]:
@@ -209,25 +230,290 @@ def environment() -> dict[str, Any]:
         "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
 
 
-class Context:
-    """Where things live and how much time is left."""
+def run_id(method: str, lr: float | None = None, seed: int = 0) -> str:
+    return "base" if method == "base" else f"{method}@lr{lr:g}@seed{seed}"
 
+
+# ----------------------------------------------------------------------------------- per-question facts
+def question_steps(sample) -> str:
+    """"single" or "multi": meta["steps"] when the data says, else from the question type."""
+    steps = sample.meta.get("steps")
+    if steps in ("single", "multi"):
+        return steps
+    qtype = sample.qtype or sample.meta.get("qtype") or ""
+    return "single" if qtype in SINGLE_STEP_QTYPES else "multi"
+
+
+def hallucinated_numbers(thinking: str, sample) -> tuple[int, int]:
+    """(numbers stated in `thinking`, of which hallucinated): neither among the chart's facts (the visual
+    facts, else the numbers the hint states) nor in the question, nor the reference answer (a correctly
+    derived result, e.g. a difference, is not made up). Distinct values are counted."""
+    from dyme_core.checker import fact_set, hint_facts
+    from dyme_core.rewards import extract_numbers
+
+    stated = set(extract_numbers(thinking))
+    facts = fact_set(sample.visual_facts) if sample.visual_facts else hint_facts(sample.hint or "")
+    known = [*facts.numbers, *extract_numbers(sample.question),
+             *(n for ref in sample.references() for n in extract_numbers(ref))]
+    made_up = [n for n in stated if not any(math.isclose(n, f, rel_tol=1e-6, abs_tol=1e-9) for f in known)]
+    return len(stated), len(made_up)
+
+
+def score_predictions(pred_rows: list[dict], samples: dict[str, Any]) -> dict[str, Any]:
+    """Per-split metrics of evaluate()'s predictions, questions ordered by sample id."""
+    from dyme_core.rewards import parse_completion
+
+    rows = sorted(pred_rows, key=lambda r: r["id"])
+    correct = [int(bool(r["correct"])) for r in rows]
+    by_steps: dict[str, list[int]] = {"single": [], "multi": []}
+    by_type: dict[str, list[int]] = {}
+    stated = made_up = with_made_up = 0
+    for r, c in zip(rows, correct, strict=True):
+        s = samples[r["id"]]
+        by_steps[question_steps(s)].append(c)
+        by_type.setdefault(r["qtype"], []).append(c)
+        n, bad = hallucinated_numbers(parse_completion(r["completion"]).thinking, s)
+        stated, made_up, with_made_up = stated + n, made_up + bad, with_made_up + (bad > 0)
+    n = len(rows)
+    return {
+        "n": n, "ids_sha": _ids_digest([r["id"] for r in rows]),
+        "acc": sum(correct) / n, "correct": "".join(map(str, correct)),
+        "acc_single": statistics.fmean(by_steps["single"]) if by_steps["single"] else None,
+        "acc_multi": statistics.fmean(by_steps["multi"]) if by_steps["multi"] else None,
+        "n_single": len(by_steps["single"]), "n_multi": len(by_steps["multi"]),
+        "format_rate": sum(r["format"] for r in rows) / n,
+        "grounding": sum(r["grounding"] for r in rows) / n,
+        "hallucinated_number_rate": made_up / stated if stated else 0.0,
+        "answers_with_hallucinated_number": with_made_up / n,
+        "numbers_stated_per_answer": stated / n,
+        "mean_thinking_chars": sum(r["thinking_length"] for r in rows) / n,
+        "acc_by_type": {k: statistics.fmean(v) for k, v in sorted(by_type.items())},
+        "examples": [{k: r[k] for k in ("id", "qtype", "question", "reference", "completion", "correct")}
+                     for r in rows[:2]],
+    }
+
+
+def _ids_digest(ids: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def downsample(rows: list[dict], n: int) -> list[dict]:
+    """At most `n` rows, evenly spaced, first and last kept."""
+    if len(rows) <= n or n < 2:
+        return rows
+    picks = sorted({round(i * (len(rows) - 1) / (n - 1)) for i in range(n)})
+    return [rows[i] for i in picks]
+
+
+# ---------------------------------------------------------------------------------------- one run (child)
+def common_overrides(data_dir: Path) -> list[str]:
+    return [f"data.path={data_dir}", f"data.out_dir={data_dir}", "model.dtype=float32", "train.bf16=auto",
+            "train.report_to=[jsonl]", "train.progress_bar=false", "train.save_steps=0",
+            "train.weight_decay=0.01", "train.max_grad_norm=1.0"]
+
+
+def run_overrides(spec: dict, scale: Scale, run_dir: Path) -> list[str]:
+    refined = Path(spec["refined"])
+    return [
+        *common_overrides(Path(spec["data"])), f"model.name_or_path={spec['base']}", "model.freeze_vision=true",
+        "train.prompt_style=reason", f"train.output_dir={run_dir / 'train'}", f"train.refined={refined}",
+        f"train.template_pool={refined.parent / 'templates.json'}", f"train.refine_cache_dir={run_dir / 'cache'}",
+        f"train.seed={spec['seed']}", f"train.max_steps={scale.steps}", f"train.batch_size={scale.batch}",
+        f"train.num_generations={scale.k}", f"train.micro_batch_size={scale.micro_batch}",
+        f"train.learning_rate={spec['lr']}", "train.lr_scheduler=constant", "train.warmup_steps=0",
+        f"train.max_new_tokens={scale.max_new_tokens}", "train.temperature=1.0", f"train.beta={scale.beta}",
+        f"train.loss_type={scale.loss_type}", f"train.min_thinking_chars={scale.min_thinking_chars}",
+        f"train.sft_fraction={scale.sft_fraction}", f"train.static_cache={str(scale.static_cache).lower()}",
+        "train.logging_steps=1", *METHODS[spec["method"]].overrides,
+    ]
+
+
+def evaluate_split(spec: dict, scale: Scale, model_dir: Path, out_dir: Path, dataset, split: str) -> dict:
+    from dyme_core.config import load_config
+    from dyme_core.evaluate import evaluate
+
+    cfg = load_config(None, [*common_overrides(Path(spec["data"])), f"evaluate.model_path={model_dir}",
+                             f"evaluate.out_dir={out_dir}", "evaluate.prompt_style=reason", f"evaluate.split={split}",
+                             f"evaluate.max_new_tokens={scale.eval_max_new_tokens}",
+                             f"evaluate.batch_size={scale.eval_batch}"])
+    evaluate(cfg, dataset)
+    preds = [json.loads(line) for line in (out_dir / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    return score_predictions(preds, {s.id: s for s in dataset.split(split)})
+
+
+def child_run(spec_path: Path) -> int:
+    """Train (unless `base`) and evaluate one run; write its record to <run_dir>/result.json."""
+    import torch
+
+    from dyme_core.config import load_config
+    from dyme_core.data.ingest import open_dataset
+    from dyme_core.data.loaders import Dataset
+    from dyme_core.trainer import DymeTrainer, load_refined
+
+    spec = json.loads(spec_path.read_text())
+    scale = Scale(**spec["scale"])
+    torch.set_num_threads(scale.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    run_dir = Path(spec["run_dir"])
+    t0 = time.perf_counter()
+    dataset = open_dataset(spec["data"])
+    record: dict[str, Any] = {"id": spec["id"], "method": spec["method"], "lr": spec["lr"], "seed": spec["seed"],
+                              "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), **environment()}
+    if spec["method"] == "base":
+        model_dir = Path(spec["base"])
+        gate = model_dir / "gate.json"
+        record["gate"] = json.loads(gate.read_text()) if gate.is_file() else None
+        record["train_s"] = 0.0
+    else:
+        method = METHODS[spec["method"]]
+        train_set = dataset
+        if method.hint_trace:
+            # the SFT target is the hint: put the requested trace quality there
+            missing = [s.id for s in dataset.split("train") if method.hint_trace not in s.meta.get("traces", {})]
+            if missing:
+                raise ValueError(f"{spec['method']}: {len(missing)} training samples lack meta.traces."
+                                 f"{method.hint_trace} (first {missing[0]!r})")
+            train_set = Dataset(dataset.root, [dataclasses.replace(s, hint=s.meta["traces"][method.hint_trace])
+                                               if s.split == "train" else s for s in dataset.samples],
+                                dataset.max_pixels)
+        cfg = load_config(None, run_overrides(spec, scale, run_dir))
+        trainer = DymeTrainer(cfg, train_set, load_refined(spec["refined"]))
+        t_train = time.perf_counter()
+        trainer.train()
+        record["train_s"] = round(time.perf_counter() - t_train, 1)
+        del trainer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        # the trainer publishes output_dir by a rename: it gets a folder of its own inside the run's
+        model_dir = run_dir / "train" / "model"
+        lines = (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
+        history = [json.loads(line) for line in lines if line.strip()]
+        record["history"] = rounded(downsample([{k: h[k] for k in HISTORY_KEYS if k in h} for h in history],
+                                               scale.curve_points), 4)
+    t_eval = time.perf_counter()
+    if dataset.split("val"):
+        val = evaluate_split(spec, scale, model_dir, run_dir / "eval-val", dataset, "val")
+        record["val"] = {k: val[k] for k in ("n", "acc", "format_rate", "ids_sha")}
+    else:
+        record["val"] = None
+    record["test"] = rounded(evaluate_split(spec, scale, model_dir, run_dir / "eval-test", dataset, "test"))
+    record["eval_s"] = round(time.perf_counter() - t_eval, 1)
+    record["total_s"] = round(time.perf_counter() - t0, 1)
+    if spec["method"] != "base":
+        shutil.rmtree(model_dir, ignore_errors=True)  # 16 runs a call: keep the disk small
+    write_json(run_dir / "result.json", record)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- planning (parent)
+def n_seeds(method: str, scale: Scale) -> int:
+    return scale.seeds_core if METHODS[method].core else scale.seeds_extended
+
+
+def choose_lr(method: str, scale: Scale, done: dict[str, dict]) -> float | None:
+    """The grid LR with the best val accuracy at seed 0 (ties: shared LR, then lower); None until all ran."""
+    recs = [done.get(run_id(method, lr, 0)) for lr in scale.lrs]
+    if any(r is None for r in recs):
+        return None
+    def key(r: dict) -> tuple:
+        val = r["val"]["acc"] if r.get("val") else r["test"]["acc"]  # no val split (smoke data only)
+        return (-val, r["lr"] != scale.shared_lr, r["lr"])
+    return min(recs, key=key)["lr"]
+
+
+def planned_runs(methods: list[str], scale: Scale, done: dict[str, dict]) -> tuple[list[dict], int]:
+    """(the runs that can start now, in priority order; how many are still to run at all)."""
+    ready: list[dict] = []
+    remaining = 0
+    if "base" not in done:
+        ready.append({"id": "base", "method": "base", "lr": None, "seed": 0})
+    ordered = sorted(methods, key=lambda m: (not METHODS[m].core, list(METHODS).index(m)))
+    later: list[dict] = []  # the extended methods' grid waits behind the core methods' other seeds
+    for method in ordered:
+        grid = [{"id": run_id(method, lr, 0), "method": method, "lr": lr, "seed": 0} for lr in scale.lrs]
+        (ready if METHODS[method].core else later).extend(r for r in grid if r["id"] not in done)
+        chosen = choose_lr(method, scale, done)
+        n_more = n_seeds(method, scale) - 1
+        if chosen is None:
+            remaining += n_more
+            continue
+        ready.extend(r for s in range(1, n_seeds(method, scale))
+                     if (r := {"id": run_id(method, chosen, s), "method": method, "lr": chosen, "seed": s})["id"]
+                     not in done)
+    ready.extend(later)
+    return ready, remaining + len(ready)
+
+
+def load_records(folders: list[Path]) -> tuple[dict[str, dict], list[dict]]:
+    """(successful runs by id, failed records) from every runs*.jsonl in `folders` (the first folder wins)."""
+    done: dict[str, dict] = {}
+    failed: list[dict] = []
+    for folder in reversed(folders):
+        for path in sorted(folder.glob("runs*.jsonl")):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: that run is simply redone
+                    log(f"WARNING: {path}:{n} is not JSON (cut off?), ignored")
+                    continue
+                if rec.get("failed"):
+                    failed.append(rec)
+                else:
+                    done[rec["id"]] = rec
+    return done, failed
+
+
+def gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+
+
+@dataclass
+class Active:
+    spec: dict
+    proc: subprocess.Popen
+    gpu: int | None
+    started: float
+    run_dir: Path
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """End one run's process group: SIGTERM, then SIGKILL after `grace_s`."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class Context:
     def __init__(self, args: argparse.Namespace, scale: Scale, scale_name: str, overrides: dict[str, Any]):
         self.out = Path(args.out)
         self.sources = [self.out, *(Path(p) for p in args.from_dirs)]
         self.work = Path(args.work or f"/tmp/dyme-method-table-{scale_name}")
+        self.data = Path(args.data) if args.data else self.work / "data"
+        self.base = Path(args.base) if args.base else self.work / "base"
         self.scale, self.scale_name, self.overrides = scale, scale_name, overrides
-        self.methods: list[str] = args.methods  # [] = all
+        self.methods: list[str] = args.methods or list(METHODS)
+        self.parallel = args.parallel
+        self.results_name = args.results_name
         self.deadline = time.monotonic() + args.deadline_s if args.deadline_s > 0 else math.inf
-        self._dataset = None
-
-    def find(self, name: str) -> Path | None:
-        """An earlier piece's result file, in --out or a --from folder."""
-        return next((d / name for d in self.sources if (d / name).is_file()), None)
 
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -235,26 +521,124 @@ class Context:
     def scale_record(self) -> dict[str, Any]:
         return {"name": self.scale_name, "overrides": self.overrides, **dataclasses.asdict(self.scale)}
 
-    # ----------------------------------------------------------------- data
-    @property
-    def data_dir(self) -> Path:
-        return self.work / "data"
 
-    def dataset(self):
-        if self._dataset is None:
-            from dyme_core.config import DataConfig
-            from dyme_core.data.loaders import load_dataset
+def ensure_refined(ctx: Context) -> Path:
+    """Offline refined targets (rule refiner) for the training split: what DyME and SFT memorise."""
+    from dyme_core import steps
+    from dyme_core.config import load_config
 
-            ensure_data(self)
-            self._dataset = load_dataset(DataConfig(path=str(self.data_dir)))
-        return self._dataset
+    out = ctx.work / "refined" / "targets.jsonl"
+    stamp = out.with_name("data.txt")
+    if not (out.is_file() and stamp.is_file() and stamp.read_text() == str(ctx.data.resolve())):
+        cfg = load_config(None, [*common_overrides(ctx.data), f"refine.out={out}",
+                                 f"refine.template_pool={out.parent / 'templates.json'}",
+                                 f"refine.cache_dir={ctx.work / 'refine_cache'}", "refine.splits=[train]"])
+        stats = steps.refine(cfg)
+        stamp.write_text(str(ctx.data.resolve()))
+        log(f"refined {stats['n']} training targets")
+    return out
 
 
-class Incomplete(RuntimeError):
-    """Not enough time left in this call; rerun the same piece to resume."""
+def piece_runs(ctx: Context) -> bool:
+    """Launch every run that fits; append each finished one to the results file. True when all are done."""
+    s = ctx.scale
+    if s.shared_lr not in s.lrs:
+        raise ValueError(f"shared_lr {s.shared_lr:g} is not in lr_grid {s.lr_grid!r}")
+    for path, what in ((ctx.base, "--base"), (ctx.data, "--data")):
+        if not path.is_dir():
+            raise FileNotFoundError(f"{what} {path} is not a folder (give one, or run the `prepare` piece)")
+    done, _ = load_records(ctx.sources)
+    ready, remaining = planned_runs(ctx.methods, s, done)
+    if remaining == 0:
+        log(f"runs: all done already ({len(done)} recorded)")
+        return True
+    refined = ensure_refined(ctx)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    results = ctx.out / ctx.results_name
+    n_gpus = gpu_count()
+    log(f"runs: {len(done)} recorded, {remaining} to go; {ctx.parallel} in parallel on "
+        f"{n_gpus or 'no'} GPU(s), {s.threads} torch thread(s) each; {ctx.time_left():.0f}s left")
+    scale_rec = ctx.scale_record()
+    active: dict[str, Active] = {}
+    failed: set[str] = set()
+    measured: dict[str, float] = {}  # kind -> longest seconds of a run of that kind in this call
+
+    def kind(spec: dict) -> str:
+        return "base" if spec["method"] == "base" else ("rl" if METHODS[spec["method"]].rollouts else "sft")
+
+    def estimate(spec: dict) -> float:
+        return measured.get(kind(spec), {"base": s.est_eval_s, "rl": s.est_run_s, "sft": s.est_sft_s}[kind(spec)])
+
+    def launch(spec: dict) -> None:
+        load = {g: sum(a.gpu == g for a in active.values()) for g in range(n_gpus)}
+        gpu = min(load, key=lambda g: (load[g], g)) if n_gpus else None
+        run_dir = ctx.work / "runs" / spec["id"].replace("@", "_")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        full = {**spec, "data": str(ctx.data.resolve()), "base": str(ctx.base.resolve()), "refined": str(refined),
+                "run_dir": str(run_dir), "scale": dataclasses.asdict(s)}
+        (run_dir / "spec.json").write_text(json.dumps(full))
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if gpu is None else str(gpu),
+               "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads), "TQDM_DISABLE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        with (run_dir / "log.txt").open("w") as f:
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_run", str(run_dir / "spec.json")],
+                                    stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        active[spec["id"]] = Active(spec, proc, gpu, time.monotonic(), run_dir)
+        log(f"start {spec['id']} on {'GPU ' + str(gpu) if gpu is not None else 'CPU'} "
+            f"(about {estimate(spec):.0f}s; {ctx.time_left():.0f}s left)")
+
+    def reap(a: Active) -> None:
+        secs = time.monotonic() - a.started
+        result = a.run_dir / "result.json"
+        if a.proc.returncode == 0 and result.is_file():
+            rec = json.loads(result.read_text())
+            rec.update(wall_s=round(secs, 1), scale=scale_rec, parallel=ctx.parallel, n_gpus=n_gpus)
+            append_jsonl(results, rec)
+            done[rec["id"]] = rec
+            measured[kind(a.spec)] = max(measured.get(kind(a.spec), 0.0), secs)
+            val = f" val {rec['val']['acc']:.3f}" if rec.get("val") else ""
+            log(f"done  {rec['id']}: test {rec['test']['acc']:.3f}{val} format {rec['test']['format_rate']:.2f} "
+                f"| train {rec['train_s']:.0f}s eval {rec['eval_s']:.0f}s wall {secs:.0f}s")
+        else:
+            tail = (a.run_dir / "log.txt").read_text(errors="replace")[-1500:]
+            append_jsonl(results, {"id": a.spec["id"], "failed": True, "rc": a.proc.returncode,
+                                   "wall_s": round(secs, 1), "log_tail": tail})
+            failed.add(a.spec["id"])
+            last = [line for line in tail.splitlines() if line.strip()][-1:] or ["(no output)"]
+            log(f"FAILED {a.spec['id']} (exit {a.proc.returncode}) after {secs:.0f}s: {last[0]}")
+
+    try:
+        while True:
+            for rid, a in list(active.items()):
+                if a.proc.poll() is not None:
+                    del active[rid]
+                    reap(a)
+            if ctx.time_left() <= 0:
+                for rid, a in list(active.items()):
+                    log(f"deadline: stopping {rid} after {time.monotonic() - a.started:.0f}s (not recorded)")
+                    _stop(a.proc)
+                    del active[rid]
+                break
+            ready, remaining = planned_runs(ctx.methods, s, done)
+            ready = [r for r in ready if r["id"] not in active and r["id"] not in failed]
+            for spec in ready:
+                if len(active) >= ctx.parallel:
+                    break
+                if estimate(spec) <= ctx.time_left():
+                    launch(spec)
+            if not active:
+                break
+            time.sleep(1.0)
+    finally:
+        for a in active.values():  # an exception in the parent: leave no orphan runs
+            _stop(a.proc)
+    _, remaining = planned_runs(ctx.methods, s, done)
+    log(f"runs: {len(done)} recorded, {len(failed)} failed in this call, {remaining} still to run")
+    return remaining == 0
 
 
-# ---------------------------------------------------------------------------------------------- data
+# ------------------------------------------------------------------------------ the built-in tiny base
 def _synth_shard(out_dir: str, seed: int, n_train: int, n_val: int, n_test: int, image_size: int) -> str:
     from dyme_core.config import SynthConfig
     from dyme_core.data.synth import synthesize
@@ -263,421 +647,287 @@ def _synth_shard(out_dir: str, seed: int, n_train: int, n_val: int, n_test: int,
                                       image_size=image_size, trace_quality="medium")))
 
 
-def ensure_data(ctx: Context, seed: int = 0) -> None:
-    """The synthetic chart set: `shards` synthesize() calls in parallel, merged with unique ids.
+def piece_prepare(ctx: Context) -> None:
+    """Without --base/--data: a synthetic chart set and a tiny base trained on bare answers, in --work.
 
-    Deterministic (per-shard seeds; the shard count, not the core count, fixes the data). The hint is
-    the medium-quality trace (the SFT target); all three qualities stay in meta["traces"].
+    For the CPU smoke scale (the real base and data come from bench/chart_base.py). Deterministic:
+    per-shard seeds, merged with unique ids.
     """
-    from dyme_core.data.loaders import load_dataset  # noqa: F401  (fail early if the stack is broken)
     from dyme_core.data.schema import Sample, read_jsonl, write_jsonl
 
     s = ctx.scale
-    spec = {"seed": seed, "shards": s.shards, "train": s.train_per_shard, "val": s.val_per_shard,
-            "test": s.test_per_shard, "image_size": s.image_size, "trace_quality": "medium"}
-    marker = ctx.data_dir / "synth_spec.json"
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
+    spec = {"shards": s.shards, "train": s.train_per_shard, "val": s.val_per_shard, "test": s.test_per_shard,
+            "image_size": s.image_size, "base_steps": s.base_steps, "base_batch": s.base_batch, "base_lr": s.base_lr}
+    marker = ctx.work / "prepare_spec.json"
+    if marker.is_file() and json.loads(marker.read_text()) == spec and (ctx.base / "config.json").is_file():
+        log("prepare: done already")
         return
     t0 = time.perf_counter()
-    shutil.rmtree(ctx.data_dir, ignore_errors=True)
-    shard_root = ctx.work / "shards"
-    shutil.rmtree(shard_root, ignore_errors=True)
-    jobs = [(str(shard_root / f"{j:02d}"), seed * 1000 + j, s.train_per_shard, s.val_per_shard,
-             s.test_per_shard, s.image_size) for j in range(s.shards)]
-    workers = max(1, min(s.shards, os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    for d in (ctx.data, ctx.base, ctx.work / "shards"):
+        shutil.rmtree(d, ignore_errors=True)
+    jobs = [(str(ctx.work / "shards" / f"{j:02d}"), j, s.train_per_shard, s.val_per_shard, s.test_per_shard,
+             s.image_size) for j in range(s.shards)]
+    with ProcessPoolExecutor(max(1, min(s.shards, os.cpu_count() or 1)), mp_context=get_context("spawn")) as pool:
         list(pool.map(_synth_shard, *zip(*jobs, strict=True)))
-    images = ctx.data_dir / "images"
-    images.mkdir(parents=True)
+    (ctx.data / "images").mkdir(parents=True)
     merged = []
     for j, job in enumerate(jobs):
-        root = Path(job[0])
-        for row in read_jsonl(root / "samples.jsonl"):
-            sample = Sample.from_dict(row)
-            new_id = f"synth-{sample.split}-{j:02d}-{sample.id.rsplit('-', 1)[1]}"
-            os.replace(root / sample.image, images / f"{new_id}.png")
-            merged.append(dataclasses.replace(sample, id=new_id, image=f"images/{new_id}.png"))
-    order = {"train": 0, "val": 1, "test": 2}
-    merged.sort(key=lambda x: (order[x.split], x.id))
-    write_jsonl(merged, ctx.data_dir / "samples.jsonl")
-    shutil.rmtree(shard_root)
+        for row in read_jsonl(Path(job[0]) / "samples.jsonl"):
+            x = Sample.from_dict(row)
+            new_id = f"synth-{x.split}-{j:02d}-{x.id.rsplit('-', 1)[1]}"
+            os.replace(Path(job[0]) / x.image, ctx.data / "images" / f"{new_id}.png")
+            merged.append(dataclasses.replace(x, id=new_id, image=f"images/{new_id}.png"))
+    write_jsonl(sorted(merged, key=lambda x: x.id), ctx.data / "samples.jsonl")
+    shutil.rmtree(ctx.work / "shards")
+    _train_tiny_base(ctx)
     marker.write_text(json.dumps(spec))
-    counts = {k: sum(x.split == k for x in merged) for k in order}
-    log(f"synthesized {counts} at {s.image_size}px in {time.perf_counter() - t0:.1f}s ({workers} processes)")
+    log(f"prepare: {len(merged)} samples and a tiny base in {time.perf_counter() - t0:.0f}s")
 
 
-def ensure_refined(ctx: Context) -> Path:
-    """Offline refined targets (rule refiner) for the training split: what DyME memorises."""
-    from dyme_core import steps
-    from dyme_core.config import load_config
-
-    out = ctx.work / "refined" / "targets.jsonl"
-    if not out.is_file():
-        ctx.dataset()
-        cfg = load_config(None, [f"data.path={ctx.data_dir}", f"refine.out={out}",
-                                 f"refine.template_pool={out.parent / 'templates.json'}",
-                                 f"refine.cache_dir={ctx.work / 'refine_cache'}"])
-        stats = steps.refine(cfg)
-        log(f"refined {stats['n']} training targets")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- base
-def common_overrides(ctx: Context) -> list[str]:
-    return [f"data.path={ctx.data_dir}", "model.dtype=float32", "train.bf16=auto", "train.report_to=[jsonl]",
-            "train.progress_bar=false", "train.save_steps=0", "train.weight_decay=0.01",
-            "train.max_grad_norm=1.0", "evaluate.split=test"]
-
-
-def evaluate_model(ctx: Context, model_dir: Path, out_dir: Path, style: str, max_new_tokens: int) -> dict:
-    from dyme_core.config import load_config
-    from dyme_core.evaluate import evaluate
-
-    cfg = load_config(None, [*common_overrides(ctx), f"evaluate.model_path={model_dir}",
-                             f"evaluate.out_dir={out_dir}", f"evaluate.prompt_style={style}",
-                             f"evaluate.max_new_tokens={max_new_tokens}",
-                             f"evaluate.batch_size={ctx.scale.eval_batch}"])
-    t0 = time.perf_counter()
-    metrics = evaluate(cfg, ctx.dataset())
-    preds = [json.loads(line) for line in (out_dir / "predictions.jsonl").read_text().splitlines()[:4]]
-    examples = [{k: p[k] for k in ("qtype", "question", "reference", "completion", "correct")} for p in preds]
-    return {"metrics": rounded(metrics), "examples": examples, "eval_s": round(time.perf_counter() - t0, 2)}
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [rounded({k: r[k] for k in HISTORY_KEYS if k in r}, 4) for r in rows]
-
-
-def piece_base(ctx: Context) -> None:
-    """Train the common starting point from scratch on direct answers; write base.tar + base.json."""
-    if ctx.find("base.json") and ctx.find("base.tar"):
-        log("base: done already (base.json, base.tar), skipped")
-        return
-    if ctx.time_left() < ctx.scale.est_base_s:
-        raise Incomplete(f"base needs about {ctx.scale.est_base_s:.0f}s, {ctx.time_left():.0f}s left")
+def _train_tiny_base(ctx: Context) -> None:
     import torch
     from transformers import AutoModelForImageTextToText
 
     from dyme_core import steps
     from dyme_core.config import ModelConfig, load_config
+    from dyme_core.data.ingest import open_dataset
     from dyme_core.data.loaders import Dataset
     from dyme_core.models import load_processor, save_model
     from dyme_core.trainer import DymeTrainer
 
     s = ctx.scale
-    ds = ctx.dataset()
-    t0 = time.perf_counter()
-    init_dir, run_dir, base_dir = ctx.work / "init", ctx.work / "base-run", ctx.work / "base"
-    for d in (init_dir, run_dir, base_dir):
+    init_dir, run_dir = ctx.work / "init", ctx.work / "base-run"
+    for d in (init_dir, run_dir):
         shutil.rmtree(d, ignore_errors=True)
     cfg = load_config(None, [
-        *common_overrides(ctx), f"init_model.out_dir={init_dir}", "init_model.seed=0",
-        f"init_model.vocab_size={s.vocab_size}", f"init_model.hidden_size={s.hidden_size}",
-        f"init_model.num_layers={s.num_layers}", f"init_model.num_heads={s.num_heads}",
-        f"init_model.vision_hidden_size={s.vision_hidden_size}", f"init_model.vision_layers={s.vision_layers}",
-        f"init_model.image_size={s.image_size}", f"init_model.patch_size={s.patch_size}",
-        f"model.name_or_path={init_dir}", "model.freeze_vision=false",
-        "train.method=sft", f"train.prompt_style={s.base_prompt}", "train.sft_target=hint",
-        f"train.output_dir={run_dir}", "train.refined=", "train.template_pool=", "train.refine_cache_dir=",
-        "train.seed=0", f"train.max_steps={s.base_steps}", f"train.batch_size={s.base_batch}",
-        f"train.micro_batch_size={s.base_batch}", f"train.learning_rate={s.base_lr}",
-        f"train.warmup_steps={s.base_warmup}", "train.lr_scheduler=cosine",
-        f"train.logging_steps={max(1, s.base_steps // 100)}",
+        *common_overrides(ctx.data), f"init_model.out_dir={init_dir}", "init_model.seed=0",
+        "init_model.vocab_size=1024", "init_model.hidden_size=128", "init_model.num_layers=2",
+        "init_model.num_heads=4", "init_model.vision_hidden_size=64", "init_model.vision_layers=2",
+        f"init_model.image_size={s.image_size}", "init_model.patch_size=8",
+        f"model.name_or_path={init_dir}", "model.freeze_vision=false", "train.method=sft",
+        "train.prompt_style=reason", "train.sft_target=hint", f"train.output_dir={run_dir}", "train.refined=",
+        "train.template_pool=", "train.refine_cache_dir=", "train.seed=0", f"train.max_steps={s.base_steps}",
+        f"train.batch_size={s.base_batch}", f"train.micro_batch_size={s.base_batch}",
+        f"train.learning_rate={s.base_lr}", "train.lr_scheduler=cosine", "train.warmup_steps=0",
     ])
-    # the tokenizer is trained on the training split's text only: nothing of the test split leaks in
+    ds = open_dataset(ctx.data)
+    # the tokenizer sees the training split's text only: nothing of the test split leaks in
     steps.init_model(cfg, Dataset(ds.root, ds.split("train")))
-    # bare answers, no reasoning: without a hint the SFT target under the reasoning prompt is "Answer: <gt>"
-    answers_only = Dataset(ds.root, [dataclasses.replace(x, hint=None) for x in ds.samples])
-    trainer = DymeTrainer(cfg, answers_only)
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    log(f"base: {n_params / 1e6:.2f}M params, {s.base_steps} steps x {s.base_batch} prompts, bare answers under "
-        f"the {s.base_prompt} prompt, device {trainer.device}, bf16 autocast {trainer.autocast}")
-    t_train = time.perf_counter()
-    last = trainer.train()
-    train_s = time.perf_counter() - t_train
-    del trainer
-    _free_memory()
-    # bf16 weights: the common starting point every run (in this call or a later one) loads and upcasts
+    # bare answers under the reasoning prompt ("Answer: <gt>"): it answers with the flag, never thinks
+    DymeTrainer(cfg, Dataset(ds.root, [dataclasses.replace(x, hint=None) for x in ds.samples])).train()
     model = AutoModelForImageTextToText.from_pretrained(run_dir / "model", dtype=torch.bfloat16)
-    save_model(model, load_processor(ModelConfig(name_or_path=str(run_dir / "model"))), base_dir)
-    del model
-    direct = evaluate_model(ctx, base_dir, ctx.work / "eval" / "base-direct", "direct", s.base_eval_max_new_tokens)
-    reason = evaluate_model(ctx, base_dir, ctx.work / "eval" / "base-reason", "reason", s.eval_max_new_tokens)
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    tar_path = ctx.out / "base.tar"
-    with tarfile.open(tar_path.with_suffix(".tmp"), "w") as tar:
-        tar.add(base_dir, arcname="base")
-    tar_path.with_suffix(".tmp").replace(tar_path)
-    size_mib = tar_path.stat().st_size / 2**20
-    if size_mib >= 16:
-        log(f"WARNING: base.tar is {size_mib:.1f} MiB, over the 16 MiB a GPU call brings back")
-    history = read_history(run_dir)
-    result = {
-        "env": environment(), "scale": ctx.scale_record(), "n_params": n_params,
-        "safetensors_sha256": sha256(base_dir / "model.safetensors"), "tar_mib": round(size_mib, 2),
-        "train_s": round(train_s, 1), "total_s": round(time.perf_counter() - t0, 1),
-        "train_last": rounded({k: last[k] for k in ("loss", "time/step_s", "samples_per_s") if k in last}),
-        "loss_curve": [[h["step"], h["loss"]] for h in history],
-        "eval_direct": direct, "eval_reason": reason,
-    }
-    write_json(ctx.out / "base.json", result)
-    log(f"base: trained in {train_s:.0f}s ({train_s / s.base_steps:.3f}s/step); test relaxed accuracy "
-        f"direct prompt {direct['metrics']['relaxed_accuracy']:.3f}, reasoning prompt "
-        f"{reason['metrics']['relaxed_accuracy']:.3f} (format {reason['metrics']['format_rate']:.3f}); "
-        f"base.tar {size_mib:.1f} MiB")
-
-
-def ensure_base(ctx: Context) -> Path:
-    """The base model folder in the work dir, unpacked from base.tar when a fresh machine lacks it."""
-    base_dir = ctx.work / "base"
-    tar_path, info_path = ctx.find("base.tar"), ctx.find("base.json")
-    if tar_path is None or info_path is None:
-        raise FileNotFoundError("no base.tar/base.json in --out or --from: run the `base` piece first")
-    want = json.loads(info_path.read_text())["safetensors_sha256"]
-    if (base_dir / "model.safetensors").is_file() and sha256(base_dir / "model.safetensors") == want:
-        return base_dir
-    shutil.rmtree(base_dir, ignore_errors=True)
-    with tarfile.open(tar_path) as tar:
-        tar.extractall(ctx.work, filter="data")
-    if sha256(base_dir / "model.safetensors") != want:
-        raise RuntimeError(f"{tar_path} does not hold the model base.json describes")
-    return base_dir
-
-
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-# ---------------------------------------------------------------------------------------------- runs
-def run_overrides(ctx: Context, method: str, seed: int, base_dir: Path, refined: Path, run_dir: Path) -> list[str]:
-    s = ctx.scale
-    return [
-        *common_overrides(ctx), f"model.name_or_path={base_dir}", "model.freeze_vision=true",
-        "train.prompt_style=reason", f"train.output_dir={run_dir}", f"train.refined={refined}",
-        f"train.template_pool={refined.parent / 'templates.json'}",
-        f"train.refine_cache_dir={run_dir / 'refine_cache'}",
-        f"train.seed={seed}", f"train.max_steps={s.steps}", f"train.batch_size={s.batch}",
-        f"train.num_generations={s.k}", f"train.micro_batch_size={s.micro_batch}",
-        f"train.learning_rate={s.lr}", "train.lr_scheduler=constant", "train.warmup_steps=0",
-        f"train.max_new_tokens={s.max_new_tokens}", "train.temperature=1.0", "train.beta=0.0",
-        f"train.loss_type={s.loss_type}", f"train.min_thinking_chars={s.min_thinking_chars}",
-        "train.sft_fraction=0.5", f"train.static_cache={str(s.static_cache).lower()}",
-        *METHODS[method],
-    ]
-
-
-def piece_runs(ctx: Context, seed: int) -> None:
-    """All methods for one seed; the result file is rewritten after each finished run."""
-    name = f"runs-seed{seed}.json"
-    found = ctx.find(name)
-    done = json.loads(found.read_text()) if found else {"seed": seed, "runs": {}}
-    todo = [m for m in RUN_ORDER if m not in done["runs"] and (not ctx.methods or m in ctx.methods)]
-    if not todo:
-        log(f"runs-seed{seed}: done already ({name}), skipped")
-        return
-    from dyme_core.config import load_config
-    from dyme_core.trainer import DymeTrainer, load_refined
-
-    base_dir = ensure_base(ctx)
-    refined_path = ensure_refined(ctx)
-    refined = load_refined(refined_path)
-    ds = ctx.dataset()
-    env = environment()
-    if done.get("scale", ctx.scale_record()) != ctx.scale_record():
-        log(f"WARNING: {name} was started at another scale; finishing it at the current one")
-    done.update(scale=ctx.scale_record(), base_sha256=sha256(base_dir / "model.safetensors"))
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    longest = ctx.scale.est_run_s
-    for method in todo:
-        need = longest / 3 if method == "sft" else longest  # sft samples no rollouts
-        if ctx.time_left() < need:
-            write_json(ctx.out / name, done)
-            raise Incomplete(f"runs-seed{seed}: {len(todo) - todo.index(method)} run(s) left, the next about "
-                             f"{need:.0f}s, {ctx.time_left():.0f}s left")
-        run_dir = ctx.work / "runs" / f"seed{seed}" / method
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = load_config(None, run_overrides(ctx, method, seed, base_dir, refined_path, run_dir))
-        t0 = time.perf_counter()
-        trainer = DymeTrainer(cfg, ds, refined)
-        trainer.train()
-        train_s = time.perf_counter() - t0
-        del trainer
-        _free_memory()
-        ev = evaluate_model(ctx, run_dir / "model", run_dir / "eval", "reason", ctx.scale.eval_max_new_tokens)
-        history = read_history(run_dir)
-        done["runs"][method] = {"train_s": round(train_s, 1), "overrides": METHODS[method], "history": history,
-                                "device": env["device"], "date_utc": env["date_utc"], "torch": env["torch"],
-                                "transformers": env["transformers"], **ev}
-        write_json(ctx.out / name, done)
-        longest = max(longest, time.perf_counter() - t0)
-        m = ev["metrics"]
-        log(f"seed {seed} {method:16s} acc {m['relaxed_accuracy']:.3f} format {m['format_rate']:.3f} "
-            f"grounding {m['grounding_score']:.3f} | train {train_s:.0f}s "
-            f"({train_s / ctx.scale.steps:.2f}s/step) eval {ev['eval_s']:.0f}s")
+    save_model(model, load_processor(ModelConfig(name_or_path=str(run_dir / "model"))), ctx.base)
 
 
 # ----------------------------------------------------------------------------------------- aggregate
-def _stats(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "values": values, "n": len(values)}
+def _vector(rec: dict) -> list[int]:
+    return [int(c) for c in rec["test"]["correct"]]
 
 
-def _pm(st: dict | None, scale: float = 100.0, digits: int = 1) -> str:
-    if st is None:
-        return "n/a"
-    if st["n"] == 1:
-        return f"{st['mean'] * scale:.{digits}f}"
-    return f"{st['mean'] * scale:.{digits}f} ± {st['sd'] * scale:.{digits}f}"
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
 
 
-def _mean_curve(histories: list[list[dict]], key: str, rl_only: bool = True) -> list[float | None]:
-    """Mean over seeds per step; None where the step did not sample (an SFT step) or the key is absent."""
-    n = max((len(h) for h in histories), default=0)
-    out: list[float | None] = []
-    for i in range(n):
-        vals = [h[i][key] for h in histories
-                if i < len(h) and key in h[i] and not (rl_only and h[i].get("phase_sft", 0) >= 0.5)]
-        out.append(statistics.fmean(vals) if vals else None)
+def _mean_curve(histories: list[list[dict]], key: str, rl_only: bool = True) -> list[list[float]]:
+    """[[step, mean over seeds], ...] where the key was logged (RL steps only unless `rl_only` is False)."""
+    by_step: dict[int, list[float]] = {}
+    for hist in histories:
+        for h in hist:
+            if key in h and not (rl_only and h.get("phase_sft", 0) >= 0.5):
+                by_step.setdefault(int(h["step"]), []).append(h[key])
+    return [[st, statistics.fmean(v)] for st, v in sorted(by_step.items())]
+
+
+def summarize_runs(recs: list[dict]) -> dict[str, Any]:
+    """Means over seeds of one method's runs (at one LR)."""
+    t = [r["test"] for r in recs]
+    out = {"seeds": sorted(r["seed"] for r in recs), "lr": recs[0]["lr"],
+           "acc_by_seed": [x["acc"] for x in t],
+           "val_acc": _mean([r["val"]["acc"] if r.get("val") else None for r in recs])}
+    for key in ("acc", "acc_single", "acc_multi", "format_rate", "grounding", "hallucinated_number_rate",
+                "answers_with_hallucinated_number", "mean_thinking_chars"):
+        out[key] = _mean([x.get(key) for x in t])
+    out["acc_sd_over_seeds"] = statistics.stdev(out["acc_by_seed"]) if len(recs) > 1 else None
+    hists = [r.get("history", []) for r in recs]
+    rl = [h for hist in hists for h in hist if h.get("phase_sft", 0) < 0.5 and "mode/memorize" in h]
+    out["train"] = {k: _mean([h.get(k) for h in rl]) for k in ("frac_reward_zero_std", "mode/memorize",
+                                                                "mode/explore", "mode/skip", "reward/accuracy",
+                                                                "reward/format", "reward/thinking")}
+    out["train"].update(train_s=_mean([r["train_s"] for r in recs]), wall_s=_mean([r.get("wall_s") for r in recs]),
+                        step_s=_mean([h.get("time/step_s") for hist in hists for h in hist]))
+    out["curves"] = {k: _mean_curve(hists, k) for k in ("reward/accuracy", "reward/total", "reward/format",
+                                                       "reward/thinking", "frac_reward_zero_std", "mode/memorize",
+                                                       "mode/explore", "mode/skip")}
+    out["curves"]["loss/nll_memorized"] = [p for p in _mean_curve(hists, "loss/nll_memorized", rl_only=False)
+                                           if p[1] > 0]
     return out
 
 
-def piece_aggregate(ctx: Context) -> None:
-    """results.json, table.md, curves.png, modes.png, by_type.png from base.json and runs-seed*.json."""
-    base_path = ctx.find("base.json")
-    if base_path is None:
-        raise FileNotFoundError("aggregate needs base.json (run the `base` piece)")
-    base = json.loads(base_path.read_text())
-    seeds: dict[int, dict] = {}
-    for d in reversed(ctx.sources):  # --out wins over --from
-        for p in sorted(d.glob("runs-seed*.json")):
-            data = json.loads(p.read_text())
-            seeds[int(data["seed"])] = data
-    if not seeds:
-        raise FileNotFoundError("aggregate needs at least one runs-seed<N>.json")
-    metric_keys = sorted({k for data in seeds.values() for r in data["runs"].values() for k in r["metrics"]})
-    methods: dict[str, Any] = {}
+def piece_aggregate(ctx: Context) -> dict[str, Any]:
+    """results.json, table.md, curves.png, modes.png from the runs*.jsonl files."""
+    from bench.stats import paired_intervals, per_question_mean
+
+    done, failed = load_records(ctx.sources)
+    if "base" not in done:
+        raise FileNotFoundError(f"aggregate needs the base run in a runs*.jsonl under {[str(p) for p in ctx.sources]}")
+    base = done["base"]
+    warnings = [f"run {r['id']} failed (exit {r.get('rc')})" for r in failed if r["id"] not in done]
+    ids_sha = base["test"]["ids_sha"]
+    if bad := sorted(i for i, r in done.items() if r["test"]["ids_sha"] != ids_sha):
+        raise ValueError(f"runs evaluated on other test questions than the base: {bad}")
+    scale = base["scale"]
+    if diff := sorted(i for i, r in done.items() if {k: v for k, v in r["scale"].items() if k != "n_boot"}
+                      != {k: v for k, v in scale.items() if k != "n_boot"}):
+        warnings.append(f"runs at another scale than the base run: {diff}")
+    lrs, shared_lr = [float(v) for v in scale["lr_grid"].split(",")], scale["shared_lr"]
+    sc = Scale(**{k: v for k, v in scale.items() if k not in ("name", "overrides")})
+    tuned: dict[str, dict] = {}
+    shared: dict[str, dict] = {}
+    lr_choice: dict[str, Any] = {}
     for method in METHODS:
-        runs = {s: data["runs"][method] for s, data in sorted(seeds.items()) if method in data["runs"]}
-        if not runs:
+        grid = {lr: done.get(run_id(method, lr, 0)) for lr in lrs}
+        if not any(grid.values()):
             continue
-        evals = {k: _stats([r["metrics"][k] for r in runs.values() if k in r["metrics"]])
-                 for k in metric_keys if any(k in r["metrics"] for r in runs.values())}
-        hists = [r["history"] for r in runs.values()]
-        rl_steps = [h for hist in hists for h in hist if h.get("phase_sft", 0) < 0.5]
-        train = {"train_s": _stats([r["train_s"] for r in runs.values()]),
-                 "step_s": _stats([statistics.fmean(h["time/step_s"] for h in hist) for hist in hists])}
-        if rl_steps:
-            for key in ("frac_reward_zero_std", "mode/memorize", "mode/explore", "mode/skip", "reward/accuracy",
-                        "completion/mean_length", "completion/clipped_ratio"):
-                train[key] = statistics.fmean(h[key] for h in rl_steps if key in h)
-            train["generation_s_per_rl_step"] = statistics.fmean(h["time/generation_s"] for h in rl_steps)
-        curves = {k: _mean_curve(hists, k) for k in ("reward/accuracy", "reward/total", "reward/format",
-                                                     "reward/thinking", "frac_reward_zero_std", "mode/memorize",
-                                                     "mode/explore", "mode/skip", "completion/mean_length")}
-        curves["loss/nll_memorized"] = _mean_curve(hists, "loss/nll_memorized", rl_only=False)
-        methods[method] = {"seeds": sorted(runs), "eval": evals, "train": train, "curves": curves,
-                           "examples": next(iter(runs.values()))["examples"][:2]}
-    base_direct, base_reason = base["eval_direct"]["metrics"], base["eval_reason"]["metrics"]
-    scale = seeds[min(seeds)]["scale"]
-    warnings = [f"seed {s} ran at another scale than seed {min(seeds)}" for s, d in seeds.items()
-                if d["scale"] != scale]
-    data_fields = ("shards", "train_per_shard", "val_per_shard", "test_per_shard", "image_size", "hidden_size",
-                   "num_layers", "vision_hidden_size", "vision_layers", "patch_size", "vocab_size")
-    warnings += [f"base and runs differ in {f}" for f in data_fields if base["scale"][f] != scale[f]]
-    devices = sorted({f"{r['device']} (torch {r['torch']}, transformers {r['transformers']}, {r['date_utc']} UTC)"
-                      for d in seeds.values() for r in d["runs"].values()})
-    results = rounded({
-        "scale": scale, "base_scale": base["scale"], "env_base": base["env"], "run_devices": devices,
-        "warnings": warnings, "paper": PAPER,
-        "base": {"n_params": base["n_params"], "train_s": base["train_s"], "eval_direct": base_direct,
-                 "eval_reason": base_reason, "loss_curve": base["loss_curve"],
-                 "examples_direct": base["eval_direct"]["examples"][:2],
-                 "examples_reason": base["eval_reason"]["examples"][:2]},
-        "methods": methods,
-        "lr_policy": f"one learning rate for every method ({scale['lr']:g}), no per-method tuning",
-    }, 4)
-    for w in warnings:
-        log(f"WARNING: {w}")
+        lr_choice[method] = {f"{lr:g}": (r["val"]["acc"] if r and r.get("val") else None) for lr, r in grid.items()}
+        if grid.get(shared_lr):
+            shared[method] = summarize_runs([grid[shared_lr]])
+        chosen = choose_lr(method, sc, done)
+        if chosen is None:
+            warnings.append(f"{method}: LR grid incomplete ({sum(r is not None for r in grid.values())}/{len(lrs)})")
+            continue
+        recs = [r for sd in range(n_seeds(method, sc)) if (r := done.get(run_id(method, chosen, sd)))]
+        if len(recs) < n_seeds(method, sc):
+            warnings.append(f"{method}: {len(recs)} of {n_seeds(method, sc)} seeds at the chosen LR {chosen:g}")
+        tuned[method] = summarize_runs(recs)
+        tuned[method]["vector"] = per_question_mean([_vector(r) for r in recs])
+    base_summary = summarize_runs([base])
+    base_summary["vector"] = per_question_mean([_vector(base)])
+    results: dict[str, Any] = {"scale": scale, "paper": PAPER, "gate": base.get("gate"), "warnings": warnings,
+                               "lr_choice_val_acc": lr_choice, "n_test": base["test"]["n"],
+                               "devices": sorted({f"{r['device']} (torch {r['torch']}, transformers "
+                                                  f"{r['transformers']}, {r['date_utc']} UTC)"
+                                                  for r in done.values()})}
+    for name, table in (("tuned", tuned), ("shared_lr", shared)):
+        vectors = {"base": base_summary["vector"], **{m: t.get("vector", per_question_mean(
+            [_vector(done[run_id(m, t["lr"], 0)])])) for m, t in table.items()}}
+        pairs = [(m, "base") for m in table]
+        pairs += [("dyme", b) for b in BASELINES if "dyme" in table and b in table]
+        single, diffs = paired_intervals(vectors, pairs, n_boot=sc.n_boot, seed=0)
+        rows = {"base": {**{k: v for k, v in base_summary.items() if k != "vector"}, "ci": single["base"].as_dict()}}
+        for m, t in table.items():
+            rows[m] = {**{k: v for k, v in t.items() if k != "vector"}, "ci": single[m].as_dict(),
+                       "minus_base": diffs[f"{m}-base"].as_dict()}
+        results[name] = {"methods": rows, "dyme_minus": {b: diffs[f"dyme-{b}"].as_dict() for b in BASELINES
+                                                        if f"dyme-{b}" in diffs}}
+        results[name]["goal"] = goal_check(results[name])
+    results = rounded(results, 4)
     ctx.out.mkdir(parents=True, exist_ok=True)
     write_json(ctx.out / "results.json", results)
     (ctx.out / "table.md").write_text(render_table(results))
-    plot_curves(methods, ctx.out / "curves.png")
-    plot_modes(methods, ctx.out / "modes.png")
-    plot_by_type(base_reason, methods, ctx.out / "by_type.png")
-    log(f"aggregate: {len(methods)} methods over seeds {sorted(seeds)} -> results.json, table.md, "
-        "curves.png, modes.png, by_type.png")
-    print(render_table(results).split("\n\n## ")[0], flush=True)
+    plot_curves(results["tuned"]["methods"], ctx.out / "curves.png")
+    plot_modes(results["tuned"]["methods"], ctx.out / "modes.png")
+    for w in warnings:
+        log(f"WARNING: {w}")
+    log(f"aggregate: {len(done)} runs -> results.json, table.md, curves.png, modes.png")
+    print(render_table(results).split("\n\n## Training")[0], flush=True)
+    return results
+
+
+def goal_check(table: dict) -> dict[str, Any]:
+    """Issue 12's goal lines: DyME >= 3 points above the best of sft/grpo/two_stage and >= 5 above base,
+    each with an interval that excludes zero. Reported, never tuned for."""
+    rows, dm = table["methods"], table["dyme_minus"]
+    if "dyme" not in rows:
+        return {"evaluated": False, "why": "no dyme runs"}
+    present = [b for b in BASELINES if b in dm]
+    out: dict[str, Any] = {"evaluated": True, "baselines_present": present}
+    if present:
+        best = max(present, key=lambda b: rows[b]["acc"])
+        d = dm[best]
+        out["vs_best_baseline"] = {"best": best, "diff": d["point"], "ci": [d["lo"], d["hi"]],
+                                   "met": d["point"] >= GOAL_VS_BEST_BASELINE and d["lo"] > 0}
+    d = rows["dyme"]["minus_base"]
+    out["vs_base"] = {"diff": d["point"], "ci": [d["lo"], d["hi"]], "met": d["point"] >= GOAL_VS_BASE and d["lo"] > 0}
+    out["met"] = bool(out["vs_base"]["met"] and out.get("vs_best_baseline", {}).get("met", False)
+                      and len(present) == len(BASELINES))
+    return out
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{x * 100:.{digits}f}"
+
+
+def _ci(c: dict) -> str:
+    return f"{c['point'] * 100:+.1f} [{c['lo'] * 100:+.1f}, {c['hi'] * 100:+.1f}]"
 
 
 def render_table(results: dict) -> str:
-    sc, base, methods = results["scale"], results["base"], results["methods"]
-    bd, br = base["eval_direct"], base["eval_reason"]
-    one = {"n": 1, "mean": 0.0, "sd": 0.0}
-    seeds = sorted({s for m in methods.values() for s in m["seeds"]})
-    lines = [
-        "# Method table in miniature (bench/method_table.py)", "",
-        f"Scale `{sc['name']}`{' with ' + json.dumps(sc['overrides']) if sc['overrides'] else ''}: a "
-        f"{base['n_params'] / 1e6:.1f}M-parameter Idefics3 trained from scratch on "
-        f"{sc['shards'] * sc['train_per_shard']} synthetic charts ({sc['image_size']}px) with bare answers (no "
-        f"reasoning) under the {results['base_scale'].get('base_prompt', 'direct')} prompt, then "
-        f"{sc['steps']} steps x {sc['batch']} prompts x K={sc['k']}, {sc['max_new_tokens']} new tokens, "
-        f"LR {sc['lr']:g} (the same for every method), seeds {seeds}. Test split: "
-        f"{int(bd['n'])} held-out questions. Base: {results['env_base']['device']}, "
-        f"{results['env_base']['date_utc']} UTC.", "",
-        "Relaxed accuracy, format rate and grounding in %, mean ± sd over seeds; every method is evaluated "
-        "with the reasoning prompt, so Δ is against the base under that prompt. Paper: ChartQA relaxed "
-        "accuracy; method rows SmolVLM-500M, ablation rows LLaVA-OV-0.5B 3-domain average (full DyME 55.4).", "",
-        "| method | relaxed acc | Δ vs base | format | grounding | paper | paper Δ |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    paper_delta_ref = {"sft": "base", "grpo": "base", "two_stage": "base", "dyme": "base",
-                       "dyme_no_checker": "dyme_full_ablation", "dyme_no_refiner": "dyme_full_ablation"}
-    for key, m in (("base_reason", br), ("base", bd)):
-        paper = f"{PAPER['base']['acc']:.1f}" if key == "base_reason" else ""
-        lines.append(f"| {LABELS[key]} | {m['relaxed_accuracy'] * 100:.1f} | | {m['format_rate'] * 100:.1f} | "
-                     f"{m['grounding_score'] * 100:.1f} | {paper} | |")
-    for method, m in methods.items():
-        ev = m["eval"]
-        acc = ev["relaxed_accuracy"]
-        delta = {**one, "mean": acc["mean"] - br["relaxed_accuracy"], "sd": acc["sd"], "n": acc["n"]}
-        p, ref = PAPER[method]["acc"], PAPER[paper_delta_ref[method]]["acc"]
-        lines.append(f"| {LABELS[method]} | {_pm(acc)} | {_pm(delta)} | {_pm(ev.get('format_rate'))} | "
-                     f"{_pm(ev.get('grounding_score'))} | {p:.1f} | {p - ref:+.1f} |")
-    lines += ["", "## Training diagnostics", "",
-              "Means over the RL steps of all seeds (two-stage: its GRPO half). zero-std = frac_reward_zero_std, "
-              "the share of groups whose K rewards are all equal (advantage 0: GRPO learns nothing from them); "
-              "modes follow DyME's rule from the accuracy of the K rollouts (for grpo/two_stage they are what "
-              "DyME would have chosen).", "",
-              "| method | train acc | zero-std | memorize | explore | skip | completion tokens | s/step | train s |",
+    sc = results["scale"]
+    paper_ref = {"sft": ("sft", "ablation_no_exploration"), "grpo": ("grpo", "ablation_no_memorization"),
+                 "dyme": ("dyme", "dyme_full_ablation"), "base": ("base", None), "two_stage": ("two_stage", None),
+                 "dyme_no_checker": (None, "dyme_no_checker"), "dyme_no_refiner": (None, "dyme_no_refiner"),
+                 "sft_low": (None, None)}
+
+    def paper(m: str, i: int) -> str:
+        key = paper_ref[m][i]
+        return f"{PAPER[key]['acc']:.1f}" if key else ""
+
+    lines = ["# Method table in miniature (bench/method_table.py)", "",
+             f"Scale `{sc['name']}`{' with ' + json.dumps(sc['overrides']) if sc['overrides'] else ''}: "
+             f"{sc['steps']} steps x {sc['batch']} prompts x K={sc['k']}, {sc['max_new_tokens']} new tokens, loss "
+             f"`{sc['loss_type']}`, beta {sc['beta']}; LR grid {sc['lr_grid']} chosen per method on val (seed 0), "
+             f"shared LR {sc['shared_lr']:g}; {sc['seeds_core']} seeds for sft/grpo/dyme, {sc['seeds_extended']} "
+             f"for the rest. Test split: {results['n_test']} questions, relaxed accuracy in %; 95% paired-bootstrap "
+             f"intervals ({sc['n_boot']} resamples of the test questions, the same for every method, seeds "
+             "averaged per question).", "",
+             "Paper: SmolVLM-500M on ChartQA (base 63.2); ablation column: LLaVA-OV-0.5B, 3-domain average "
+             "(full DyME 55.4).", ""]
+    for name, title in (("tuned", "LR chosen per method on val"), ("shared_lr", f"every method at LR "
+                                                                               f"{sc['shared_lr']:g} (seed 0)")):
+        table = results[name]
+        lines += [f"## {title}", "",
+                  "| method | LR | seeds | acc [95% CI] | Δ vs base [95% CI] | single | multi | format | grounding "
+                  "| halluc. numbers | paper | paper ablation |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m, r in table["methods"].items():
+            label = BASE_LABEL if m == "base" else METHODS[m].label
+            ci = r["ci"]
+            acc = f"{ci['point'] * 100:.1f} [{ci['lo'] * 100:.1f}, {ci['hi'] * 100:.1f}]"
+            delta = _ci(r["minus_base"]) if "minus_base" in r else ""
+            lr = "" if r["lr"] is None else f"{r['lr']:g}"
+            lines.append(f"| {label} | {lr} | {len(r['seeds'])} | {acc} | {delta} | {_pct(r['acc_single'])} | "
+                         f"{_pct(r['acc_multi'])} | {_pct(r['format_rate'])} | {_pct(r['grounding'])} | "
+                         f"{_pct(r['hallucinated_number_rate'])} | {paper(m, 0)} | {paper(m, 1)} |")
+        lines.append("")
+        for b, d in table["dyme_minus"].items():
+            lines.append(f"- DyME − {METHODS[b].label}: {_ci(d)} points")
+        g = table["goal"]
+        if g.get("evaluated"):
+            vb = g.get("vs_best_baseline")
+            met = "MET" if g["vs_base"]["met"] else "not met"
+            lines.append(f"- Goal (issue 12), DyME ≥ +5 vs base with CI > 0: {met} ({g['vs_base']['diff'] * 100:+.1f})")
+            if vb:
+                lines.append(f"- Goal, DyME ≥ +3 vs the best of sft/grpo/two_stage ({vb['best']}) with CI > 0: "
+                             f"{'MET' if vb['met'] else 'not met'} ({vb['diff'] * 100:+.1f})")
+        lines.append("")
+    lines += ["## Training diagnostics (chosen LR, means over the RL steps of all seeds)", "",
+              "| method | val acc by LR | train acc | zero-std | memorize | explore | skip | s/step | wall s |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for method, m in methods.items():
-        t = m["train"]
-        if "frac_reward_zero_std" in t:
-            cols = [f"{t['reward/accuracy'] * 100:.1f}", f"{t['frac_reward_zero_std'] * 100:.0f}%",
-                    f"{t['mode/memorize'] * 100:.0f}%", f"{t['mode/explore'] * 100:.0f}%",
-                    f"{t['mode/skip'] * 100:.0f}%", f"{t['completion/mean_length']:.0f}"]
-        else:
-            cols = ["(no rollouts)"] + [""] * 5
-        lines.append(f"| {LABELS[method]} | {' | '.join(cols)} | {t['step_s']['mean']:.2f} | "
-                     f"{t['train_s']['mean']:.0f} |")
-    qtypes = sorted(k.split("/", 1)[1] for k in bd if k.startswith("accuracy/"))
-    lines += ["", "## Accuracy by question type (%)", "",
-              "| method | " + " | ".join(qtypes) + " |", "|---" * (len(qtypes) + 1) + "|"]
-    for key, m in (("base_reason", br), ("base", bd)):
-        lines.append(f"| {LABELS[key]} | " + " | ".join(f"{m[f'accuracy/{q}'] * 100:.0f}" for q in qtypes) + " |")
-    for method, m in methods.items():
-        lines.append(f"| {LABELS[method]} | " + " | ".join(_pm(m["eval"].get(f"accuracy/{q}"), digits=0)
-                                                          for q in qtypes) + " |")
-    env = results["env_base"]
-    lines += ["", f"Base trained on {env['device']} (torch {env['torch']}, transformers {env['transformers']}, "
-              f"{env['date_utc']} UTC) by `{env['command']}`; runs on: {'; '.join(results['run_devices'])}.",
-              *(f"WARNING: {w}" for w in results["warnings"]), ""]
+    for m, r in results["tuned"]["methods"].items():
+        if m == "base":
+            continue
+        t = r["train"]
+        grid = ", ".join(f"{lr}: {_pct(v)}" for lr, v in results["lr_choice_val_acc"].get(m, {}).items())
+        step_s = "n/a" if t["step_s"] is None else f"{t['step_s']:.2f}"
+        wall = "n/a" if t["wall_s"] is None else f"{t['wall_s']:.0f}"
+        lines.append(f"| {METHODS[m].label} | {grid} | {_pct(t['reward/accuracy'])} | "
+                     f"{_pct(t['frac_reward_zero_std'], 0)} | {_pct(t['mode/memorize'], 0)} | "
+                     f"{_pct(t['mode/explore'], 0)} | {_pct(t['mode/skip'], 0)} | {step_s} | {wall} |")
+    gate = results.get("gate")
+    lines += ["", f"Base gate (gate.json): `{json.dumps(gate, sort_keys=True)[:600]}`" if gate else
+              "", "Hallucinated numbers: share of the distinct numbers stated in the thinking that are neither among "
+              "the chart's facts nor in the question nor the reference answer.", "",
+              f"Runs on: {'; '.join(results['devices'])}.", *(f"WARNING: {w}" for w in results["warnings"]), ""]
     return "\n".join(lines)
 
 
@@ -690,66 +940,48 @@ def _plt():
     return plt
 
 
+def _color(m: str) -> str:
+    return BASE_COLOR if m == "base" else METHODS[m].color
+
+
 def plot_curves(methods: dict, path: Path) -> None:
     plt = _plt()
-    panels = [("reward/accuracy", "accuracy reward"), ("reward/total", "total reward"),
-              ("reward/format", "format reward"), ("reward/thinking", "thinking (checker) reward"),
-              ("frac_reward_zero_std", "advantage collapse (frac_reward_zero_std)"),
-              ("loss/nll_memorized", "NLL of memorised targets")]
+    panels = [("reward/accuracy", "accuracy reward"), ("reward/format", "format reward"),
+              ("reward/thinking", "thinking (checker) reward"), ("frac_reward_zero_std", "zero-std share"),
+              ("mode/memorize", "memorize share (c = 0)"), ("loss/nll_memorized", "NLL of memorised targets")]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
-        for method, m in methods.items():
-            ys = m["curves"].get(key, [])
-            pts = [(i + 1, y) for i, y in enumerate(ys) if y is not None and (key != "loss/nll_memorized" or y > 0)]
+        for m, r in methods.items():
+            pts = r.get("curves", {}).get(key, [])
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker=".", label=LABELS[method], color=COLORS[method])
+                ax.plot(*zip(*pts, strict=True), marker=".", ms=3, label=METHODS[m].label, color=_color(m))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
     handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncols=len(handles), fontsize=8)
-    fig.suptitle("Training curves, mean over seeds (SFT steps have no rollouts)")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncols=min(4, max(1, len(handles))), fontsize=8)
+    fig.suptitle("Training curves at each method's chosen LR, mean over seeds")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=90, metadata={"Software": None})
     plt.close(fig)
 
 
 def plot_modes(methods: dict, path: Path) -> None:
     plt = _plt()
-    shown = [m for m in RL_METHODS if m in methods]
+    shown = [m for m in methods if m != "base" and METHODS[m].rollouts]
     fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(3.3 * max(1, len(shown)), 3.2), squeeze=False)
-    for ax, method in zip(axes[0], shown, strict=False):
-        c = methods[method]["curves"]
-        steps = [i + 1 for i, y in enumerate(c["mode/memorize"]) if y is not None]
-        stack = [[c[f"mode/{k}"][s - 1] for s in steps] for k in ("memorize", "explore", "skip")]
-        if steps:
+    for ax, m in zip(axes[0], shown, strict=False):
+        c = methods[m]["curves"]
+        if c["mode/memorize"]:
+            steps = [p[0] for p in c["mode/memorize"]]
+            stack = [[p[1] for p in c[f"mode/{k}"]] for k in ("memorize", "explore", "skip")]
             ax.stackplot(steps, *stack, labels=["memorize (c=0)", "explore", "skip (c=K)"],
                          colors=["#dd8452", "#4c72b0", "#55a868"])
         ax.set_ylim(0, 1)
-        ax.set_title(LABELS[method], fontsize=9)
+        ax.set_title(METHODS[m].label, fontsize=9)
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("fraction of prompt groups")
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, metadata={"Software": None})
-    plt.close(fig)
-
-
-def plot_by_type(base_reason: dict, methods: dict, path: Path) -> None:
-    plt = _plt()
-    qtypes = sorted(k.split("/", 1)[1] for k in base_reason if k.startswith("accuracy/"))
-    series = [("base_reason", [base_reason[f"accuracy/{q}"] for q in qtypes])]
-    for method, m in methods.items():
-        series.append((method, [m["eval"][f"accuracy/{q}"]["mean"] if f"accuracy/{q}" in m["eval"] else 0.0
-                                for q in qtypes]))
-    fig, ax = plt.subplots(figsize=(11, 3.8))
-    width = 0.8 / len(series)
-    for i, (name, ys) in enumerate(series):
-        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(qtypes))], ys, width, label=LABELS[name],
-               color=COLORS[name])
-    ax.set_xticks(range(len(qtypes)), qtypes, fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("relaxed accuracy (test)")
-    ax.legend(fontsize=7, ncols=4)
+    if shown:
+        axes[0][0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=90, metadata={"Software": None})
     plt.close(fig)
@@ -769,66 +1001,75 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             out[key] = parse[types[key]](raw)
         except (KeyError, ValueError):
             raise SystemExit(f"--set {item!r}: not a {types[key]}") from None
-    if out.get("base_prompt", "reason") not in ("reason", "direct"):
-        raise SystemExit("--set base_prompt: reason | direct")
+    if "lr_grid" in out:
+        try:
+            [float(v) for v in out["lr_grid"].split(",")]
+        except ValueError:
+            raise SystemExit(f"--set lr_grid={out['lr_grid']!r}: expected a comma list of numbers") from None
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["_run"]:  # one run, started by the `runs` scheduler
+        return child_run(Path(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pieces", nargs="+", help="base | runs-seed<N> | aggregate | all (base, seeds 0 and 1, "
-                                                  "aggregate), run in the order given.")
+    parser.add_argument("pieces", nargs="+", help="prepare | runs | aggregate | all (prepare when no --base, "
+                                                  "runs, aggregate), run in the order given.")
     parser.add_argument("--scale", default="full", choices=sorted(SCALES), help="Experiment size.")
     parser.add_argument("--set", dest="sets", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="Override a Scale field (e.g. steps=24 lr=1e-4); recorded in the results.")
+                        help="Override a Scale field (e.g. steps=24 lr_grid=1e-4,3e-4); recorded in every run.")
+    parser.add_argument("--base", default="", help="The base model folder (HF save_pretrained; gate.json beside).")
+    parser.add_argument("--data", default="", help="The materialised dataset folder (train/val/test).")
     parser.add_argument("--methods", type=lambda v: [m for m in v.split(",") if m], default=[],
-                        help=f"Comma list of the methods to train (default all: {','.join(RUN_ORDER)}).")
-    parser.add_argument("--out", required=True, help="Result files (<= 8 per GPU call come back).")
+                        help=f"Comma list of the methods to train (default all: {','.join(METHODS)}).")
+    parser.add_argument("--parallel", type=int, default=1, help="Runs at once (spread over the visible GPUs).")
+    parser.add_argument("--out", required=True, help="Where this call's results go.")
+    parser.add_argument("--results-name", default="runs.jsonl", help="The .jsonl (runs*.jsonl) this call appends to.")
     parser.add_argument("--from", dest="from_dirs", nargs="*", default=[],
-                        help="Folders holding earlier pieces' result files (read only).")
-    parser.add_argument("--work", default="", help="Scratch: data, runs (default /tmp/dyme-method-table-<scale>).")
+                        help="Folders holding earlier calls' runs*.jsonl (read only).")
+    parser.add_argument("--work", default="", help="Scratch: runs, refined targets, the built-in base "
+                                                   "(default /tmp/dyme-method-table-<scale>).")
     parser.add_argument("--deadline-s", type=float, default=0.0,
-                        help="Seconds this call may use; stop cleanly (exit 3) before a step that would overrun.")
+                        help="Seconds this call may use: no run is started that would not finish, stragglers "
+                             "are stopped at the end (exit 3 while runs remain).")
     args = parser.parse_args(argv)
     if unknown := sorted(set(args.methods) - set(METHODS)):
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(RUN_ORDER)}")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if not args.results_name.startswith("runs") or not args.results_name.endswith(".jsonl"):
+        parser.error("--results-name must look like runs*.jsonl (aggregate and resume read those)")
+    if args.parallel < 1:
+        parser.error("--parallel must be >= 1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     overrides = parse_set(args.sets)
     scale = dataclasses.replace(SCALES[args.scale], **overrides)
     ctx = Context(args, scale, args.scale, overrides)
     pieces = [p for piece in args.pieces
-              for p in (["base", "runs-seed0", "runs-seed1", "aggregate"] if piece == "all" else [piece])]
-    for p in pieces:
-        if p not in ("base", "aggregate") and not (p.startswith("runs-seed") and p[9:].isdigit()):
-            parser.error(f"unknown piece {p!r}")
-    if any(p != "aggregate" for p in pieces):
-        import torch
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        torch.backends.cuda.matmul.allow_tf32 = True
-        log(f"scale {args.scale} {overrides or ''}; work {ctx.work}; out {ctx.out}; {environment()['device']}")
+              for p in ((["prepare"] if not (args.base or args.data) else []) + ["runs", "aggregate"]
+                        if piece == "all" else [piece])]
+    if bad := [p for p in pieces if p not in ("prepare", "runs", "aggregate")]:
+        parser.error(f"unknown piece(s) {bad}")
+    if "prepare" in pieces and (args.base or args.data):
+        parser.error("prepare builds the built-in base and data; not with --base/--data")
+    if "runs" in pieces:
+        log(f"scale {args.scale} {overrides or ''}; base {ctx.base}; data {ctx.data}; out {ctx.out}")
     t0 = time.perf_counter()
+    complete = True
     try:
         for p in pieces:
-            t_piece = time.perf_counter()
-            if p == "base":
-                piece_base(ctx)
-            elif p == "aggregate":
+            if p == "prepare":
+                piece_prepare(ctx)
+            elif p == "runs":
+                complete = piece_runs(ctx) and complete
+            elif complete:
                 piece_aggregate(ctx)
             else:
-                piece_runs(ctx, int(p[9:]))
-            log(f"piece {p}: {time.perf_counter() - t_piece:.0f}s")
-    except Incomplete as e:
-        log(f"INCOMPLETE: {e}; rerun the same command (with this call's files carried) to resume")
-        return EXIT_INCOMPLETE
+                log("aggregate: skipped, runs remain (aggregate anywhere later from the .jsonl files)")
     finally:
         imported = sorted(m for m in FORBIDDEN_MODULES if m in sys.modules)
         log(f"total {time.perf_counter() - t0:.0f}s; modules outside the GPU stack imported: {imported or 'none'}")
-    return 0
+    return 0 if complete else EXIT_INCOMPLETE
 
 
 if __name__ == "__main__":
