@@ -45,6 +45,10 @@ class SynthConfig:
     chart_types: list = _f(["bar", "grouped_bar", "line", "pie"], "Chart kinds to render.")
     trace_quality: str = _f("medium", "Reference trace quality in `hint`: high | medium | low.",
                             choices=("high", "medium", "low"))
+    style: str = _f("classic", "Chart drawing: classic (matplotlib; bar, grouped bar, line, pie; small fonts) | "
+                    "readable (PIL; bar and line, 3-5 short labels, integer values 10-99 printed at each mark in "
+                    "a font legible at the model's resolution; dyme_core/data/charts.py).",
+                    choices=("classic", "readable"))
 
 
 @dataclass
@@ -520,9 +524,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _build(Config, tree, "")
 
 
-def dump_config(cfg: Config, path: str | Path) -> None:
+def dump_config(cfg: Config, path: str | Path, omit: tuple[str, ...] = ()) -> None:
+    """Write `cfg` as YAML, without the sections named in `omit`."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    data = {k: v for k, v in cfg.to_dict().items() if k not in omit}
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:

@@ -11,11 +11,15 @@ Determinism: every sample has its own ``numpy`` generator seeded by (seed, split
 seed gives byte-identical ``samples.jsonl`` and PNGs, and resizing one split leaves the others alone.
 PNGs are encoded by Pillow from the rendered pixel buffer, so no timestamp or version string is written.
 
+``synth.style: readable`` hands the drawing and the questions to ``charts.py`` (PIL charts a small model
+can read); everything here is the ``classic`` style.
+
 Run: ``dyme synth`` (or ``synthesize(SynthConfig(out_dir=...))``); tests: ``tests/core/test_synth.py``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from dyme_core.config import SynthConfig
+from dyme_core.data import charts
 from dyme_core.data.schema import SPLITS, Sample, write_jsonl
 
 CHART_TYPES = ("bar", "grouped_bar", "line", "pie")
@@ -318,11 +323,15 @@ def synthesize(cfg: SynthConfig) -> Path:
                          f"got {list(cfg.chart_types)}")
     if cfg.image_size < 64:
         raise ValueError(f"synth.image_size must be >= 64 px for readable charts, got {cfg.image_size}")
+    make = _make_sample
+    if cfg.style == "readable":  # PIL charts a small model can read (charts.py)
+        usable = charts.usable_chart_types(cfg.chart_types, cfg.image_size)
+        make = functools.partial(charts.make_sample, chart_types=usable)
     out = Path(cfg.out_dir)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    samples = [_make_sample(cfg, split, i, images) for split in SPLITS for i in range(sizes[split])]
+    samples = [make(cfg, split, i, images) for split in SPLITS for i in range(sizes[split])]
     # images of an earlier, larger run would otherwise linger and be versioned with this one
     keep = {Path(s.image).name for s in samples}
     for stale in images.glob("synth-*.png"):
