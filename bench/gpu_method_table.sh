@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
-# One GPU call of the method table (bench/method_table.py): run the named pieces in order.
+# One GPU call of the method table (bench/method_table.py): launch the runs that fit, PARALLEL at a time.
 #
-#   bash bench/gpu_method_table.sh base runs-seed0          # call 1, about 8 min on one H100/H200
-#   bash bench/gpu_method_table.sh runs-seed0 runs-seed1 aggregate   # call 2, about 5 min
+#   BASE=bench/out/chart_base RESULTS=bench/out/method_table bash bench/gpu_method_table.sh   # every call
 #
-# Earlier calls' result files are read from $RESULTS (default bench/out/method_table: copy each call's
-# returned files there and carry that folder into the next call). New files go to $OUT when the GPU
-# runner sets it (so only they come back: at most 7 per call), else to $RESULTS. A call that runs out
-# of time stops cleanly before a run it could not finish (exit 3): carry its files and rerun the same
-# command to resume. Env: SCALE (full), WORK (/tmp/dyme-method-table-$SCALE), DEADLINE_S (560, counted
-# from this script's start), SET (extra `--set FIELD=VALUE ...` for bench/method_table.py), METHODS (comma list
-# of the methods to train, default all), PYTHON (python3).
+# The same command resumes: runs recorded in $RESULTS/**/runs*.jsonl (earlier calls' returned files,
+# carried in) are skipped; this call appends its finished runs to $OUT/runs-<UTC time>.jsonl as each
+# ends and tees the log to $OUT/log-<UTC time>.txt (2 files come back). Exit 3: runs remain, rerun.
+#
+# BASE: the base model, either a folder with config.json (HF save_pretrained) or a folder holding
+#   bench/chart_base.py's returned base.tar parts (base.tar.part*, or base.tar) and gate.json; the parts
+#   are joined and unpacked into $WORK/base. DATA: a materialised dataset folder; when unset,
+#   bench/chart_base.py regenerates it (deterministic) into $WORK/chart/data.
+# Env: SCALE (full), WORK (/tmp/dyme-method-table-$SCALE), PARALLEL (16), DEADLINE_S (570, counted from
+# this script's start; runs that cannot finish are not started, stragglers stopped at the end), SET (extra
+# `--set FIELD=VALUE ...`), METHODS (comma list, default all), PYTHON (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] || { echo "usage: $0 PIECE [PIECE ...]  (base | runs-seed<N> | aggregate)" >&2; exit 2; }
 
 RESULTS=${RESULTS:-bench/out/method_table}
 OUT_DIR=${OUT:-$RESULTS}
 SCALE=${SCALE:-full}
 PYTHON=${PYTHON:-python3}
-DEADLINE_S=${DEADLINE_S:-560}
-mkdir -p "$RESULTS" "$OUT_DIR"
+DEADLINE_S=${DEADLINE_S:-570}
+PARALLEL=${PARALLEL:-16}
+WORK=${WORK:-/tmp/dyme-method-table-$SCALE}
+: "${BASE:?set BASE to the base model folder or to the folder of base.tar parts + gate.json}"
+mkdir -p "$RESULTS" "$OUT_DIR" "$WORK"
+STAMP=$(date -u +%Y%m%dT%H%M%S)
+LOG="$OUT_DIR/log-$STAMP.txt"
 
 # Packages the GPU image may lack, from the wheels carried in .wheels/ (only those not importable
 # there, into a separate --target folder: nothing of the image is replaced). trl, datasets, mlflow, dvc,
@@ -31,6 +38,7 @@ need=()
   python_dateutil six)
 "$PYTHON" -c "import requests" 2>/dev/null || need+=(requests urllib3 charset_normalizer idna certifi)
 "$PYTHON" -c "import yaml" 2>/dev/null || need+=(pyyaml)
+"$PYTHON" -c "import tenacity" 2>/dev/null || need+=(tenacity)
 if [ ${#need[@]} -gt 0 ]; then
   shopt -s nocaseglob
   files=()
@@ -40,20 +48,40 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG" || true
 
-"$PYTHON" - <<'EOF'
-import importlib.util
-import sys
-need = ["torch", "transformers", "peft", "safetensors", "tokenizers", "yaml", "requests", "pyarrow",
-        "matplotlib", "numpy", "PIL", "tqdm"]
-missing = [m for m in need if importlib.util.find_spec(m) is None]
-if missing:
-    sys.exit(f"missing Python packages: {missing} (carry their wheels in .wheels/)")
-EOF
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# The base: a model folder as is, else join the tar parts and unpack them once per content.
+if [ -f "$BASE/config.json" ]; then
+  BASE_DIR=$BASE
+else
+  shopt -s nullglob
+  parts=("$BASE"/base.tar.part*)
+  shopt -u nullglob
+  [ -f "$BASE/base.tar" ] && parts+=("$BASE/base.tar")
+  [ ${#parts[@]} -gt 0 ] || { echo "BASE=$BASE has neither config.json nor base.tar parts" >&2; exit 2; }
+  digest=$(cat "${parts[@]}" | sha256sum | cut -c1-16)
+  if [ "$(cat "$WORK/base.digest" 2>/dev/null)" != "$digest" ]; then
+    rm -rf "$WORK/base-unpacked" && mkdir -p "$WORK/base-unpacked"
+    cat "${parts[@]}" | tar -x -C "$WORK/base-unpacked"
+    echo "$digest" > "$WORK/base.digest"
+  fi
+  BASE_DIR=$(dirname "$(find "$WORK/base-unpacked" -name config.json | head -n1)")
+  [ -f "$BASE/gate.json" ] && cp "$BASE/gate.json" "$BASE_DIR/gate.json"
+fi
+echo "base: $BASE_DIR" | tee -a "$LOG"
 
-LOG="$OUT_DIR/log-$(IFS=-; echo "$*").txt"
+# The data: given, or regenerated by bench/chart_base.py (deterministic) on this machine.
+if [ -z "${DATA:-}" ]; then
+  DATA=$WORK/chart/data
+  if [ ! -f "$DATA/manifest.json" ]; then
+    "$PYTHON" bench/chart_base.py data --scale "$SCALE" --work "$WORK/chart" --out "$WORK/chart-out" 2>&1 \
+      | tee -a "$LOG"
+  fi
+fi
+
+mapfile -t from < <(find "$RESULTS" -name 'runs*.jsonl' -printf '%h\n' | sort -u)
 # shellcheck disable=SC2086  # SET is a list of FIELD=VALUE words
-"$PYTHON" bench/method_table.py "$@" --scale "$SCALE" --out "$OUT_DIR" --from "$RESULTS" \
-  --work "${WORK:-/tmp/dyme-method-table-$SCALE}" --deadline-s "$((DEADLINE_S - SECONDS))" \
-  ${SET:+--set $SET} ${METHODS:+--methods $METHODS} 2>&1 | tee -a "$LOG"
+"$PYTHON" bench/method_table.py runs --scale "$SCALE" --base "$BASE_DIR" --data "$DATA" --out "$OUT_DIR" \
+  --results-name "runs-$STAMP.jsonl" --from "${from[@]}" --work "$WORK" --parallel "$PARALLEL" \
+  --deadline-s "$((DEADLINE_S - SECONDS))" ${SET:+--set $SET} ${METHODS:+--methods $METHODS} 2>&1 | tee -a "$LOG"
+exit "${PIPESTATUS[0]}"
