@@ -188,15 +188,14 @@ HEADLINE_LAST_STEPS = 10
 
 def training_headline(history: Path) -> dict[str, float]:
     """Reward means and mode fractions averaged over the last 10 logged steps (one step of a small batch
-    is noise), the number of steps and the wall time (summed step times of the logged steps, every step by
-    default); the rest stays in MLflow and the run dir."""
+    is noise) and the number of steps: figures the seed determines. The wall time is the run dir's
+    timing.json (`dvc metrics show` lists both); the rest stays in MLflow and the run dir."""
     rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
     if not rows:
         return {}
     last = rows[-HEADLINE_LAST_STEPS:]
     out = {k: round(sum(r[k] for r in last) / len(last), 4) for k in HEADLINE_KEYS if all(k in r for r in last)}
     out["steps"] = int(rows[-1]["step"])
-    out["wall_time_s"] = round(sum(r.get("time/step_s", 0.0) for r in rows), 1)
     return out
 
 

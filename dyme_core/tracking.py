@@ -543,15 +543,26 @@ def _gate_tag(cfg: RegisterConfig) -> str:
 
 
 def _training_run_id(client: MlflowClient, train_dir: Path) -> str | None:
-    """The run the trainer's reporter wrote to `<train_dir>/mlflow_run_id`, if this server has it."""
+    """The run the trainer's reporter wrote to `<train_dir>/mlflow_run_id`, if this server has it and its
+    last logged figures are those of `<train_dir>/summary.json`. (The id file is left out of DVC's hash by
+    .dvcignore, so after `dvc checkout` or `dvc exp apply` of another training it can name a different run.)"""
     run_id = read_run_id(train_dir)
     if run_id is None:
         return None
     try:
-        return client.get_run(run_id).info.run_id
+        run = client.get_run(run_id)
     except MlflowException:
         log.warning("training run %s (from %s) is not on this tracking server; using a new run", run_id, train_dir)
         return None
+    summary = train_dir / "summary.json"
+    final = json.loads(summary.read_text()) if summary.is_file() else {}
+    logged = run.data.metrics
+    if any(k in logged and isinstance(v, float) and math.isfinite(v) and not math.isclose(logged[k], v)
+           for k, v in final.items()):
+        log.warning("%s names run %s, which trained another model (a checkout of an older run?); using a new run",
+                    train_dir / RUN_ID_FILE, run_id)
+        return None
+    return run.info.run_id
 
 
 def register_model(cfg: Config, train_dir: str | Path, eval_dir: str | Path) -> dict[str, Any]:

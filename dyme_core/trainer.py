@@ -91,6 +91,32 @@ class Batch:
 
 # config sections a checkpoint records; resume_from=auto refuses a checkpoint whose settings differ
 # except in these keys, which do not change what a step computes (max_steps may grow to train longer)
+# Figures that depend on the machine, its load or a warm refiner cache rather than on the seed. MLflow gets
+# every figure; in the run dir they go to timings.jsonl and timing.json (left out of the output's hash by
+# .dvcignore), never into metrics.jsonl, history.json or summary.json, so that the same seed writes the same
+# DVC-tracked bytes and a fresh clone's `dvc repro` reproduces the committed dvc.lock (docs/DESIGN.md).
+VOLATILE_PREFIXES = ("time/", "samples_per_s", "tokens_per_s", "memory/", "refiner/calls", "refiner/cache_hits")
+TIMINGS_FILE = "timings.jsonl"  # per logged step: step + the volatile figures
+TIMING_FILE = "timing.json"  # the run's wall time, throughput and peak memory (`dvc metrics show`)
+
+
+def split_volatile(metrics: dict) -> tuple[dict, dict]:
+    """(reproducible figures, volatile figures + step) of one step's metrics."""
+    volatile = {k: v for k, v in metrics.items() if k.startswith(VOLATILE_PREFIXES)}
+    return ({k: v for k, v in metrics.items() if k not in volatile},
+            {"step": metrics["step"], **volatile} if "step" in metrics else volatile)
+
+
+def timing_summary(history: list[dict]) -> dict[str, float]:
+    """Wall time (summed step times), mean samples/s and peak memory of a run's steps."""
+    steps = [h for h in history if "time/step_s" in h]
+    if not steps:
+        return {}
+    return {"wall_time_s": round(sum(h["time/step_s"] for h in steps), 1),
+            "samples_per_s": round(sum(h.get("samples_per_s", 0.0) for h in steps) / len(steps), 2),
+            "peak_memory_mb": round(max(h.get("memory/peak_mb", 0.0) for h in steps), 1)}
+
+
 RESUME_SECTIONS = ("data", "model", "train")
 RESUME_FREE_KEYS = {f"train.{k}" for k in ("max_steps", "save_steps", "logging_steps", "keep_checkpoints",
                                            "resume_from", "output_dir", "checkpoint_dir", "progress_bar",
@@ -731,7 +757,9 @@ class DymeTrainer:
             except checkpoint.CheckpointError as e:
                 raise checkpoint.CheckpointError(f"train.resume_from: {e}") from None
         if main:
-            dump_config(self.cfg, self.stage / "config.yaml")
+            # register.* is where this run is tracked (resolved from the environment: store path, git
+            # commit, experiment name): provenance that MLflow keeps, not a setting of the run
+            dump_config(self.cfg, self.stage / "config.yaml", omit=("register",))
             self._open_sinks()
         bar = tqdm(total=self.t.max_steps, initial=self.step, disable=not (main and self.t.progress_bar),
                    desc=f"train[{self.t.method}]", dynamic_ncols=True)
@@ -760,13 +788,14 @@ class DymeTrainer:
         if main:
             save_model(self.model, self.processor, self.stage / "model")
             self.templates.save(self.stage / "templates.json")
-            (self.stage / "summary.json").write_text(json.dumps(last, indent=2))
+            (self.stage / "summary.json").write_text(json.dumps(split_volatile(last)[0], indent=2))
+            (self.stage / TIMING_FILE).write_text(json.dumps(timing_summary(self.history), indent=2))
             # a JSON list: what `dvc plots` reads (it does not read JSON Lines); DVC looks up a plotted field
             # in the first row, so a figure that some steps or the whole run lack (loss/policy, loss/sft: the
             # `loss` plot of dvc.yaml) is null there
-            keys = list(dict.fromkeys([*(k for row in self.history for k in row), "loss/sft", "loss/policy"]))
-            (self.stage / "history.json").write_text(json.dumps([{k: row.get(k) for k in keys}
-                                                                 for row in self.history]))
+            rows = [split_volatile(row)[0] for row in self.history]
+            keys = list(dict.fromkeys([*(k for row in rows for k in row), "loss/sft", "loss/policy"]))
+            (self.stage / "history.json").write_text(json.dumps([{k: row.get(k) for k in keys} for row in rows]))
             self._close_sinks()
             checkpoint.publish_run(self.stage, self.out)
         if self.world > 1:
@@ -785,11 +814,19 @@ class DymeTrainer:
     def _open_sinks(self) -> None:
         sinks = set(self.t.report_to) - {"none"}
         if "jsonl" in sinks:
-            path = self.stage / "metrics.jsonl"
+            path, timings = self.stage / "metrics.jsonl", self.stage / TIMINGS_FILE
             # a resumed run keeps the logged history up to its checkpoint and nothing after it
-            logged = [h for h in self.history if h["step"] % self.t.logging_steps == 0 or h["step"] == self.t.max_steps]
-            path.write_text("".join(json.dumps(h) + "\n" for h in logged))
-            self.reporters.append(lambda metrics, step: _append_jsonl(path, metrics))
+            logged = [split_volatile(h) for h in self.history
+                      if h["step"] % self.t.logging_steps == 0 or h["step"] == self.t.max_steps]
+            path.write_text("".join(json.dumps(kept) + "\n" for kept, _ in logged))
+            timings.write_text("".join(json.dumps(volatile) + "\n" for _, volatile in logged))
+
+            def append_jsonl(metrics: dict, step: int) -> None:
+                kept, volatile = split_volatile(metrics)
+                _append_jsonl(path, kept)
+                _append_jsonl(timings, volatile)
+
+            self.reporters.append(append_jsonl)
         if "mlflow" in sinks:
             from dyme_core.tracking import MlflowReporter, read_run_id  # the one module that imports mlflow
 

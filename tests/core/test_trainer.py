@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dyme_core.config import load_config
-from dyme_core.trainer import DymeTrainer
+from dyme_core.trainer import VOLATILE_PREFIXES, DymeTrainer
 
 pytestmark = pytest.mark.slow
 
@@ -59,9 +59,12 @@ def test_each_method_trains_and_logs(tiny_setup: dict, tmp_path: Path, method: s
     assert text_moved, f"{method}: no language-model weight changed"
     assert not vision_moved, f"{method}: the frozen vision tower changed: {vision_moved[:3]}"
     history = [json.loads(x) for x in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == [1, 2]
+    timings = [json.loads(x) for x in (tmp_path / method / "timings.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [t["step"] for t in timings] == [1, 2]
+    # every figure is in the run dir; the machine- and cache-dependent ones only in timings.jsonl
     for key in METRICS:
-        assert key in history[-1], key
+        assert key in {**history[-1], **timings[-1]}, key
+        assert (key in history[-1]) != key.startswith(VOLATILE_PREFIXES), key
     if method != "sft":
         fractions = [h["mode/memorize"] + h["mode/explore"] + h["mode/skip"] for h in history
                      if not h["phase_sft"]]

@@ -3,13 +3,16 @@
 One module-scoped copy of the project (`git ls-files --cached --others --exclude-standard`, then
 `git init` + commit, so DVC sees a fresh clone) gets a tiny params.yaml (the real one with smaller
 sizes, same sections and keys) and one real `dvc repro`. The tests below then run in file order on
-that copy: what the first repro builds, `dvc status/metrics/plots`, a no-change repro, a train-param
-change, a refine-param change, a damaged stage output, `dvc pull` of the example dataset, the
-validation gate and a bad row stopping ingest, then the whole DAG on a Hugging Face ChartQA-layout
-parquet folder and on a DyME JSON file, each by editing only `data.path`. Subprocesses get
-`<repo>/.venv/bin` first on PATH, PYTHONPATH=<copy> (the copy's code runs) and MLFLOW_TRACKING_URI=sqlite
-in tmp (the repo's mlruns.db is never touched).
-About 4 minutes on 2 CPU cores; the timings print with `pytest -s`.
+that copy: what the first repro builds, the example artifacts the `examples` stage fetched from the
+example remote, `dvc status/metrics/plots`; then the copy's results are committed and a `git clone` of
+it runs `dvc repro` again and must leave `git status` clean (same seed, same bytes), and in that fresh
+clone `dvc exp run`, `dvc exp show`, `dvc exp apply` and `dvc exp run --temp` work with no `dvc pull`.
+Back in the copy: a no-change repro, a train-param change, a refine-param change, a damaged stage
+output, the validation gate and a bad row stopping ingest (on a user dataset beside data/raw), then
+the whole DAG on a Hugging Face ChartQA-layout parquet folder and on a DyME JSON file, each by editing
+only `data.path`. Subprocesses get `<repo>/.venv/bin` first on PATH, PYTHONPATH=<copy> (the copy's code
+runs) and MLFLOW_TRACKING_URI=sqlite in tmp (the repo's mlruns.db is never touched).
+About 6 minutes on 2 CPU cores; the timings print with `pytest -s`.
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
-STAGES = ("data", "validate", "init_model", "refine", "train", "evaluate", "register")
-# what repro may write besides stage outputs: DVC's own files, the MLflow store, caches, bytecode
-BOOKKEEPING = re.compile(r"^(\.git/|\.dvc/|mlruns/|mlartifacts/|\.cache/|dvc\.lock$|(.*/)?\.gitignore$|.*__pycache__/)")
+STAGES = ("examples", "data", "validate", "init_model", "refine", "train", "evaluate", "register")
+PIPELINE = STAGES[1:]  # the stages a data.path change reruns (examples depends on examples/ only)
+# what repro may write besides stage outputs: DVC's own files, the MLflow store, caches, bytecode, and
+# register's record of what the registry did (gitignored, no output: the registry's ids are not the seed's)
+BOOKKEEPING = re.compile(r"^(\.git/|\.dvc/|mlruns/|mlartifacts/|\.cache/|dvc\.lock$|(.*/)?\.gitignore$|.*__pycache__/"
+                         r"|reports/register\.json$)")
 
 TINY = {
     "synth": {"n_train": 8, "n_val": 2, "n_test": 4, "image_size": 64},
@@ -231,7 +237,8 @@ def test_repro_builds_every_stage_output(repro: Clone) -> None:
     assert c.repro is not None
     rc, output = c.repro.returncode, _tail(c.repro)
     assert rc == 0, f"dvc repro failed:\n{output}"
-    assert _ran(c.repro.stdout) == list(STAGES), output
+    assert sorted(_ran(c.repro.stdout)) == sorted(STAGES), output
+    assert [s for s in _ran(c.repro.stdout) if s != "examples"] == list(PIPELINE), output
     root = c.root
 
     samples = _dataset_rows(root)
@@ -268,6 +275,40 @@ def test_repro_builds_every_stage_output(repro: Clone) -> None:
 
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(STAGES)
+    # what a run measures about the machine stays in the run dir, out of DVC's hash (.dvcignore)
+    timing = json.loads((root / "runs/train/timing.json").read_text())
+    assert timing["wall_time_s"] > 0 and timing["peak_memory_mb"] > 0
+    assert [r["step"] for r in _rows(root / "runs/train/timings.jsonl")] == [1, 2]
+    assert not any(k.startswith("time/") for r in _rows(root / "runs/train/metrics.jsonl") for k in r)
+    run_files = {p.relative_to(root / "runs/train").as_posix() for p in (root / "runs/train").rglob("*") if p.is_file()}
+    volatile = {"timing.json", "timings.jsonl", "mlflow_run_id"}
+    assert volatile <= run_files and lock["train"]["outs"][0]["nfiles"] == len(run_files - volatile)
+
+
+def test_examples_stage_fetches_the_example_remote(repro: Clone) -> None:
+    """The `examples` stage put the example dataset and the base model where the README says, with the
+    content their tracking files pin (the objects of dvc-store/), and so into this clone's DVC cache."""
+    _need_repro(repro)
+    root = repro.root
+    raw = root / "data/raw"
+    samples = _rows(raw / "samples.jsonl")
+    assert samples and all((raw / r["image"]).is_file() for r in samples)
+    assert (root / "models/chart-base/model.safetensors").is_file()
+    assert (root / "models/chart-base/config.json").is_file()
+    lock = {o["path"]: o["md5"] for o in yaml.safe_load((root / "dvc.lock").read_text())["stages"]["examples"]["outs"]}
+    for tracking, path in (("examples/data-raw.yaml", "data/raw"), ("examples/chart-base.yaml", "models/chart-base")):
+        pinned = yaml.safe_load((root / tracking).read_text())["outs"][0]["md5"]
+        assert lock[path] == pinned, f"{path}: dvc.lock {lock[path]}, {tracking} {pinned}"
+        assert (root / "dvc-store/files/md5" / pinned[:2] / pinned[2:]).is_file(), f"{pinned} not in dvc-store/"
+        assert (root / ".dvc/cache/files/md5" / pinned[:2] / pinned[2:]).is_file(), f"{path} is not in the DVC cache"
+    for config in ([], ["--config", "params.yaml"]):  # the defaults, then the pipeline's stricter checks
+        out, report = repro.tmp / f"raw-dataset{len(config)}", repro.tmp / f"raw-validation{len(config)}.json"
+        paths = [f"data.out_dir={out}", f"data.report={out}.json", f"validate.report={report}"]
+        done = _ok(_run(repro, "dyme", "ingest", *config, "data.path=data/raw", *paths))
+        assert "ingested data/raw (project)" in done.stdout
+        assert sum(json.loads(Path(f"{out}.json").read_text())["rows_per_split"].values()) == len(samples)
+        _ok(_run(repro, "dyme", "validate", *config, *paths))
+        assert json.loads(report.read_text())["success"] is True
 
 
 def test_repro_writes_only_declared_outputs(repro: Clone) -> None:
@@ -284,9 +325,7 @@ def test_repro_writes_only_declared_outputs(repro: Clone) -> None:
 def test_status_up_to_date_after_repro(repro: Clone) -> None:
     _need_repro(repro)
     status = _status(repro)
-    assert not _dirty_stages(status), f"dvc status after repro: {status}"
-    # data.dvc (data/raw, not pulled in a fresh clone) is no stage's dependency by default
-    assert set(status) <= {"data.dvc"}, status
+    assert not status, f"dvc status after repro: {status}"
 
 
 def test_metrics_show(repro: Clone) -> None:
@@ -297,6 +336,9 @@ def test_metrics_show(repro: Clone) -> None:
     assert "relaxed_accuracy" in shown["reports/eval/metrics.json"]["data"]
     assert shown["reports/validation.json"]["data"]["success"] is True
     assert shown["reports/ingest.json"]["data"]["rows_per_split"] == {"train": 8, "val": 2, "test": 4}
+    summary = shown["reports/eval/train_summary.json"]["data"]
+    assert summary["steps"] == 2 and "reward/accuracy" in summary and "wall_time_s" not in summary
+    assert shown["runs/train/timing.json"]["data"]["wall_time_s"] > 0  # measured: workspace only
 
 
 def test_plots_show_renders_every_plot(repro: Clone) -> None:
@@ -311,6 +353,53 @@ def test_plots_show_renders_every_plot(repro: Clone) -> None:
     errors = json.loads(done.stdout[done.stdout.index("{"):]).get("errors") or []
     assert not errors, "dvc plots could not load: " + "; ".join(
         f"{e.get('name')} ({e.get('source', e.get('type'))}): {str(e.get('msg', e)).splitlines()[-1]}" for e in errors)
+
+
+@pytest.fixture(scope="module")
+def fresh(repro: Clone) -> Clone:
+    """The copy's first results committed (as a maintainer commits dvc.lock), then `git clone` of it (no
+    DVC cache, no gitignored files) and one `dvc repro` there, as a new user runs it."""
+    _need_repro(repro)
+    _ok(_run(repro, "git", "add", "-A"))
+    _ok(_run(repro, "git", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "dvc.lock and results of dvc repro"))
+    root = repro.tmp / "fresh"
+    _ok(_run(repro, "git", "clone", "-q", str(repro.root), str(root)))
+    c = Clone(root=root, env={**repro.env, "PYTHONPATH": str(root)}, tmp=repro.tmp, mlflow_db=repro.mlflow_db)
+    t0 = time.perf_counter()
+    c.repro = _run(c, "dvc", "repro")
+    c.repro_s = TIMINGS["fresh-clone dvc repro"] = time.perf_counter() - t0
+    return c
+
+
+def test_fresh_clone_repro_writes_the_committed_bytes(fresh: Clone) -> None:
+    """Same seed, same bytes: a fresh clone's `dvc repro` reruns every stage (its cache is empty) and
+    leaves `git status` clean: dvc.lock and every git-kept output as committed."""
+    _ok(fresh.repro)
+    assert sorted(_ran(fresh.repro.stdout)) == sorted(STAGES), _tail(fresh.repro)
+    dirty = _run(fresh, "git", "status", "--porcelain").stdout
+    diff = _run(fresh, "git", "diff", "--", "dvc.lock").stdout
+    assert not dirty.strip(), f"git status after dvc repro in a fresh clone:\n{dirty}\n{diff[-3000:]}"
+
+
+def test_experiments_in_a_fresh_clone(fresh: Clone) -> None:
+    """The README's experiment commands in a fresh clone, no `dvc pull` anywhere: `dvc exp apply` checks
+    out every output, the example artifacts included, from the cache the pipeline filled."""
+    _ok(fresh.repro)
+    lr = _params(fresh)["train"]["learning_rate"]
+    _ok(_run(fresh, "dvc", "exp", "run", "-n", "half-lr", "-S", f"train.learning_rate={lr / 2}"))
+    done = _ok(_run(fresh, "dvc", "exp", "show", "--json"))
+    assert "half-lr" in done.stdout and "relaxed_accuracy" in done.stdout
+    _ok(_run(fresh, "dvc", "exp", "run", "--temp", "-n", "quarter-lr", "-S", f"train.learning_rate={lr / 4}"))
+    _ok(_run(fresh, "git", "checkout", "-q", "--", "."))  # back to the committed workspace
+    done = _run(fresh, "dvc", "exp", "apply", "half-lr")
+    assert done.returncode == 0, f"dvc exp apply in a fresh clone failed:\n{_tail(done)}"
+    assert _params(fresh)["train"]["learning_rate"] == lr / 2
+    assert (fresh.root / "data/raw/samples.jsonl").is_file()
+    assert (fresh.root / "models/chart-base/model.safetensors").is_file()
+    assert not _dirty_stages(_status(fresh))
+    done = _run(fresh, "dvc", "exp", "apply", "quarter-lr")
+    assert done.returncode == 0, f"dvc exp apply of a --temp experiment failed:\n{_tail(done)}"
+    assert _params(fresh)["train"]["learning_rate"] == lr / 4 and not _dirty_stages(_status(fresh))
 
 
 def test_noop_repro_runs_no_stage(repro: Clone) -> None:
@@ -381,36 +470,17 @@ def test_damaged_stage_output_is_restored_from_cache(repro: Clone) -> None:
     assert not _dirty_stages(_status(repro))
 
 
-def test_pull_restores_example_dataset(clone: Clone) -> None:
-    raw = clone.root / "data/raw"
-    assert not raw.exists(), "data/raw is DVC-tracked: a fresh clone must not have it before dvc pull"
-    done = _run(clone, "dvc", "pull", "data.dvc")
-    _ok(done)
-    samples = _rows(raw / "samples.jsonl")
-    assert samples and all((raw / r["image"]).is_file() for r in samples)
-    assert "data.dvc" not in _status(clone)
-    for config in ([], ["--config", "params.yaml"]):  # the defaults, then the pipeline's stricter checks
-        out, report = clone.tmp / f"raw-dataset{len(config)}", clone.tmp / f"raw-validation{len(config)}.json"
-        paths = [f"data.out_dir={out}", f"data.report={out}.json", f"validate.report={report}"]
-        done = _ok(_run(clone, "dyme", "ingest", *config, "data.path=data/raw", *paths))
-        assert "ingested data/raw (project)" in done.stdout
-        assert sum(json.loads(Path(f"{out}.json").read_text())["rows_per_split"].values()) == len(samples)
-        _ok(_run(clone, "dyme", "validate", *config, *paths))
-        assert json.loads(report.read_text())["success"] is True
-
-
 def test_validation_gate_stops_repro_before_train(repro: Clone) -> None:
-    """An image too small for the model in the dataset (data.path: data/raw, as the README says for your
-    own data): ingest takes it (it decodes), repro fails at validate, names the sample, and nothing
-    downstream runs."""
+    """An image too small for the model in a user's dataset (a copy of the example data/raw at
+    data/mine, set as data.path as the README says for your own data): ingest takes it (it decodes),
+    repro fails at validate, names the sample, and nothing downstream runs."""
     _need_repro(repro)
-    raw = repro.root / "data/raw"
-    if not (raw / "samples.jsonl").is_file():
-        pytest.skip("data/raw was not pulled (see test_pull_restores_example_dataset)")
+    raw = repro.root / "data/mine"
+    shutil.copytree(repro.root / "data/raw", raw)
     bad = next(r for r in _rows(raw / "samples.jsonl") if r["split"] == "train")
     Image.new("RGB", (4, 4), "white").save(raw / bad["image"])
     params = _params(repro)
-    params["data"]["path"] = "data/raw"
+    params["data"]["path"] = "data/mine"
     _write_params(repro, params)
     model = repro.root / "runs/train/model/model.safetensors"
     model_before = _md5(model)
@@ -434,9 +504,9 @@ def test_bad_row_stops_repro_at_ingest(repro: Clone) -> None:
     stage tracks data.path as a param, not the folder: a source edited in place is re-ingested with
     `dvc repro --force data`, as the README says.)"""
     _need_repro(repro)
-    raw = repro.root / "data/raw"
-    if not (raw / "samples.jsonl").is_file() or _params(repro)["data"]["path"] != "data/raw":
-        pytest.skip("needs data/raw as data.path (see test_validation_gate_stops_repro_before_train)")
+    raw = repro.root / "data/mine"
+    if not (raw / "samples.jsonl").is_file() or _params(repro)["data"]["path"] != "data/mine":
+        pytest.skip("needs data/mine as data.path (see test_validation_gate_stops_repro_before_train)")
     bad = [r for r in _rows(raw / "samples.jsonl") if r["split"] == "train"][-1]
     (raw / bad["image"]).write_bytes(b"\x00garbage, not a PNG\xff" * 8)
     model_before = _md5(repro.root / "runs/train/model/model.safetensors")
@@ -466,7 +536,7 @@ def _repro_on(repro: Clone, data_path: Path) -> tuple[subprocess.CompletedProces
     done = _run(repro, "dvc", "repro")
     TIMINGS[f"dvc repro on {data_path.name}"] = time.perf_counter() - t0
     _ok(done)
-    assert _ran(done.stdout) == list(STAGES), _tail(done)
+    assert _ran(done.stdout) == list(PIPELINE), _tail(done)
     assert not _dirty_stages(_status(repro))
     return done, json.loads((repro.root / "data/dataset/manifest.json").read_text())
 

@@ -49,7 +49,10 @@ def straight(straight_run: Path) -> dict[str, torch.Tensor]:
 
 
 def _metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    """Per-step figures of a run dir: metrics.jsonl joined with timings.jsonl (the cache counters)."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    timings = [json.loads(x) for x in (run / "timings.jsonl").read_text().splitlines()]
+    return [{**t, **r} for r, t in zip(rows, timings, strict=True)]
 
 
 @pytest.fixture
