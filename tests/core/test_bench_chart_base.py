@@ -1,0 +1,116 @@
+"""bench/chart_base.py: pretraining examples are the trainer's prompt plus a target-only loss, the
+mixture and the refused dataset charts hold, the gate judges by issue 12's thresholds, and the smoke
+flow builds a base that the project's loader and DymeTrainer take unchanged."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `bench`
+
+from bench import chart_base  # noqa: E402
+from dyme_core.config import InitModelConfig, ModelConfig, load_config  # noqa: E402
+from dyme_core.data import charts  # noqa: E402
+from dyme_core.families import get_family  # noqa: E402
+from dyme_core.models import build_prompt, init_tiny_model, load_processor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory: pytest.TempPathFactory):
+    texts = [charts.TRANSCRIBE_QUESTION, "Answer: 42", "Jan: 12", "What is the Sales value for Jan?"]
+    out = tmp_path_factory.mktemp("model")
+    init_tiny_model(InitModelConfig(out_dir=str(out), **chart_base.PRESETS["smoke"]), texts)
+    return load_processor(ModelConfig(name_or_path=str(out)))
+
+
+def test_a_pretraining_row_is_the_trainers_prompt_then_the_target_and_only_the_target_is_scored(processor) -> None:
+    rng = np.random.default_rng(0)
+    tables = [charts.random_chart(rng, 112) for _ in range(2)]
+    images = [image for _, image in tables]
+    questions = [charts.TRANSCRIBE_QUESTION, "What is the Sales value for Jan?"]
+    targets = [charts.transcription(tables[0][0]), "Answer: 42"]
+    batch = chart_base.encode_examples(processor, get_family("idefics3"), images, questions, targets,
+                                       ["transcribe", "answer"])
+    tok = processor.tokenizer
+    for i, (image, question, target) in enumerate(zip(images, questions, targets, strict=True)):
+        # the prompt as evaluation and the trainer build it: the processor over build_prompt's chat text
+        prompt = processor(text=[build_prompt(processor, question, "reason")], images=[[image]],
+                           return_tensors="pt")["input_ids"][0]
+        row, labels = batch["input_ids"][i], batch["labels"][i]
+        assert torch.equal(row[: len(prompt)], prompt)
+        scored = labels[labels != -100]
+        assert torch.equal(scored, row[len(prompt): len(prompt) + len(scored)])
+        assert scored[-1] == tok.eos_token_id
+        assert tok.decode(scored[:-1]) == target
+        assert (labels[: len(prompt)] == -100).all()
+    assert batch["pixel_values"].shape[:2] == (2, 1)
+
+
+def test_the_stream_mixes_transcription_answers_and_low_traces_and_refuses_dataset_charts() -> None:
+    rng = np.random.default_rng(1)
+    kinds = Counter(chart_base.stream_example(rng, 112, set())[3] for _ in range(1500))
+    for kind, share in chart_base.MIXTURE.items():
+        assert abs(kinds[kind] / 1500 - share) < 0.04, kinds
+    # the first chart this generator would draw is refused: the example shows another table
+    first, _ = charts.random_chart(np.random.default_rng(7), 112)
+    image, question, target, kind = chart_base.stream_example(np.random.default_rng(7), 112, {charts.table_key(first)})
+    redrawn, _ = charts.random_chart(np.random.default_rng(7), 112)
+    assert charts.table_key(redrawn) == charts.table_key(first)  # same generator, same first table
+    if kind == "transcribe":
+        assert target != charts.transcription(first)
+
+
+@pytest.mark.parametrize(("figures", "failing"), [
+    # every figure inside its band
+    ({"transcription_cells": 0.9, "greedy_qa_accuracy": 0.3, "sampled_format_rate": 0.1,
+      "rl_groups_some_right": 0.4, "rl_groups_none_right": 0.4}, set()),
+    # a base that reads too little and answers too well: transcription and QA out of band
+    ({"transcription_cells": 0.84, "greedy_qa_accuracy": 0.56, "sampled_format_rate": 0.1,
+      "rl_groups_some_right": 0.4, "rl_groups_none_right": 0.4}, {"transcription_cells", "greedy_qa_accuracy"}),
+    # never writes a trace, and GRPO would see no signal: most groups none right
+    ({"transcription_cells": 0.95, "greedy_qa_accuracy": 0.2, "sampled_format_rate": 0.0,
+      "rl_groups_some_right": 0.29, "rl_groups_none_right": 0.65},
+     {"sampled_format_rate", "rl_groups_some_right", "rl_groups_none_right"}),
+])
+def test_the_gate_judges_by_issue_12s_thresholds(figures: dict, failing: set) -> None:
+    verdict = chart_base.judge(figures)
+    assert {name for name, v in verdict.items() if not v["pass"]} == failing
+
+
+@pytest.mark.slow
+def test_smoke_flow_builds_a_base_that_loads_and_trains_with_the_project_trainer(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert chart_base.main(["all", "--scale", "smoke", "--preset", "smoke", "--out", str(out), "--work", str(work),
+                            "--workers", "0"]) == 0
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["status"] == "done" and progress["steps_done"] == chart_base.SCALES["smoke"].steps
+    rows = progress["rows"]
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+    assert progress["refined_target_tokens"]["p95"] >= progress["refined_target_tokens"]["p50"] > 0
+    gate = json.loads((out / "gate.json").read_text())
+    assert set(gate["criteria"]) == {*chart_base.GATE, "single_above_multi"}
+    for name in chart_base.GATE:
+        assert 0.0 <= gate["criteria"][name]["value"] <= 1.0
+    assert gate["pass"] == all(c["pass"] for c in gate["criteria"].values())
+    assert sum(gate["figures"]["rl_correct_per_group_histogram"]) == gate["setup"]["rl_prompts"]
+    # the base: bf16 safetensors that the project's trainer takes as it is
+    assert (work / "base" / "model.safetensors").is_file()
+    assert not list((work / "base").glob("*.bin")) and not list((work / "base").glob("*.pt"))
+    from dyme_core.data.ingest import open_dataset
+    from dyme_core.trainer import train
+
+    cfg = load_config(None, [
+        f"model.name_or_path={work / 'base'}", f"data.out_dir={work / 'data'}", "train.method=dyme",
+        "train.max_steps=1", "train.batch_size=2", "train.num_generations=2", "train.max_new_tokens=8",
+        f"train.output_dir={tmp_path / 'run'}", "train.report_to=[jsonl]", "train.refined=",
+    ])
+    metrics = train(cfg, open_dataset(work / "data"))
+    assert "loss" in metrics and np.isfinite(metrics["loss"])
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
