@@ -74,7 +74,7 @@ echo "base: $BASE_DIR" | tee -a "$LOG"
 if [ -z "${DATA:-}" ]; then
   DATA=$WORK/chart/data
   if [ ! -f "$DATA/manifest.json" ]; then
-    "$PYTHON" bench/chart_base.py data --scale "$SCALE" --work "$WORK/chart" --out "$WORK/chart-out" 2>&1 \
+    "$PYTHON" bench/chart_base.py data --scale "$SCALE" --preset "${PRESET:-full}" --work "$WORK/chart" --out "$WORK/chart-out" 2>&1 \
       | tee -a "$LOG"
   fi
 fi
