@@ -502,3 +502,21 @@ def test_dvc_exp_run_temp_registers_into_the_users_store(tiny_model: Path, tmp_p
     assert run_.info.run_name.startswith("register-first-try-")  # DVC_EXP_NAME names the run
     assert run_.data.params["register.run_name"] == "first-try"  # DVC_EXP_NAME reached the run
     assert not list((project / ".dvc" / "tmp").rglob("mlruns.db"))
+
+
+@pytest.mark.parametrize("same_run", [True, False])
+def test_registration_skips_a_run_id_that_names_another_training(tmp_path: Path, same_run: bool) -> None:
+    """mlflow_run_id is out of DVC's hash (.dvcignore): after `dvc checkout` of an older run dir it still
+    names the newest training. Registration uses it only when that run's last figures are the run dir's
+    summary.json; otherwise the evaluation would land in the run of another model."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = _client(uri)
+    run_id = client.create_run(client.create_experiment("stale")).info.run_id
+    client.log_metric(run_id, "loss/sft", 0.75, step=150)
+    client.log_metric(run_id, "reward/total", 0.5, step=150)
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / tracking.RUN_ID_FILE).write_text(run_id + "\n")
+    summary = {"step": 150, "loss/sft": 0.75 if same_run else 1.25, "reward/total": 0.5}
+    (train / "summary.json").write_text(json.dumps(summary))
+    assert tracking._training_run_id(client, train) == (run_id if same_run else None)
