@@ -104,6 +104,10 @@ def save_model(model: PreTrainedModel, processor: ProcessorMixin, out_dir: str |
     out.mkdir(parents=True, exist_ok=True)
     to_save = model.merge_and_unload() if isinstance(model, PeftModel) else model
     to_save.save_pretrained(out, safe_serialization=True)
+    # from_pretrained records the hub's offline switch (HF_HUB_OFFLINE) among the tokenizer's init kwargs:
+    # how this process found the files, not part of the model, and it would make the saved bytes depend on
+    # the environment (docs/DESIGN.md, "Reproducible outputs")
+    processor.tokenizer.init_kwargs.pop("local_files_only", None)
     processor.save_pretrained(out)
     return out
 
