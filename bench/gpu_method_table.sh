@@ -11,7 +11,7 @@
 #   bench/chart_base.py's returned base.tar parts (base.tar.part*, or base.tar) and gate.json; the parts
 #   are joined and unpacked into $WORK/base. DATA: a materialised dataset folder; when unset,
 #   bench/chart_base.py regenerates it (deterministic) into $WORK/chart/data.
-# Env: SCALE (full), WORK (/tmp/dyme-method-table-$SCALE), PARALLEL (16), DEADLINE_S (570, counted from
+# Env: SCALE (full), WORK (/tmp/dyme-method-table-$SCALE), PARALLEL (16), DEADLINE_S (560, counted from
 # this script's start; runs that cannot finish are not started, stragglers stopped at the end), SET (extra
 # `--set FIELD=VALUE ...`), METHODS (comma list, default all), PYTHON (python3).
 set -euo pipefail
@@ -21,7 +21,7 @@ RESULTS=${RESULTS:-bench/out/method_table}
 OUT_DIR=${OUT:-$RESULTS}
 SCALE=${SCALE:-full}
 PYTHON=${PYTHON:-python3}
-DEADLINE_S=${DEADLINE_S:-570}
+DEADLINE_S=${DEADLINE_S:-560}
 PARALLEL=${PARALLEL:-16}
 WORK=${WORK:-/tmp/dyme-method-table-$SCALE}
 : "${BASE:?set BASE to the base model folder or to the folder of base.tar parts + gate.json}"

@@ -530,12 +530,16 @@ def ensure_refined(ctx: Context) -> Path:
     out = ctx.work / "refined" / "targets.jsonl"
     stamp = out.with_name("data.txt")
     if not (out.is_file() and stamp.is_file() and stamp.read_text() == str(ctx.data.resolve())):
-        cfg = load_config(None, [*common_overrides(ctx.data), f"refine.out={out}",
+        # the base's tokenizer and the run budget: refine warns when the targets do not fit the budget
+        cfg = load_config(None, [*common_overrides(ctx.data), f"model.name_or_path={ctx.base}",
+                                 f"train.max_new_tokens={ctx.scale.max_new_tokens}", f"refine.out={out}",
                                  f"refine.template_pool={out.parent / 'templates.json'}",
                                  f"refine.cache_dir={ctx.work / 'refine_cache'}", "refine.splits=[train]"])
         stats = steps.refine(cfg)
         stamp.write_text(str(ctx.data.resolve()))
-        log(f"refined {stats['n']} training targets")
+        log(f"refined {stats['n']} training targets: {stats['target_tokens_p50']} / {stats['target_tokens_p95']} / "
+            f"{stats['target_tokens_max']} {stats['target_tokens_unit']} (p50 / p95 / max; budget "
+            f"{ctx.scale.max_new_tokens})")
     return out
 
 
@@ -923,12 +927,26 @@ def render_table(results: dict) -> str:
         lines.append(f"| {METHODS[m].label} | {grid} | {_pct(t['reward/accuracy'])} | "
                      f"{_pct(t['frac_reward_zero_std'], 0)} | {_pct(t['mode/memorize'], 0)} | "
                      f"{_pct(t['mode/explore'], 0)} | {_pct(t['mode/skip'], 0)} | {step_s} | {wall} |")
-    gate = results.get("gate")
-    lines += ["", f"Base gate (gate.json): `{json.dumps(gate, sort_keys=True)[:600]}`" if gate else
-              "", "Hallucinated numbers: share of the distinct numbers stated in the thinking that are neither among "
+    lines += ["", render_gate(results.get("gate")), "",
+              "Hallucinated numbers: share of the distinct numbers stated in the thinking that are neither among "
               "the chart's facts nor in the question nor the reference answer.", "",
               f"Runs on: {'; '.join(results['devices'])}.", *(f"WARNING: {w}" for w in results["warnings"]), ""]
     return "\n".join(lines)
+
+
+def render_gate(gate: dict | None) -> str:
+    """One line: the base's go/no-go gate (bench/chart_base.py's gate.json), each criterion's value and verdict."""
+    if not gate:
+        return "Base gate: no gate.json beside the base."
+    crits = gate.get("criteria", {})
+    def shown(c: dict) -> str:
+        figures = {k: v for k, v in c.items() if k not in ("min", "max", "pass")}
+        return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()) if \
+            "value" not in figures else (f"{figures['value']:.3g}" if isinstance(figures["value"], float) else
+                                         str(figures["value"]))
+
+    parts = [f"{name} {shown(c)} ({'pass' if c.get('pass') else 'FAIL'})" for name, c in sorted(crits.items())]
+    return f"Base gate (gate.json): {'PASS' if gate.get('pass') else 'FAIL'}; " + ", ".join(parts) + "."
 
 
 def _plt():
