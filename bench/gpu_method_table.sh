@@ -65,7 +65,7 @@ else
     cat "${parts[@]}" | tar -x -C "$WORK/base-unpacked"
     echo "$digest" > "$WORK/base.digest"
   fi
-  BASE_DIR=$(dirname "$(find "$WORK/base-unpacked" -name config.json | head -n1)")
+  BASE_DIR=$(dirname "$(find "$WORK/base-unpacked" -name model.safetensors | sort | head -n1)")
   [ -f "$BASE/gate.json" ] && cp "$BASE/gate.json" "$BASE_DIR/gate.json"
 fi
 echo "base: $BASE_DIR" | tee -a "$LOG"

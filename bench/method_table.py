@@ -44,8 +44,8 @@ numbers, ``results.json``, ``curves.png``, ``modes.png``; and whether issue 12's
 
 Run (GPU, bench/gpu_method_table.sh; bench/README.md has the plan and budget)::
 
-    BASE=W/base DATA=W/data bash bench/gpu_method_table.sh runs      # repeat (carrying results) to resume
-    python bench/method_table.py aggregate --out bench/out/method_table --from bench/out/method_table/*/
+    BASE=bench/out/chart_base RESULTS=bench/out/method_table bash bench/gpu_method_table.sh  # again to resume
+    python bench/method_table.py aggregate --out bench/results/method-table-fair --from bench/out/method_table/*/
 
 CPU check of the whole flow at a tiny scale (about 2 minutes on 2 cores; builds its own tiny base and
 synthetic data in ``--work`` because no ``--base``/``--data`` is given)::
