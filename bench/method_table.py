@@ -612,6 +612,11 @@ def piece_runs(ctx: Context) -> bool:
             last = [line for line in tail.splitlines() if line.strip()][-1:] or ["(no output)"]
             log(f"FAILED {a.spec['id']} (exit {a.proc.returncode}) after {secs:.0f}s: {last[0]}")
 
+    def on_term(signum: int, _frame) -> None:
+        # the runs live in their own process groups: a SIGTERM to this process alone must not orphan them
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         while True:
             for rid, a in list(active.items()):
@@ -635,8 +640,9 @@ def piece_runs(ctx: Context) -> bool:
                 break
             time.sleep(1.0)
     finally:
-        for a in active.values():  # an exception in the parent: leave no orphan runs
-            _stop(a.proc)
+        for a in active.values():  # an exception or a signal in the parent: leave no orphan runs
+            _stop(a.proc, grace_s=3.0)
+        signal.signal(signal.SIGTERM, previous)
     _, remaining = planned_runs(ctx.methods, s, done)
     log(f"runs: {len(done)} recorded, {len(failed)} failed in this call, {remaining} still to run")
     return remaining == 0
@@ -1084,6 +1090,9 @@ def main(argv: list[str] | None = None) -> int:
                 piece_aggregate(ctx)
             else:
                 log("aggregate: skipped, runs remain (aggregate anywhere later from the .jsonl files)")
+    except KeyboardInterrupt as e:
+        log(f"interrupted ({e or 'Ctrl-C'}): the runs in flight were stopped, every finished one is recorded")
+        return 130
     finally:
         imported = sorted(m for m in FORBIDDEN_MODULES if m in sys.modules)
         log(f"total {time.perf_counter() - t0:.0f}s; modules outside the GPU stack imported: {imported or 'none'}")
