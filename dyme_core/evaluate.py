@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
+from dyme_core import generation
 from dyme_core.checker import rule_thinking_score
 from dyme_core.config import Config, EvaluateConfig, ModelConfig
 from dyme_core.data.loaders import Dataset
@@ -55,16 +56,19 @@ def generate_answers(
     for i, p in enumerate(batch.prompt_ids):
         ids[i, width - len(p):] = p
         attn[i, width - len(p):] = 1
-    enc = {"input_ids": ids.to(model.device), "attention_mask": attn.to(model.device),
-           **family.text_inputs(batch, rows, [0] * len(rows), width, model.device),
-           **family.vision_inputs(batch, rows, model.device, model.dtype)}
+    ids, attn = ids.to(model.device), attn.to(model.device)
+    text = family.text_inputs(batch, rows, [0] * len(rows), width, model.device)
+    settings = {"max_new_tokens": max_new_tokens, "eos_token_id": tok.eos_token_id,
+                "suppress_tokens": suppressed_token_ids(model, processor),
+                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                **family.vision_inputs(batch, rows, model.device, model.dtype)}
     with attention_kernels(GPU_ATTENTION if model.device.type == "cuda" else None):
-        out = model.generate(
-            **enc, do_sample=False, max_new_tokens=max_new_tokens,
-            eos_token_id=tok.eos_token_id, suppress_tokens=suppressed_token_ids(model, processor),
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        )
-    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        if family.prefill_once:  # the same greedy tokens as `generate`, without its per-step overhead
+            out = generation.complete(model, ids, attn, text_inputs=text, **settings)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, **text,
+                                 **settings)[:, ids.shape[1]:]
+    return tok.batch_decode(out, skip_special_tokens=True)
 
 
 def evaluate(cfg: Config, dataset: Dataset) -> dict[str, float]:

@@ -144,6 +144,8 @@ class Family:
     special_tokens: ClassVar[list[str]]  # of the tiny model's tokenizer, after pad and bos
     eos_token: ClassVar[str]
     chat_template: ClassVar[str]
+    # `generation.complete` (one prefill per prompt, 1-D positions) samples for this family; False: HF `generate`
+    prefill_once: ClassVar[bool] = True
 
     # ------------------------------------------------------------ prompts
     def prompt(self, processor: ProcessorMixin, question: str, style: str) -> str:
@@ -326,6 +328,8 @@ class Qwen2VLFamily(Family):
     model_types = ("qwen2_vl",)
     image_keys = ("pixel_values", "image_grid_thw")
     text_keys = ("mm_token_type_ids",)
+    # multimodal RoPE: the 3-D positions of every step come from the model's own generate hooks
+    prefill_once = False
     special_tokens = ["<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     eos_token = "<|im_end|>"
     chat_template = QWEN_VL_TEMPLATE

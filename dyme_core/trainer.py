@@ -43,7 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
-from dyme_core import algorithm, checkpoint
+from dyme_core import algorithm, checkpoint, generation
 from dyme_core.checker import VisualChecker
 from dyme_core.config import Config, dump_config
 from dyme_core.data.loaders import Dataset
@@ -278,11 +278,14 @@ class DymeTrainer:
     def _generate(self, batch: Batch) -> list[torch.Tensor]:
         """K completions per prompt, sample-major: (B*K) tensors trimmed after the first eos.
 
-        The family adapter gives the image inputs; `generate` expands them K times. Idefics3 with a frozen
-        vision encoder: the prompt embeddings (images merged in) are built once per prompt and expanded
-        K times by `generate`, so the vision tower runs B times, not B*K times.
-        With `train.static_cache` the cache length is rounded up to a multiple of 128 so that the
-        compiled decode step is reused across batches whose prompt lengths differ.
+        The family adapter gives the image inputs. Idefics3 with a frozen vision encoder: the prompt
+        embeddings (images merged in) are built once per prompt from the batch's vision cache.
+        By default `generation.complete` prefills each prompt once and repeats its KV cache K times (the
+        vision tower and the prompt's forward run B times, not B*K times), then samples the same tokens as
+        `generate(num_return_sequences=K)` without its per-step overhead (families with `prefill_once`).
+        With `train.static_cache`, HF `generate` runs with a static cache (compiled decode step on GPU); the
+        cache length is rounded up to a multiple of 128 so that the compiled step is reused across batches
+        whose prompt lengths differ.
         """
         self.model.eval()
         k = self.t.num_generations
@@ -302,13 +305,18 @@ class DymeTrainer:
                     kwargs["inputs_embeds"] = embeds
                 else:
                     kwargs.update(self.family.vision_inputs(batch.prompts, idx, self.device, self.model.dtype))
-                out = self.model.generate(
-                    input_ids=ids, attention_mask=attn.to(self.device), **kwargs,
-                    do_sample=True, temperature=self.t.temperature, top_p=self.t.top_p, top_k=self.t.top_k,
-                    max_new_tokens=self.t.max_new_tokens, num_return_sequences=k,
-                    eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppress,
-                )
-            for seq in out[:, ids.shape[1]:].cpu():
+                sampling = {"do_sample": True, "temperature": self.t.temperature, "top_p": self.t.top_p,
+                            "top_k": self.t.top_k, "max_new_tokens": self.t.max_new_tokens,
+                            "eos_token_id": self.eos_id, "pad_token_id": self.pad_id,
+                            "suppress_tokens": self.suppress}
+                if self.t.static_cache or not self.family.prefill_once:
+                    out = self.model.generate(input_ids=ids, attention_mask=attn.to(self.device), **kwargs,
+                                              **sampling, num_return_sequences=k)[:, ids.shape[1]:]
+                else:
+                    text = {name: kwargs.pop(name) for name in self.family.text_keys if name in kwargs}
+                    out = generation.complete(self.model, ids, attn.to(self.device), k=k, text_inputs=text,
+                                              **kwargs, **sampling)
+            for seq in out.cpu():
                 eos = (seq == self.eos_id).nonzero()
                 completions.append(seq[: int(eos[0]) + 1] if len(eos) else seq)
         return completions

@@ -1,0 +1,231 @@
+"""Where a default CPU training step spends its time, generation first (issue 11, item 5).
+
+Builds the trainer exactly as `dyme train` does (params.yaml + overrides, the ingested dataset, the refined
+targets), then:
+
+1. times `--steps` real training steps after `--warmup` untimed ones: step, generation, reward and update
+   seconds, generated tokens, ms per generated token and ms per decode step (generation seconds over the
+   longest completion of the batch: prefill and vision tower included, an upper bound);
+2. splits one generation call by forward hooks into vision tower, connector + embeddings, text model
+   prefill, text model decode steps and LM head; the rest of the wall time is `generate`'s own per-step
+   work (input preparation, logits processors, sampling, stopping checks, cache bookkeeping);
+3. records one generation call with `torch.profiler` (the top operators by self CPU time);
+4. times evaluation's greedy `generate_answers` on one `evaluate.batch_size` batch of the test split with
+   `evaluate.max_new_tokens`, and projects the whole evaluation;
+5. projects the default `dvc repro` time: train.max_steps x the median step + the projected evaluation +
+   `--other-stages-s` (ingest, validate, init_model, refine and register, measured apart).
+
+Each result file is rewritten as soon as its figure is measured (`<label>.json`, `<label>-ops.txt`).
+
+Run (the CPU default, 1-2 minutes):
+  python bench/cpu_generation.py --label tiny --out bench/results/cpu-profile
+The ~20M-parameter shape of the coming pretrained default (random weights):
+  dyme init-model --config params.yaml init_model.out_dir=/tmp/m20 init_model.hidden_size=384 \
+    init_model.num_layers=6 init_model.num_heads=6 init_model.vision_hidden_size=256 init_model.vision_layers=6 \
+    init_model.image_size=224 init_model.patch_size=16 init_model.scale_factor=2 init_model.vocab_size=2048
+  python bench/cpu_generation.py --label m20 --out bench/results/cpu-profile model.name_or_path=/tmp/m20
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `dyme_core`
+
+from dyme_core.config import load_config  # noqa: E402
+from dyme_core.data.ingest import open_dataset  # noqa: E402
+from dyme_core.evaluate import generate_answers  # noqa: E402
+from dyme_core.models import load_model, load_processor  # noqa: E402
+from dyme_core.trainer import DymeTrainer, load_refined  # noqa: E402
+
+
+class ModuleTimer:
+    """Wall time inside chosen submodules, by forward pre/post hooks (CPU: no asynchronous kernels)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], text_model: torch.nn.Module | None):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._start: dict[str, float] = {}
+        self._handles = []
+        for name, mod in modules.items():
+            self._hook(name, mod)
+        if text_model is not None:  # prefill (many positions) and decode (one position) apart
+            self._handles.append(text_model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
+            self._handles.append(text_model.register_forward_hook(self._text_post))
+
+    def _hook(self, name: str, mod: torch.nn.Module) -> None:
+        def pre(*_: Any) -> None:
+            self._start[name] = time.perf_counter()
+
+        def post(*_: Any) -> None:
+            self.seconds[name] += time.perf_counter() - self._start.pop(name)
+            self.calls[name] += 1
+
+        self._handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+
+    def _text_pre(self, _mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = kwargs.get("input_ids", args[0] if args else None)
+        self._text_kind = "text model: prefill" if x is not None and x.shape[1] > 1 else "text model: decode step"
+        self._start["text"] = time.perf_counter()
+
+    def _text_post(self, *_: Any) -> None:
+        self.seconds[self._text_kind] += time.perf_counter() - self._start.pop("text")
+        self.calls[self._text_kind] += 1
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def parts_of(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], torch.nn.Module | None]:
+    """The modules timed apart: vision tower, connector, LM head; and the text model (embeddings inside)."""
+    inner = getattr(model, "model", model)
+    parts = {"vision tower": getattr(inner, "vision_model", None) or getattr(inner, "vision_tower", None)
+             or getattr(inner, "visual", None),
+             "connector": getattr(inner, "connector", None) or getattr(inner, "multi_modal_projector", None),
+             "lm head": model.get_output_embeddings()}
+    text = getattr(inner, "text_model", None) or getattr(inner, "language_model", None)
+    return {k: v for k, v in parts.items() if v is not None}, text
+
+
+class TimedTrainer(DymeTrainer):
+    """The trainer, recording the longest completion of each generation call (= decode steps)."""
+
+    decode_steps: list[int]
+
+    def _generate(self, batch):  # type: ignore[no-untyped-def]
+        out = super()._generate(batch)
+        self.decode_steps.append(max(len(c) for c in out))
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="params.yaml")
+    ap.add_argument("--label", required=True, help="name of the result files")
+    ap.add_argument("--out", default="bench/results/cpu-profile")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--eval-batches", type=int, default=1, help="timed evaluation batches")
+    ap.add_argument("--other-stages-s", type=float, default=0.0,
+                    help="seconds of the DAG's stages other than train and evaluate (for the projection)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler record")
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value (as the CLI takes them)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="dyme-cpu-gen-")
+    cfg = load_config(args.config, [f"train.output_dir={tmp}/run", "train.checkpoint_dir=", *args.overrides])
+    dataset = open_dataset(cfg.data.out_dir, max_pixels=cfg.validate.max_pixels)
+    trainer = TimedTrainer(cfg, dataset, load_refined(cfg.train.refined), device="cpu")
+    trainer.decode_steps = []
+    t = cfg.train
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    result: dict[str, Any] = {
+        "label": args.label, "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"transformers {transformers.__version__}",
+        "threads": torch.get_num_threads(), "command": " ".join(["python", *sys.argv]),
+        "model": cfg.model.name_or_path, "params_m": round(n_params / 1e6, 2),
+        "prompts": t.batch_size, "k": t.num_generations, "max_new_tokens": t.max_new_tokens,
+    }
+    path = out / f"{args.label}.json"
+
+    def write() -> None:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+    write()
+    # 1. real training steps
+    rows = []
+    for i in range(args.warmup + args.steps):
+        trainer.decode_steps.clear()
+        m = trainer.train_step()
+        if i < args.warmup:
+            continue
+        gen = m["time/generation_s"]
+        rows.append({"step_s": m["time/step_s"], "generation_s": gen, "reward_s": m["time/reward_s"],
+                     "update_s": m["time/update_s"], "tokens": m["tokens"],
+                     "decode_steps": sum(trainer.decode_steps),
+                     "ms_per_token": 1000 * gen / max(1.0, m["tokens"]),
+                     "ms_per_decode_step": 1000 * gen / max(1, sum(trainer.decode_steps))})
+        result["steps"] = rows
+        result["median"] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        result["generation_share"] = result["median"]["generation_s"] / result["median"]["step_s"]
+        write()
+        print(f"step {i}: {json.dumps(rows[-1])}", flush=True)
+    # 2. one generation call split by module
+    batch = trainer._prepare([trainer.samples[i] for i in trainer._batch_indices(0, 0)])
+    modules, text = parts_of(trainer.model)
+    timer = ModuleTimer(modules, text)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    trainer._generate(batch)
+    wall = time.perf_counter() - t0
+    timer.remove()
+    split = dict(timer.seconds)  # the timed modules do not nest
+    split["rest: prompt embeddings, generate's own per-step work"] = wall - sum(split.values())
+    result["generation_split"] = {"wall_s": wall, "seconds": split, "calls": dict(timer.calls)}
+    write()
+    print(json.dumps(result["generation_split"], indent=1), flush=True)
+    # 3. torch.profiler over one generation call
+    if not args.no_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.manual_seed(0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer._generate(batch)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        (out / f"{args.label}-ops.txt").write_text(table + "\n")
+        print("\n".join(table.splitlines()[:25]), flush=True)
+    # 4. evaluation's greedy path
+    e = cfg.evaluate
+    samples = dataset.split(e.split)
+    if e.limit:
+        samples = samples[: e.limit]
+    model_cfg = type(cfg.model)(**{**cfg.model.__dict__, "lora_r": 0})
+    model, processor = load_model(model_cfg, "cpu"), load_processor(model_cfg)
+    times = []
+    for lo in range(0, min(len(samples), args.eval_batches * e.batch_size), e.batch_size):
+        chunk = samples[lo: lo + e.batch_size]
+        t0 = time.perf_counter()
+        texts = generate_answers(model, processor, [dataset.load_image(s) for s in chunk],
+                                 [s.question for s in chunk], e.max_new_tokens, e.prompt_style)
+        times.append(time.perf_counter() - t0)
+        n_tok = sum(len(processor.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in texts)
+        result["evaluate"] = {"batch_s": times, "batch_size": e.batch_size, "max_new_tokens": e.max_new_tokens,
+                              "test_samples": len(samples),
+                              "projected_s": statistics.median(times) * -(-len(samples) // e.batch_size),
+                              "ms_per_decode_step": 1000 * statistics.median(times) / e.max_new_tokens,
+                              "tokens_decoded_last_batch": n_tok}
+        write()
+    # 5. the default dvc repro, projected
+    train_s = t.max_steps * result["median"]["step_s"]
+    result["projection"] = {"train_s": train_s, "evaluate_s": result["evaluate"]["projected_s"],
+                            "other_stages_s": args.other_stages_s,
+                            "dvc_repro_s": train_s + result["evaluate"]["projected_s"] + args.other_stages_s}
+    write()
+    print(json.dumps(result["median"]), json.dumps(result["projection"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

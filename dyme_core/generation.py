@@ -1,0 +1,140 @@
+"""Sampling K completions per prompt from one prefill: the decode loop of rollouts and evaluation (DESIGN.md
+section 7; issue 11, item 5).
+
+`complete(model, ...)` is what `model.generate(num_return_sequences=k, ...)` does with this project's settings,
+written out so that each prompt is prefilled once instead of K times:
+
+1. prefill: one forward over the B prompts (the family's image inputs or the merged prompt embeddings),
+   keeping only the last position's logits (as `generate` does with `logits_to_keep=1`);
+2. the KV cache, the last logits and the attention mask are repeated K times, sample-major (rows
+   b*K .. b*K+K-1 belong to prompt b), the order `generate` expands its inputs in;
+3. decode: per token, the logits processors `generate` builds for these arguments and in its order
+   (suppressed tokens, then temperature, top-k, top-p), then one `softmax` + `torch.multinomial` over
+   all rows (the same random draws as `generate`'s) or the arg-max when greedy; a finished row gets the
+   pad token; the loop stops when every row has emitted eos or after `max_new_tokens`.
+
+It leaves out `generate`'s per-step work the trainer does not need (generation-config merging, stopping
+criteria objects, input re-slicing, kwargs rebuilding) and runs under `torch.inference_mode`. Settings from a
+model's own `generation_config.json` (e.g. a repetition penalty in a hub model's file) are not applied: a
+rollout is sampled from exactly the distribution the update's log-probs score (temperature only).
+
+The tokens equal `generate`'s for a fixed seed; the tests in tests/core/test_generation.py check that for
+sampled rollouts and greedy evaluation on tiny models of several families.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedModel,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+def logits_processors(suppress_tokens: Sequence[int], do_sample: bool, temperature: float, top_k: int,
+                      top_p: float, device: torch.device) -> LogitsProcessorList:
+    """The processors `generate` builds for these arguments, in its order."""
+    procs = LogitsProcessorList()
+    if suppress_tokens:
+        procs.append(SuppressTokensLogitsProcessor(list(suppress_tokens), device=device))
+    if do_sample:
+        if temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            procs.append(TopKLogitsWarper(top_k=top_k))
+        if top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=top_p))
+    return procs
+
+
+def complete(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    k: int = 1,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    suppress_tokens: Sequence[int] = (),
+    inputs_embeds: torch.Tensor | None = None,
+    text_inputs: dict[str, torch.Tensor] | None = None,
+    **vision_inputs: torch.Tensor,
+) -> torch.Tensor:
+    """New tokens of k completions per prompt: (B*K, T) sample-major, T <= max_new_tokens, pad after eos.
+
+    input_ids, attention_mask: (B, P) left-padded prompts. inputs_embeds: (B, P, D) prompt embeddings with the
+    images merged in (then `vision_inputs` are not needed). text_inputs: extras aligned with input_ids, such
+    as Qwen2-VL's `mm_token_type_ids` (B, P); new tokens are text (0), as `generate` extends them.
+    vision_inputs: the family's image inputs of the B prompts, used by the prefill only.
+    """
+    with torch.inference_mode():
+        out = _complete(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, k, do_sample,
+                        logits_processors(suppress_tokens, do_sample, temperature, top_k, top_p, input_ids.device),
+                        inputs_embeds, text_inputs or {}, vision_inputs)
+    return out.clone()  # a normal tensor: the update embeds these ids under autograd
+
+
+def _complete(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+              eos_token_id: int, pad_token_id: int, k: int, do_sample: bool, processors: LogitsProcessorList,
+              inputs_embeds: torch.Tensor | None, text_inputs: dict[str, torch.Tensor],
+              vision_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    n, prompt_len = input_ids.shape
+    device = input_ids.device
+    cache = DynamicCache(config=model.config)
+    # transformers renamed the forward's cache argument (`past_key_values` -> `cache`; the old name is accepted,
+    # with a warning, until 5.40); the GPU machine's release knows only the old one
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prefill = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids,
+                                                                                  **vision_inputs}
+    # positions as `generate` gives them: counted over each row's real tokens, so left padding shifts nothing
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P)
+    out = model(**prefill, **text_inputs, attention_mask=attention_mask, position_ids=positions,
+                **{cache_arg: cache}, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].float()  # (B, V)
+    del out
+    rows = n * k
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+        logits = logits.repeat_interleave(k, dim=0)  # (B*K, V)
+        attention_mask = attention_mask.repeat_interleave(k, dim=0)
+        positions = positions.repeat_interleave(k, dim=0)
+    position = positions[:, -1:]  # (B*K, 1)
+    # the whole sequence so far, for processors that read it (none of those above does)
+    seqs = torch.empty((rows, prompt_len + max_new_tokens), dtype=input_ids.dtype, device=device)
+    seqs[:, :prompt_len] = input_ids.repeat_interleave(k, dim=0) if k > 1 else input_ids
+    step_extras = {name: torch.zeros((rows, 1), dtype=t.dtype, device=device) for name, t in text_inputs.items()}
+    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    pad = torch.tensor(pad_token_id, dtype=input_ids.dtype, device=device)
+    new = 0
+    while True:
+        scores = processors(seqs[:, : prompt_len + new], logits)
+        if do_sample:
+            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        tokens = torch.where(unfinished, tokens, pad)
+        seqs[:, prompt_len + new] = tokens
+        new += 1
+        unfinished &= tokens != eos_token_id
+        if new == max_new_tokens or not bool(unfinished.any()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((rows, 1))], dim=1)
+        position = position + 1
+        out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position,
+                    **{cache_arg: cache}, use_cache=True, logits_to_keep=1, **step_extras)
+        logits = out.logits[:, -1].float()
+        del out
+    return seqs[:, prompt_len: prompt_len + new]
