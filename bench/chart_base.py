@@ -40,6 +40,7 @@ import argparse
 import copy
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -75,6 +76,9 @@ PRESETS: dict[str, dict[str, int]] = {
              "image_size": 224, "patch_size": 16, "scale_factor": 2, "vocab_size": 2048},
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "vision_hidden_size": 192, "vision_layers": 4,
               "image_size": 224, "patch_size": 16, "scale_factor": 2, "vocab_size": 2048},
+    # today's CPU default (params.yaml init_model), for the cost comparison only: 64 px charts are not readable
+    "tiny": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "vision_hidden_size": 64, "vision_layers": 2,
+             "image_size": 64, "patch_size": 8, "scale_factor": 2, "vocab_size": 1024},
     "smoke": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "vision_hidden_size": 32, "vision_layers": 1,
               "image_size": 112, "patch_size": 14, "scale_factor": 2, "vocab_size": 512},
 }
@@ -104,7 +108,7 @@ SCALES = {
     "smoke": Scale(n_train=28, n_val=14, n_test=14, corpus_charts=200, steps=40, batch=8, lr=1e-3, warmup=5,
                    save_every=20, log_every=10, gate_val=14, gate_rl_prompts=8, gate_k=4, eval_batch=14,
                    gate_reserve_s=20, gate_max_new_tokens=24),
-    "full": Scale(n_train=2000, n_val=300, n_test=1500, corpus_charts=3000, steps=5000, batch=64, lr=1e-3,
+    "full": Scale(n_train=2000, n_val=300, n_test=1500, corpus_charts=3000, steps=6000, batch=64, lr=1e-3,
                   warmup=200, save_every=500, log_every=50, gate_val=300, gate_rl_prompts=256, gate_k=8,
                   eval_batch=300, gate_reserve_s=75),
 }
@@ -221,9 +225,10 @@ class ChartStream(torch.utils.data.IterableDataset):
     given worker count, and disjoint from the dataset's generators.
     """
 
-    def __init__(self, processor, batch: int, image_size: int, refused: set[tuple], seed: int = STREAM_SEED):
+    def __init__(self, processor, batch: int, image_size: int, refused: set[tuple], seed: int = STREAM_SEED,
+                 pixel_dtype: torch.dtype = torch.float32):
         self.processor, self.batch, self.image_size = processor, batch, image_size
-        self.refused, self.seed = refused, seed
+        self.refused, self.seed, self.pixel_dtype = refused, seed, pixel_dtype
 
     def __iter__(self):
         from dyme_core.data.charts import stream_rng
@@ -240,8 +245,12 @@ class ChartStream(torch.utils.data.IterableDataset):
 
         examples = [stream_example(rng, self.image_size, self.refused) for _ in range(self.batch)]
         images, questions, targets, kinds = zip(*examples, strict=True)
-        return encode_examples(self.processor, get_family("idefics3"), list(images), list(questions),
-                               list(targets), list(kinds))
+        out = encode_examples(self.processor, get_family("idefics3"), list(images), list(questions),
+                              list(targets), list(kinds))
+        # bf16 pixels on a GPU: half the bytes through shared memory and pinning (the model reads them
+        # under bf16 autocast anyway; the processor's [-1, 1] values lose nothing visible)
+        out["pixel_values"] = out["pixel_values"].to(self.pixel_dtype)
+        return out
 
 
 def _worker_init(_: int) -> None:
@@ -335,7 +344,8 @@ def piece_pretrain(ctx: Context) -> None:
     log(f"pretrain: {n_params / 1e6:.2f}M params, vocab {len(processor.tokenizer)}, refined targets "
         f"{lengths} tokens; setup {time.perf_counter() - t_start:.1f}s")
 
-    stream = ChartStream(processor, s.batch, ctx.preset["image_size"], dataset_keys(ctx))
+    stream = ChartStream(processor, s.batch, ctx.preset["image_size"], dataset_keys(ctx),
+                         pixel_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=ctx.workers, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if ctx.workers else None, persistent_workers=False,
@@ -422,8 +432,11 @@ def piece_pretrain(ctx: Context) -> None:
             break
     save_base(model, processor, ctx.base_dir)
     train_s = time.perf_counter() - t0
+    with (ctx.base_dir / "model.safetensors").open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     progress.update(status=stop_reason, saved_step=step, steps_done=step, train_s=round(train_s, 1),
-                    examples_per_s=round(step * s.batch / train_s, 1))
+                    examples_per_s=round(step * s.batch / train_s, 1), model_safetensors_sha256=digest,
+                    bf16_mb=round((ctx.base_dir / "model.safetensors").stat().st_size / 2**20, 1))
     write_json(ctx.out / "progress.json", progress)
     log(f"pretrain: {step} steps in {train_s:.0f}s ({stop_reason}); base saved to {ctx.base_dir}")
     del loader
@@ -567,12 +580,74 @@ def piece_gate(ctx: Context) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------------ cpu-cost
+def piece_cpu_cost(ctx: Context) -> dict:
+    """One DyME-shaped step's two halves with random weights of ``--preset`` on this machine: sampling
+    4 prompts x K=4 = 16 completions of exactly 128 new tokens (the default's batch), and one update
+    (forward, backward, AdamW) over those 16 rows with the vision tower frozen, as the default trains.
+    The update runs the vision tower once per row (the trainer's frozen-encoder cache runs it once per
+    prompt), so it slightly overstates the update."""
+    from dyme_core.config import InitModelConfig, ModelConfig
+    from dyme_core.data.charts import QTYPES, ask, random_chart
+    from dyme_core.families import family_of
+    from dyme_core.models import init_tiny_model, load_model, load_processor, suppressed_token_ids
+
+    prompts, k, new = 4, 4, 128
+    rng = np.random.default_rng(0)
+    tables = [random_chart(rng, max(112, ctx.preset["image_size"])) for _ in range(prompts)]
+    qas = [ask(rng, t, QTYPES[i % len(QTYPES)]) for i, (t, _) in enumerate(tables)]
+    texts = [x for qa in qas for x in (qa.question, qa.answer, *qa.traces.values())]
+    model_dir = ctx.work / f"random-{ctx.preset_name}"
+    init_tiny_model(InitModelConfig(out_dir=str(model_dir), **ctx.preset), texts)
+    mcfg = ModelConfig(name_or_path=str(model_dir), dtype="float32")  # freeze_vision: the default's True
+    processor, model = load_processor(mcfg), load_model(mcfg, ctx.device)
+    images, questions = [im for _, im in tables], [qa.question for qa in qas]
+    family = family_of(model.config)
+    tok = processor.tokenizer
+    batch = family.encode(processor, questions, images, "reason")
+    width = max(len(p) for p in batch.prompt_ids)
+    ids = torch.stack([torch.cat([torch.full((width - len(p),), tok.pad_token_id), p]) for p in batch.prompt_ids])
+    attn = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in batch.prompt_ids])[:, None]).long()
+    vision = family.vision_inputs(batch, list(range(prompts)), ctx.device, model.dtype)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    result: dict[str, Any] = {"preset": ctx.preset_name, "preset_fields": ctx.preset,
+                              "n_params": sum(p.numel() for p in model.parameters()),
+                              "bf16_mb": round(sum(p.numel() for p in model.parameters()) * 2 / 2**20, 1),
+                              "threads": torch.get_num_threads(), "env": environment(), "gen_s": [], "update_s": []}
+    for _ in range(2):  # the first round warms the allocator and kernels; both are reported
+        model.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=attn, **vision, do_sample=True, max_new_tokens=new,
+                                 min_new_tokens=new, num_return_sequences=k, pad_token_id=tok.pad_token_id,
+                                 suppress_tokens=suppressed_token_ids(model, processor))
+        result["gen_s"].append(round(time.perf_counter() - t0, 3))
+        model.train()
+        rows = out.shape[0]
+        row_vision = family.vision_inputs(batch, [i // k for i in range(rows)], ctx.device, model.dtype)
+        t0 = time.perf_counter()
+        mask = torch.cat([attn.repeat_interleave(k, 0), torch.ones(rows, new, dtype=torch.long)], 1)
+        logits = model(input_ids=out, attention_mask=mask, **row_vision).logits
+        logp = torch.log_softmax(logits[:, width - 1: -1].float(), -1).gather(-1, out[:, width:, None])
+        loss = -logp.mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        result["update_s"].append(round(time.perf_counter() - t0, 3))
+    result["step_s"] = round(result["gen_s"][-1] + result["update_s"][-1], 3)
+    write_json(ctx.out / f"cpu_cost-{ctx.preset_name}.json", result)
+    log(f"cpu-cost {ctx.preset_name}: {result['n_params'] / 1e6:.2f}M params ({result['bf16_mb']} MB bf16), "
+        f"generate 16x{new} {result['gen_s']} s, update {result['update_s']} s")
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pieces", nargs="+", choices=("data", "pretrain", "gate", "all"),
-                        help="Pieces to run in order; all = data pretrain gate.")
+    parser.add_argument("pieces", nargs="+", choices=("data", "pretrain", "gate", "all", "cpu-cost"),
+                        help="Pieces to run in order; all = data pretrain gate; cpu-cost times one DyME-shaped "
+                             "generation and update of --preset with random weights.")
     parser.add_argument("--out", required=True, help="Result files: progress.json, gate.json.")
     parser.add_argument("--work", required=True, help="Scratch: <work>/data (the dataset), <work>/base (the model).")
     parser.add_argument("--scale", default="full", choices=sorted(SCALES), help="Data, steps and gate sizes.")
@@ -597,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for p in pieces:
             t_piece = time.perf_counter()
-            {"data": piece_data, "pretrain": piece_pretrain, "gate": piece_gate}[p](ctx)
+            {"data": piece_data, "pretrain": piece_pretrain, "gate": piece_gate, "cpu-cost": piece_cpu_cost}[p](ctx)
             log(f"piece {p}: {time.perf_counter() - t_piece:.0f}s")
     finally:
         imported = sorted(m for m in FORBIDDEN_MODULES if m in sys.modules)
