@@ -13,7 +13,9 @@ targets), then:
 4. times evaluation's greedy `generate_answers` on one `evaluate.batch_size` batch of the test split with
    `evaluate.max_new_tokens`, and projects the whole evaluation;
 5. projects the default `dvc repro` time: train.max_steps x the median step + the projected evaluation +
-   `--other-stages-s` (ingest, validate, init_model, refine and register, measured apart).
+   `--other-stages-s` (ingest, validate, init_model, refine and register, measured apart), from wall seconds
+   and from the process's CPU seconds (on a machine shared with other work, wall time is inflated; with one
+   torch thread the CPU seconds are what an idle machine takes).
 
 Each result file is rewritten as soon as its figure is measured (`<label>.json`, `<label>-ops.txt`).
 
@@ -108,9 +110,12 @@ class TimedTrainer(DymeTrainer):
     """The trainer, recording the longest completion of each generation call (= decode steps)."""
 
     decode_steps: list[int]
+    generation_cpu_s: float = 0.0
 
     def _generate(self, batch):  # type: ignore[no-untyped-def]
+        c0 = time.process_time()
         out = super()._generate(batch)
+        self.generation_cpu_s += time.process_time() - c0
         self.decode_steps.append(max(len(c) for c in out))
         return out
 
@@ -127,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--other-stages-s", type=float, default=0.0,
                     help="seconds of the DAG's stages other than train and evaluate (for the projection)")
     ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler record")
+    ap.add_argument("--decode", choices=("complete", "generate"), default="complete",
+                    help="complete: the trainer's and evaluation's decode loop (generation.complete, one prefill per "
+                         "prompt); generate: HF generate with K prefills per prompt, the path before it (same tokens)")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (as the CLI takes them)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -137,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, [f"train.output_dir={tmp}/run", "train.checkpoint_dir=", *args.overrides])
     dataset = open_dataset(cfg.data.out_dir, max_pixels=cfg.validate.max_pixels)
     trainer = TimedTrainer(cfg, dataset, load_refined(cfg.train.refined), device="cpu")
+    if args.decode == "generate":  # the adapter instance is shared: evaluation below takes the same path
+        trainer.family.prefill_once = False
     trainer.decode_steps = []
     t = cfg.train
     n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "label": args.label, "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"transformers {transformers.__version__}",
-        "threads": torch.get_num_threads(), "command": " ".join(["python", *sys.argv]),
+        "threads": torch.get_num_threads(), "decode": args.decode, "command": " ".join(["python", *sys.argv]),
         "model": cfg.model.name_or_path, "params_m": round(n_params / 1e6, 2),
         "prompts": t.batch_size, "k": t.num_generations, "max_new_tokens": t.max_new_tokens,
     }
@@ -158,15 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i in range(args.warmup + args.steps):
         trainer.decode_steps.clear()
+        trainer.generation_cpu_s = 0.0
+        c0 = time.process_time()
         m = trainer.train_step()
+        step_cpu = time.process_time() - c0
         if i < args.warmup:
             continue
         gen = m["time/generation_s"]
-        rows.append({"step_s": m["time/step_s"], "generation_s": gen, "reward_s": m["time/reward_s"],
+        rows.append({"step_s": m["time/step_s"], "step_cpu_s": step_cpu, "generation_cpu_s": trainer.generation_cpu_s,
+                     "generation_s": gen, "reward_s": m["time/reward_s"],
                      "update_s": m["time/update_s"], "tokens": m["tokens"],
                      "decode_steps": sum(trainer.decode_steps),
                      "ms_per_token": 1000 * gen / max(1.0, m["tokens"]),
-                     "ms_per_decode_step": 1000 * gen / max(1, sum(trainer.decode_steps))})
+                     "ms_per_decode_step": 1000 * gen / max(1, sum(trainer.decode_steps)),
+                     "cpu_ms_per_token": 1000 * trainer.generation_cpu_s / max(1.0, m["tokens"])})
         result["steps"] = rows
         result["median"] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         result["generation_share"] = result["median"]["generation_s"] / result["median"]["step_s"]
@@ -203,25 +218,36 @@ def main(argv: list[str] | None = None) -> int:
         samples = samples[: e.limit]
     model_cfg = type(cfg.model)(**{**cfg.model.__dict__, "lora_r": 0})
     model, processor = load_model(model_cfg, "cpu"), load_processor(model_cfg)
-    times = []
+    times: list[float] = []
+    cpu_times: list[float] = []
     for lo in range(0, min(len(samples), args.eval_batches * e.batch_size), e.batch_size):
         chunk = samples[lo: lo + e.batch_size]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         texts = generate_answers(model, processor, [dataset.load_image(s) for s in chunk],
                                  [s.question for s in chunk], e.max_new_tokens, e.prompt_style)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         n_tok = sum(len(processor.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in texts)
-        result["evaluate"] = {"batch_s": times, "batch_size": e.batch_size, "max_new_tokens": e.max_new_tokens,
+        result["evaluate"] = {"batch_s": times, "batch_cpu_s": cpu_times,
+                              "projected_cpu_s": statistics.median(cpu_times) * -(-len(samples) // e.batch_size),
+                              "batch_size": e.batch_size, "max_new_tokens": e.max_new_tokens,
                               "test_samples": len(samples),
                               "projected_s": statistics.median(times) * -(-len(samples) // e.batch_size),
                               "ms_per_decode_step": 1000 * statistics.median(times) / e.max_new_tokens,
                               "tokens_decoded_last_batch": n_tok}
         write()
     # 5. the default dvc repro, projected
+    if "median" not in result or "evaluate" not in result:
+        return 0
     train_s = t.max_steps * result["median"]["step_s"]
-    result["projection"] = {"train_s": train_s, "evaluate_s": result["evaluate"]["projected_s"],
-                            "other_stages_s": args.other_stages_s,
-                            "dvc_repro_s": train_s + result["evaluate"]["projected_s"] + args.other_stages_s}
+    train_cpu_s = t.max_steps * result["median"]["step_cpu_s"]
+    ev = result["evaluate"]
+    # wall: as measured on this (shared) machine; cpu: the process's CPU seconds, what an idle machine would take
+    # at one thread
+    result["projection"] = {"train_s": train_s, "evaluate_s": ev["projected_s"], "other_stages_s": args.other_stages_s,
+                            "dvc_repro_s": train_s + ev["projected_s"] + args.other_stages_s,
+                            "train_cpu_s": train_cpu_s, "evaluate_cpu_s": ev["projected_cpu_s"],
+                            "dvc_repro_cpu_s": train_cpu_s + ev["projected_cpu_s"] + args.other_stages_s}
     write()
     print(json.dumps(result["median"]), json.dumps(result["projection"]), flush=True)
     return 0
