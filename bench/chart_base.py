@@ -446,7 +446,9 @@ def piece_pretrain(ctx: Context) -> None:
 @torch.no_grad()
 def sample_completions(model, processor, images, questions, k: int, max_new_tokens: int) -> list[list[str]]:
     """K completions per question at the trainer's sampling settings (TrainConfig defaults: T, top-p,
-    top-k), prompts built by the family adapter with the reasoning prompt."""
+    top-k), prompts built by the family adapter with the reasoning prompt, sampled by the trainer's
+    decode loop (`generation.complete`: one prefill per prompt)."""
+    from dyme_core import generation
     from dyme_core.config import TrainConfig
     from dyme_core.families import family_of
     from dyme_core.models import GPU_ATTENTION, attention_kernels, suppressed_token_ids
@@ -463,13 +465,14 @@ def sample_completions(model, processor, images, questions, k: int, max_new_toke
     for i, p in enumerate(batch.prompt_ids):
         ids[i, width - len(p):] = p
         attn[i, width - len(p):] = 1
-    enc = {"input_ids": ids.to(model.device), "attention_mask": attn.to(model.device),
-           **family.vision_inputs(batch, rows, model.device, model.dtype)}
     with attention_kernels(GPU_ATTENTION if model.device.type == "cuda" else None):
-        out = model.generate(**enc, do_sample=True, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
-                             max_new_tokens=max_new_tokens, num_return_sequences=k, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, suppress_tokens=suppressed_token_ids(model, processor))
-    texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+        out = generation.complete(model, ids.to(model.device), attn.to(model.device), k=k, do_sample=True,
+                                  temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
+                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id,
+                                  suppress_tokens=suppressed_token_ids(model, processor),
+                                  **family.vision_inputs(batch, rows, model.device, model.dtype))
+    texts = tok.batch_decode(out, skip_special_tokens=True)
     return [texts[i * k: (i + 1) * k] for i in rows]
 
 
@@ -583,10 +586,12 @@ def piece_gate(ctx: Context) -> dict:
 # ------------------------------------------------------------------------------------------ cpu-cost
 def piece_cpu_cost(ctx: Context) -> dict:
     """One DyME-shaped step's two halves with random weights of ``--preset`` on this machine: sampling
-    4 prompts x K=4 = 16 completions of exactly 128 new tokens (the default's batch), and one update
+    4 prompts x K=4 = 16 completions of 128 new tokens (the default's batch; the trainer's decode loop,
+    eos suppressed so every row runs the whole budget), and one update
     (forward, backward, AdamW) over those 16 rows with the vision tower frozen, as the default trains.
     The update runs the vision tower once per row (the trainer's frozen-encoder cache runs it once per
     prompt), so it slightly overstates the update."""
+    from dyme_core import generation
     from dyme_core.config import InitModelConfig, ModelConfig
     from dyme_core.data.charts import QTYPES, ask, random_chart
     from dyme_core.families import family_of
@@ -617,10 +622,11 @@ def piece_cpu_cost(ctx: Context) -> dict:
     for _ in range(2):  # the first round warms the allocator and kernels; both are reported
         model.eval()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=attn, **vision, do_sample=True, max_new_tokens=new,
-                                 min_new_tokens=new, num_return_sequences=k, pad_token_id=tok.pad_token_id,
-                                 suppress_tokens=suppressed_token_ids(model, processor))
+        completion = generation.complete(model, ids, attn, k=k, do_sample=True, max_new_tokens=new,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                         suppress_tokens=[*suppressed_token_ids(model, processor), tok.eos_token_id],
+                                         **vision)
+        out = torch.cat([ids.repeat_interleave(k, 0), completion], 1)
         result["gen_s"].append(round(time.perf_counter() - t0, 3))
         model.train()
         rows = out.shape[0]

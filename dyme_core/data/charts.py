@@ -2,12 +2,14 @@
 
 The classic generator (``synth.py``) draws matplotlib charts whose 7 pt value labels a small model at
 224 px cannot read, so a base trained on them never learns to see. These charts are drawn for a small
-model's eyes: a bar or line chart of 3-5 short labels (at most four letters, 14 px at 224 px: a closed set of words) with integer values 10-99,
+model's eyes: a bar or line chart of 3-5 short labels (at most four letters) with integer values 10-99,
 the value printed above every bar or point, the labels under the x axis, in DejaVu Sans (the TTF that
 matplotlib ships, so the glyphs are the same on every machine). Font sizes scale with the image: at
-224 px the values are 20 px and the labels 15 px (a 20 px value was legible to a 20M-parameter model
-at 224 px, a 15 px one was not learnt). Drawing one chart with PIL takes a few milliseconds, so the
-pretraining stream (bench/chart_base.py) renders charts on the fly in worker processes.
+224 px the values are 20 px (a 20 px value was legible to a 20M-parameter model at 224 px, a 15 px one
+was not learnt) and the labels 14 px, the most that lets five four-letter labels fit under their bars
+(they come from a closed set of words, easier to recognise than digits). Drawing one chart with PIL
+takes a few milliseconds, so the pretraining stream (bench/chart_base.py) renders charts on the fly in
+worker processes.
 
 Questions, whose answers follow from the table:
 - single-step: ``value_lookup`` (the value of one label), ``max_label``, ``min_label``, ``count`` (of
