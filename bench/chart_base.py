@@ -108,7 +108,7 @@ SCALES = {
     "smoke": Scale(n_train=28, n_val=14, n_test=14, corpus_charts=200, steps=40, batch=8, lr=1e-3, warmup=5,
                    save_every=20, log_every=10, gate_val=14, gate_rl_prompts=8, gate_k=4, eval_batch=14,
                    gate_reserve_s=20, gate_max_new_tokens=24),
-    "full": Scale(n_train=2000, n_val=300, n_test=1500, corpus_charts=3000, steps=6000, batch=64, lr=1e-3,
+    "full": Scale(n_train=2000, n_val=300, n_test=1500, corpus_charts=3000, steps=8000, batch=64, lr=1e-3,
                   warmup=200, save_every=500, log_every=50, gate_val=300, gate_rl_prompts=256, gate_k=8,
                   eval_batch=300, gate_reserve_s=75),
 }
