@@ -12,7 +12,9 @@ the adapter of the loaded model (`family_of(model.config)`, keyed by `config.mod
   LLaVA-OneVision: `pixel_values` (B, tiles, C, H, W) + `image_sizes` (B, 2) (+ `batch_num_images`), by prompt;
   Qwen2-VL / Qwen2.5-VL: flattened patches `pixel_values` (sum of patches, D) sliced per image by
   `image_grid_thw` (n_img, 3).
-  `generate(num_return_sequences=K)` expands all of these for the K rollouts itself;
+  rollouts need them once per prompt: `generation.complete` prefills each prompt once and repeats its KV cache
+  K times (families with `prefill_once`); HF `generate(num_return_sequences=K)` (Qwen2-VL, whose multimodal RoPE
+  positions come from its own generate hooks) expands them K times itself;
 - run the frozen vision tower once per batch image (`merged_embeds`). Only Idefics3 has this cache: its
   image features are plain per-image tensors scattered into the image tokens. LLaVA-OneVision (anyres tiles
   with unpadding and newline tokens) and Qwen2-VL (windowed patches, multimodal RoPE from the grid) pass

@@ -5,9 +5,13 @@ section 7; issue 11, item 5).
 written out so that each prompt is prefilled once instead of K times:
 
 1. prefill: one forward over the B prompts (the family's image inputs or the merged prompt embeddings),
-   keeping only the last position's logits (as `generate` does with `logits_to_keep=1`);
+   keeping only the last position's logits (as `generate` does with `logits_to_keep=1`), with the positions
+   `generate` gives (counted over each row's real tokens; 1-D, so families whose positions are multimodal
+   RoPE, Qwen2-VL, keep `generate`: `Family.prefill_once`);
 2. the KV cache, the last logits and the attention mask are repeated K times, sample-major (rows
-   b*K .. b*K+K-1 belong to prompt b), the order `generate` expands its inputs in;
+   b*K .. b*K+K-1 belong to prompt b), the order `generate` expands its inputs in; the cache's layers are
+   preallocated for the whole completion (`PreallocatedLayer`: one position written per step, no copy of the
+   whole cache per token);
 3. decode: per token, the logits processors `generate` builds for these arguments and in its order
    (suppressed tokens, then temperature, top-k, top-p), then one `softmax` + `torch.multinomial` over
    all rows (the same random draws as `generate`'s) or the arg-max when greedy; a finished row gets the
@@ -18,8 +22,11 @@ criteria objects, input re-slicing, kwargs rebuilding) and runs under `torch.inf
 model's own `generation_config.json` (e.g. a repetition penalty in a hub model's file) are not applied: a
 rollout is sampled from exactly the distribution the update's log-probs score (temperature only).
 
-The tokens equal `generate`'s for a fixed seed; the tests in tests/core/test_generation.py check that for
-sampled rollouts and greedy evaluation on tiny models of several families.
+For a fixed seed the tokens equal `generate`'s and each step's logits agree up to float rounding: not bit for
+bit, since a prefill of B rows runs the BLAS on other matrix shapes than generate's B*K rows and may round a
+sum differently in the last bit (about 1e-7 in a logit), so a draw could differ only where it falls within
+that distance of a token boundary. tests/core/test_generation.py checks tokens and logits against `generate`
+for sampled rollouts and greedy evaluation; BENCHMARKS.md (CPU) has what it saves.
 """
 
 from __future__ import annotations
