@@ -262,11 +262,11 @@ def encode_examples(processor, family, images, questions, targets, kinds) -> dic
     labels are -100 on the prompt and the padding, so the loss covers the target tokens only."""
     tok = processor.tokenizer
     batch = family.encode(processor, questions, images, "reason")
-    rows, n_target = [], []
+    rows = []
     for p, text in zip(batch.prompt_ids, targets, strict=True):
+        # as the trainer encodes a memorised reference: the text's tokens, then eos
         t = torch.tensor([*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id], dtype=torch.long)
         rows.append((p, t))
-        n_target.append(len(t))
     width = max(len(p) + len(t) for p, t in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -277,22 +277,29 @@ def encode_examples(processor, family, images, questions, targets, kinds) -> dic
         labels[i, len(p):n] = t
         attn[i, :n] = 1
     kind_ids = torch.tensor([list(MIXTURE).index(k) for k in kinds])
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "kinds": kind_ids,
-            **{k: v for k, v in batch.vision.items()}}
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "kinds": kind_ids, **batch.vision}
 
 
 def tokenizer_corpus(ctx: Context) -> tuple[list[str], list]:
     """Texts the BPE learns (stream charts and the RL set: transcriptions, questions, answers, all trace
     qualities, rule-refined traces with their answer line), and the RL set's samples."""
-    from dyme_core.data.charts import QTYPES, TRANSCRIBE_QUESTION, ask, random_chart, stream_rng, transcription
+    from dyme_core.data.charts import (
+        CHART_TYPES,
+        QTYPES,
+        TRANSCRIBE_QUESTION,
+        ask,
+        draw_table,
+        stream_rng,
+        transcription,
+    )
     from dyme_core.data.ingest import open_dataset
     from dyme_core.data.schema import Sample
     from dyme_core.refiner import rule_refine
 
     texts = [TRANSCRIBE_QUESTION]
     rng = stream_rng(STREAM_SEED + 1, 0, 0)
-    for _ in range(ctx.scale.corpus_charts):
-        table, _ = random_chart(rng, 32)  # the text only: any image size
+    for i in range(ctx.scale.corpus_charts):
+        table = draw_table(rng, CHART_TYPES[i % len(CHART_TYPES)])  # the text only: nothing drawn
         texts.append(transcription(table))
         for q in QTYPES:
             qa = ask(rng, table, q)
@@ -410,7 +417,8 @@ def piece_pretrain(ctx: Context) -> None:
                 plan["steps"] = max(step + 1, fit)
                 progress["steps_planned"] = plan["steps"]
                 log(f"pretrain: {rate:.1f} steps/s; shortened to {plan['steps']} steps to meet the deadline")
-        if step % s.log_every == 0 or step >= plan["steps"]:
+        stopping = step >= plan["steps"] or ctx.time_left() < s.gate_reserve_s
+        if step % s.log_every == 0 or stopping:
             now = time.perf_counter()
             row = {"step": step, "loss": round(window["loss"] / window["n"], 4),
                    "examples_per_s": round(window["ex"] / (now - window["t"]), 1),
@@ -421,14 +429,12 @@ def piece_pretrain(ctx: Context) -> None:
             write_json(ctx.out / "progress.json", progress)
             log(f"step {step}/{plan['steps']} loss {row['loss']:.3f} {row['examples_per_s']:.0f} ex/s")
             window.update(loss=0.0, n=0, t=now, ex=0, kinds=np.zeros(len(MIXTURE)), kind_n=np.zeros(len(MIXTURE)))
-        if step % s.save_every == 0 and step < plan["steps"]:
+        if step % s.save_every == 0 and not stopping:
             save_base(model, processor, ctx.base_dir)
             progress["saved_step"] = step
             write_json(ctx.out / "progress.json", progress)
-        if step >= plan["steps"]:
-            break
-        if ctx.time_left() < s.gate_reserve_s:
-            stop_reason = "deadline"
+        if stopping:
+            stop_reason = "done" if step >= plan["steps"] else "deadline"
             break
     save_base(model, processor, ctx.base_dir)
     train_s = time.perf_counter() - t0

@@ -114,3 +114,20 @@ def test_smoke_flow_builds_a_base_that_loads_and_trains_with_the_project_trainer
     metrics = train(cfg, open_dataset(work / "data"))
     assert "loss" in metrics and np.isfinite(metrics["loss"])
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_deadline_stops_pretraining_early_with_a_saved_base_and_a_progress_row(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    # the smoke scale keeps 20 s for the gate: with a 20 s deadline the first step is already past it,
+    # whatever the machine's speed
+    assert chart_base.main(["data", "pretrain", "--scale", "smoke", "--preset", "smoke", "--out", str(out),
+                            "--work", str(work), "--workers", "0", "--deadline-s", "20"]) == 0
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["status"] == "deadline"
+    assert progress["steps_done"] == 1
+    assert progress["rows"][-1]["step"] == progress["steps_done"] == progress["saved_step"]
+    from dyme_core.models import load_model
+
+    model = load_model(ModelConfig(name_or_path=str(work / "base")))
+    assert sum(p.numel() for p in model.parameters()) == progress["n_params"]
