@@ -90,6 +90,7 @@ done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 
+find "$OUT_DIR" -name '*.tmp' -delete  # a JSON file caught mid-write by the timeout (its last version is kept)
 # Pack whatever bases exist (also after a failure or the timeout: the last save is complete on disk).
 have=()
 for p in "${presets[@]}"; do [ -f "$WORK/$p/base/model.safetensors" ] && have+=("$p/base"); done
