@@ -364,7 +364,10 @@ def fresh(repro: Clone) -> Clone:
     _ok(_run(repro, "git", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "dvc.lock and results of dvc repro"))
     root = repro.tmp / "fresh"
     _ok(_run(repro, "git", "clone", "-q", str(repro.root), str(root)))
-    c = Clone(root=root, env={**repro.env, "PYTHONPATH": str(root)}, tmp=repro.tmp, mlflow_db=repro.mlflow_db)
+    mlflow_db = repro.tmp / "mlflow-fresh" / "mlruns.db"  # a new user's own store
+    mlflow_db.parent.mkdir()
+    env = {**repro.env, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}"}
+    c = Clone(root=root, env=env, tmp=repro.tmp, mlflow_db=mlflow_db)
     t0 = time.perf_counter()
     c.repro = _run(c, "dvc", "repro")
     c.repro_s = TIMINGS["fresh-clone dvc repro"] = time.perf_counter() - t0
@@ -378,7 +381,10 @@ def test_fresh_clone_repro_writes_the_committed_bytes(fresh: Clone) -> None:
     (validate's only output is git-kept and its input comes back the same: DVC skips it.)"""
     _ok(fresh.repro)
     assert sorted(_ran(fresh.repro.stdout)) == sorted(set(STAGES) - {"validate"}), _tail(fresh.repro)
-    assert (fresh.root / "reports/register.json").is_file()
+    registered = json.loads((fresh.root / "reports/register.json").read_text())
+    with sqlite3.connect(fresh.mlflow_db) as db:
+        assert (registered["model_name"], registered["version"]) in db.execute(
+            "select name, version from model_versions").fetchall()
     dirty = _run(fresh, "git", "status", "--porcelain").stdout
     diff = _run(fresh, "git", "diff", "--", "dvc.lock").stdout
     assert not dirty.strip(), f"git status after dvc repro in a fresh clone:\n{dirty}\n{diff[-3000:]}"
