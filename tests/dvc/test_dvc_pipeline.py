@@ -45,7 +45,7 @@ BOOKKEEPING = re.compile(r"^(\.git/|\.dvc/|mlruns/|mlartifacts/|\.cache/|dvc\.lo
                          r"|reports/register\.json$)")
 
 TINY = {
-    "synth": {"n_train": 8, "n_val": 2, "n_test": 4, "image_size": 64},
+    "synth": {"n_train": 8, "n_val": 2, "n_test": 4, "image_size": 112},
     "init_model": {"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "vision_hidden_size": 32,
                    "vision_layers": 1, "image_size": 32},
     "train": {"max_steps": 2, "batch_size": 2, "num_generations": 2, "max_new_tokens": 8, "save_steps": 0,
