@@ -22,6 +22,12 @@ COPY components/ components/
 COPY pipelines/ pipelines/
 # Everything at the exact versions of constraints.txt; only torch comes from TORCH_INDEX_URL.
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt .
+# The embedded default's base model (model.name_or_path: models/chart-base) comes from the repository's
+# example DVC remote, as the `examples` stage of dvc.yaml fetches it; the fetch runs DVC in a scratch
+# project without git, so it needs neither git nor the repository's history.
+COPY examples/ examples/
+COPY dvc-store/ dvc-store/
+RUN python examples/artifacts.py fetch examples/chart-base.yaml models/chart-base
 
 FROM python:3.11.7-slim-bookworm
 LABEL org.opencontainers.image.title="dyme" \
@@ -35,6 +41,12 @@ COPY pyproject.toml constraints.txt params.yaml README.md ./
 COPY dyme_core/ dyme_core/
 COPY components/ components/
 COPY pipelines/ pipelines/
+# The base model, read-only beside the code; steps run in /home/dyme, where the relative default path
+# models/chart-base resolves to it (models/ itself stays the runtime user's, for models a step builds).
+COPY --from=build /src/models/chart-base /app/models/chart-base
+RUN mkdir /home/dyme/models \
+ && ln -s /app/models/chart-base /home/dyme/models/chart-base \
+ && chown -h 1000:1000 /home/dyme/models /home/dyme/models/chart-base
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -97,11 +97,12 @@ def _train_evaluate_register(p: dict[str, PipelineChannel], checkpoint_root: Pip
                                        "register (arXiv 2506.23061).")
 def dyme_pipeline(synth: dict, data: dict, init_model: dict, model: dict, validate: dict, refine: dict,
                   train: dict, evaluate: dict, register: dict, data_path: str = "",
-                  use_tiny_model: bool = True, checkpoint_root: str = CHECKPOINTS_MOUNT):
+                  use_tiny_model: bool = False, checkpoint_root: str = CHECKPOINTS_MOUNT):
     """One dict per params.yaml section; `data_path`: a hub id, a path on the data volume or
     `dvc+<repo URL>#<path>[?rev=<rev>]` (else `data.path`; synthetic when both are unset);
-    `use_tiny_model`: train the tiny random model built from the data (the embedded default) instead of
-    `model.name_or_path`; `checkpoint_root`: where the run's checkpoint folder is made (the volume)."""
+    `use_tiny_model`: train a tiny random model built from the data (init_model) instead of
+    `model.name_or_path` (by default models/chart-base, which the image carries); `checkpoint_root`:
+    where the run's checkpoint folder is made (the volume)."""
     p = {"data": data, "model": model, "train": train, "evaluate": evaluate, "register": register}
     data_task = use_data_volume(data_op(data_params=data, synth_params=synth, validate_params=validate,
                                         data_path=data_path))

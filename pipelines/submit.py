@@ -35,9 +35,10 @@ def submit(host: str, experiment: str = "dyme", params_file: str | Path | None =
            overrides: list[str] | None = None, image: str = PROJECT_IMAGE, data_path: str = "") -> str:
     """Start a run of the pipeline on the KFP API at `host`; returns the run id.
 
-    The tiny model is built when `model.name_or_path` is `init_model.out_dir` (as in params.yaml), as
-    `dvc repro` does. `data_path` (a hub id, a path on the data volume or `dvc+<repo>#<path>`) wins
-    over `data.path`.
+    The tiny random model is built when `model.name_or_path` is `init_model.out_dir`, as `dvc repro`
+    does; otherwise the train task loads `model.name_or_path` (params.yaml's models/chart-base is in the
+    image, resolved from the steps' working directory). `data_path` (a hub id, a path on the data
+    volume or `dvc+<repo>#<path>`) wins over `data.path`.
     """
     import kfp
     import urllib3

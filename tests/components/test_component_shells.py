@@ -15,7 +15,8 @@ from dyme_core.config import load_config
 from dyme_core.steps import ValidationFailed
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["synth.n_train=2", "synth.n_val=1", "synth.n_test=1", "synth.image_size=64"]
+# 112 px: the smallest chart the default style (synth.style readable) draws
+TINY = ["synth.n_train=2", "synth.n_val=1", "synth.n_test=1", "synth.image_size=112"]
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ the artifact the next one needs, training checkpoints land under the run id in `
 model is registered with the run's lineage, and bad data stops the run before training."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 # The tiny configuration of the local runs (a few seconds a step on 2 CPU cores).
 TINY = [
-    "synth.n_train=8", "synth.n_val=2", "synth.n_test=4", "synth.image_size=64",
+    "synth.n_train=8", "synth.n_val=2", "synth.n_test=4", "synth.image_size=112",  # readable style's minimum
     "init_model.vocab_size=300", "init_model.hidden_size=32", "init_model.num_layers=1",
     "init_model.vision_hidden_size=32", "init_model.vision_layers=1", "init_model.image_size=32",
     "train.max_steps=2", "train.batch_size=2", "train.num_generations=2", "train.max_new_tokens=8",
@@ -48,11 +50,25 @@ def _artifact(root: Path, task: str, output: str) -> Path:
     return path
 
 
-def test_pipeline_ingests_a_local_dataset_then_trains_evaluates_and_registers(local_kfp: Path,
-                                                                              tmp_path: Path) -> None:
+@pytest.fixture
+def chart_base(local_kfp: Path, tmp_path: Path) -> str:
+    """The default base (params.yaml's model.name_or_path) fetched from the example remote into the
+    working directory, where the image carries it: the steps load it by the same relative path."""
+    name = load_config(ROOT / "params.yaml").model.name_or_path
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "artifacts.py"), "fetch",
+                           str(ROOT / "examples" / "chart-base.yaml"), str(tmp_path / name)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return name
+
+
+@pytest.mark.parametrize("use_tiny_model", [False, True], ids=["default-base", "tiny-random"])
+def test_pipeline_ingests_a_local_dataset_then_trains_evaluates_and_registers(local_kfp: Path, chart_base: str,
+                                                                              tmp_path: Path,
+                                                                              use_tiny_model: bool) -> None:
     dataset_file = _dyme_json(tmp_path / "mydata")
     cfg = load_config(ROOT / "params.yaml", TINY)
-    dyme_pipeline(**sections(cfg), data_path=str(dataset_file), use_tiny_model=True,
+    dyme_pipeline(**sections(cfg), data_path=str(dataset_file), use_tiny_model=use_tiny_model,
                   checkpoint_root=str(tmp_path / "checkpoints"))
 
     manifest = json.loads((_artifact(local_kfp, "data-op", "dataset") / "manifest.json").read_text())
@@ -62,13 +78,16 @@ def test_pipeline_ingests_a_local_dataset_then_trains_evaluates_and_registers(lo
     assert report["success"] is True and report["data_digest"] == manifest["digest"]
     targets = (_artifact(local_kfp, "refine-op", "refined") / "targets.jsonl").read_text().splitlines()
     assert len(targets) == 8
-    model_dir = _artifact(local_kfp, "train-op", "model") / "model"
+    model_dir = _artifact(local_kfp, "train-op*", "model") / "model"
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in model_dir.iterdir()}
+    trained = json.loads((model_dir / "config.json").read_text())  # which base the train task started from
+    base = json.loads((tmp_path / chart_base / "config.json").read_text())
+    assert (trained["text_config"]["hidden_size"] == base["text_config"]["hidden_size"]) is not use_tiny_model
     [run_folder] = (tmp_path / "checkpoints").iterdir()  # one folder, named by the pipeline run id
     assert list(run_folder.glob("checkpoint-*")), "no checkpoint under <checkpoint_root>/<run id>"
-    metrics = json.loads((_artifact(local_kfp, "evaluate-op", "results") / "metrics.json").read_text())
+    metrics = json.loads((_artifact(local_kfp, "evaluate-op*", "results") / "metrics.json").read_text())
     assert 0.0 <= metrics["relaxed_accuracy"] <= 1.0
-    registered = json.loads(_artifact(local_kfp, "register-op", "registration").read_text())
+    registered = json.loads(_artifact(local_kfp, "register-op*", "registration").read_text())
     assert (registered["model_name"], registered["version"], registered["promoted"]) == ("dyme-chart", 1, True)
 
     from dyme_core.tracking import MlflowClient  # MLFLOW_TRACKING_URI reached the register subprocess
@@ -80,9 +99,9 @@ def test_pipeline_ingests_a_local_dataset_then_trains_evaluates_and_registers(lo
 
 
 def test_pipeline_stops_before_training_on_bad_data(local_kfp: Path) -> None:
-    # every 64 px chart is below the smallest accepted image side: all rows fail validation
-    cfg = load_config(ROOT / "params.yaml", [*TINY, "validate.min_image_px=65"])
-    with pytest.raises(RuntimeError, match="data-op|validate-op"):
+    # every 112 px chart is below the smallest accepted image side: all rows fail validation
+    cfg = load_config(ROOT / "params.yaml", [*TINY, "validate.min_image_px=113"])
+    with pytest.raises(RuntimeError, match="validate-op"):
         dyme_pipeline(**sections(cfg), checkpoint_root=str(local_kfp / "checkpoints"))
     [run] = local_kfp.glob("dyme-*")
     assert {p.name for p in run.iterdir()} <= {"data-op", "validate-op"}  # nothing after validate ran

@@ -99,7 +99,7 @@ def test_submit_sends_the_compiled_pipeline_with_params_and_overrides(kfp_api: t
     assert len(parameters["register"]["git_commit"]) == 40  # the submitting checkout's HEAD, for MLflow
     assert {k: parameters[k] for k in expected} == json.loads(json.dumps(expected))
     assert parameters["train"]["max_steps"] == 3  # the override, merged before the cluster sees it
-    assert parameters["use_tiny_model"] is True  # params.yaml trains the model init_model builds
+    assert parameters["use_tiny_model"] is False  # params.yaml trains models/chart-base, which the image carries
     assert parameters["data_path"] == ""  # data.path of the params
 
 
@@ -112,10 +112,13 @@ def test_submit_on_another_image_with_a_dataset(kfp_api: tuple[str, list]) -> No
     assert run["runtime_config"]["parameters"]["data_path"] == "/data/chartqa"
 
 
-def test_submit_with_a_hub_model_skips_the_tiny_model(kfp_api: tuple[str, list]) -> None:
+@pytest.mark.parametrize(("model", "tiny"), [("models/tiny-smolvlm", True),  # init_model.out_dir: built
+                                             ("HuggingFaceTB/SmolVLM-256M-Instruct", False)])
+def test_submit_builds_the_tiny_model_only_when_it_is_the_model_to_train(kfp_api: tuple[str, list], model: str,
+                                                                         tiny: bool) -> None:
     host, requests = kfp_api
-    submit(host, params_file=ROOT / "params.yaml", overrides=["model.name_or_path=HuggingFaceTB/SmolVLM-256M-Instruct"])
-    assert _run_body(requests)["runtime_config"]["parameters"]["use_tiny_model"] is False
+    submit(host, params_file=ROOT / "params.yaml", overrides=[f"model.name_or_path={model}"])
+    assert _run_body(requests)["runtime_config"]["parameters"]["use_tiny_model"] is tiny
 
 
 def test_submit_refuses_a_bad_config_before_contacting_the_cluster(kfp_api: tuple[str, list]) -> None:
