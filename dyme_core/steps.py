@@ -42,7 +42,7 @@ def ingest(cfg: Config) -> dict:
 
 
 def init_model(cfg: Config, dataset: Dataset | None = None) -> Path:
-    """The tiny default model, its tokenizer trained on the dataset's text (and refined traces)."""
+    """A tiny random model (`dyme init-model`), its tokenizer trained on the dataset's text (and refined traces)."""
     from dyme_core.models import init_tiny_model
     from dyme_core.refiner import rule_refine
 
