@@ -24,7 +24,9 @@ def test_help_lists_keys(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_default_chain_ingest_to_evaluate(tmp_path: Path) -> None:
-    tiny = ["synth.n_train=6", "synth.n_val=2", "synth.n_test=3", "synth.image_size=64",
+    # 112 px: the smallest readable chart; the chain trains the tiny model its init-model step builds
+    tiny = ["synth.n_train=6", "synth.n_val=2", "synth.n_test=3", "synth.image_size=112",
+            "model.name_or_path=models/tiny-smolvlm", "init_model.out_dir=models/tiny-smolvlm",
             "init_model.vocab_size=300", "init_model.hidden_size=32", "init_model.num_layers=1",
             "init_model.vision_hidden_size=32", "init_model.vision_layers=1", "init_model.image_size=32",
             "train.max_steps=2", "train.batch_size=2", "train.num_generations=2", "train.max_new_tokens=8",

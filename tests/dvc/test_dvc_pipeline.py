@@ -33,6 +33,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from dyme_core.config import load_config
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,6 +97,11 @@ def _skipped(output: str) -> set[str]:
 
 def _params(clone: Clone) -> dict:
     return yaml.safe_load((clone.root / "params.yaml").read_text())
+
+
+def _learning_rate(clone: Clone) -> float:
+    """train.learning_rate as a run reads it (DVC's `-S` writes 5e-05, which a YAML 1.1 loader reads as text)."""
+    return load_config(clone.root / "params.yaml").train.learning_rate
 
 
 def _write_params(clone: Clone, params: dict) -> None:
@@ -258,6 +265,10 @@ def test_repro_builds_every_stage_output(repro: Clone) -> None:
     assert all(r["trace"] for r in targets)
 
     assert (root / "runs/train/model/model.safetensors").is_file()
+    # params.yaml's model.name_or_path (kept by TINY): train starts from the example base, not init_model's model
+    trained = json.loads((root / "runs/train/model/config.json").read_text())["text_config"]["hidden_size"]
+    base = json.loads((root / "models/chart-base/config.json").read_text())["text_config"]["hidden_size"]
+    assert trained == base != TINY["init_model"]["hidden_size"]
     steps = [r["step"] for r in _rows(root / "runs/train/metrics.jsonl")]
     assert steps == [1, 2], f"metrics.jsonl should hold one row per step of max_steps=2, got steps {steps}"
 
@@ -402,13 +413,13 @@ def test_experiments_in_a_fresh_clone(fresh: Clone) -> None:
     _ok(_run(fresh, "git", "checkout", "-q", "--", "."))  # back to the committed workspace
     done = _run(fresh, "dvc", "exp", "apply", "half-lr")
     assert done.returncode == 0, f"dvc exp apply in a fresh clone failed:\n{_tail(done)}"
-    assert _params(fresh)["train"]["learning_rate"] == lr / 2
+    assert _learning_rate(fresh) == lr / 2
     assert (fresh.root / "data/raw/samples.jsonl").is_file()
     assert (fresh.root / "models/chart-base/model.safetensors").is_file()
     assert not _dirty_stages(_status(fresh))
     done = _run(fresh, "dvc", "exp", "apply", "quarter-lr")
     assert done.returncode == 0, f"dvc exp apply of a --temp experiment failed:\n{_tail(done)}"
-    assert _params(fresh)["train"]["learning_rate"] == lr / 4 and not _dirty_stages(_status(fresh))
+    assert _learning_rate(fresh) == lr / 4 and not _dirty_stages(_status(fresh))
 
 
 def test_noop_repro_runs_no_stage(repro: Clone) -> None:
