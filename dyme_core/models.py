@@ -2,7 +2,7 @@
 
 `load_model` / `load_processor` take a hub id or a local directory (SmolVLM/Idefics3, LLaVA-OneVision,
 Qwen2-VL families), load safetensors only, and run hub code only when `model.trust_remote_code` is set.
-`init_tiny_model` builds the embedded default of DESIGN.md section 4: a random model of one family
+`init_tiny_model` builds a random model (tests, family trials; DESIGN.md section 4) of one family
 (`init_model.family`: SmolVLM/Idefics3 by default, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL; the family
 adapters of `families.py` own each family's processor and config) with a byte-level BPE tokenizer
 trained on the dataset's text, saved with `save_pretrained` so that the same `load_model` path reloads it.
