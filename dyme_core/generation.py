@@ -170,6 +170,9 @@ def _complete(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: t
         attention_mask = attention_mask.repeat_interleave(k, dim=0)
         positions = positions.repeat_interleave(k, dim=0)
     position = positions[:, -1:]  # (B*K, 1)
+    # the mask of the whole completion, the prompt's then ones: step t reads the first prompt_len + t columns
+    mask = attention_mask.new_ones((rows, prompt_len + max_new_tokens))
+    mask[:, :prompt_len] = attention_mask
     # the whole sequence so far, for processors that read it (none of those above does)
     seqs = torch.empty((rows, prompt_len + max_new_tokens), dtype=input_ids.dtype, device=device)
     seqs[:, :prompt_len] = input_ids.repeat_interleave(k, dim=0) if k > 1 else input_ids
@@ -189,9 +192,8 @@ def _complete(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: t
         unfinished &= tokens != eos_token_id
         if new == max_new_tokens or not bool(unfinished.any()):
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((rows, 1))], dim=1)
         position = position + 1
-        out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position,
+        out = model(input_ids=tokens[:, None], attention_mask=mask[:, : prompt_len + new], position_ids=position,
                     **{cache_arg: cache}, use_cache=True, logits_to_keep=1, **step_extras)
         logits = out.logits[:, -1].float()
         del out

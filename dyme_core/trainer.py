@@ -89,8 +89,6 @@ class Batch:
         return self.prompts.prompt_ids
 
 
-# config sections a checkpoint records; resume_from=auto refuses a checkpoint whose settings differ
-# except in these keys, which do not change what a step computes (max_steps may grow to train longer)
 # Figures that depend on the machine, its load or a warm refiner cache rather than on the seed. MLflow gets
 # every figure; in the run dir they go to timings.jsonl and timing.json (left out of the output's hash by
 # .dvcignore), never into metrics.jsonl, history.json or summary.json, so that the same seed writes the same
@@ -117,6 +115,8 @@ def timing_summary(history: list[dict]) -> dict[str, float]:
             "peak_memory_mb": round(max(h.get("memory/peak_mb", 0.0) for h in steps), 1)}
 
 
+# config sections a checkpoint records; resume_from=auto refuses a checkpoint whose settings differ
+# except in these keys, which do not change what a step computes (max_steps may grow to train longer)
 RESUME_SECTIONS = ("data", "model", "train")
 RESUME_FREE_KEYS = {f"train.{k}" for k in ("max_steps", "save_steps", "logging_steps", "keep_checkpoints",
                                            "resume_from", "output_dir", "checkpoint_dir", "progress_bar",
