@@ -160,6 +160,10 @@ class RefineConfig:
     template_pool: str = _f("refined/templates.json", "Persisted, versioned template pool.")
     cache_dir: str = _f(".cache/refine", "Refinement cache keyed by content hash.")
     splits: list = _f(["train"], "Splits to refine.")
+    observe: str = _f("relevant", "Rows of a structured table the rule refiner's Observation states: relevant (the "
+                      "rows the question names, all when it names none) | all (every row, in the chart's order: "
+                      "the chart read out whole, as a model that can transcribe it reads it).",
+                      choices=("relevant", "all"))
     max_trace_chars: int = _f(2000, "Longest refined trace accepted from the LLM; a longer one (or one that "
                               "does not state the answer) falls back to the rule refiner and is counted.")
     llm: LLMConfig = field(default_factory=LLMConfig, metadata={"help": "LLM refiner endpoint."})

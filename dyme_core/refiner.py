@@ -46,12 +46,18 @@ _OPERATIONS = [
     (("highest", "largest", "maximum", "most", "greatest"), "Compare the values and take the largest"),
     (("lowest", "smallest", "minimum", "least", "fewest"), "Compare the values and take the smallest"),
     (("how many",), "Count the items shown"),
-    (("greater than", "more than", "less than", "higher than", "lower than"), "Compare the two values"),
+    (("greater than", "more than", "less than", "higher than", "lower than", "larger", "smaller"),
+     "Compare the two values"),
 ]
 
 
-def _relevant_rows(sample: Sample) -> list[str]:
-    """Fact lines relevant to the question: rows whose label it names, else all of them."""
+def _named(label: str, question_lower: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(label.lower())}(?!\w)", question_lower) is not None
+
+
+def _relevant_rows(sample: Sample, observe: str = "relevant") -> list[str]:
+    """Fact lines the observation states: with ``observe="relevant"`` the rows whose label the question
+    names (all of them when it names none); with ``"all"`` every row, in the chart's order."""
     facts = sample.visual_facts
     if not facts:
         return []
@@ -67,12 +73,93 @@ def _relevant_rows(sample: Sample) -> list[str]:
             else:
                 text = f"{label}: " + ", ".join(f"{s} = {v}" for s, v in zip(series, values, strict=False))
             lines_all.append(text)
-            if re.search(rf"(?<!\w){re.escape(label.lower())}(?!\w)", q):
+            if _named(label, q):
                 lines_named.append(text)
-        return lines_named or lines_all
+        return lines_all if observe == "all" else (lines_named or lines_all)
     lines = [", ".join(f"{k} = {v}" for k, v in obj.items()) for obj in facts]
     named = [line for line, obj in zip(lines, facts, strict=True) if any(str(v).lower() in q for v in obj.values())]
-    return named or lines
+    return lines if observe == "all" else (named or lines)
+
+
+def _number(text: object) -> float | None:
+    try:
+        return float(str(text).strip().rstrip("%").replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _same(x: float, y: float) -> bool:
+    return abs(x - y) <= 1e-6 * max(1.0, abs(y))
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+_ABOVE = ("above", "more than", "greater than", "higher than", "over", "exceed")
+_BELOW = ("below", "less than", "fewer than", "lower than", "under")
+
+
+def derivation(sample: Sample) -> str | None:
+    """The arithmetic that takes a one-series table to the answer, written out (``45 - 23 = 22``), or None.
+
+    Tried in order, each only where its result equals the reference answer exactly (so a derivation is
+    never invented): the larger/smaller of the two named rows or the largest/smallest row (label answers);
+    the named row's value; the difference, sum or mean of the named rows (of all rows for a total or an
+    average); how many rows lie above/below a number in the question; how many rows there are. The
+    numbers are written as the table states them, the result as the answer states it.
+    """
+    facts = sample.visual_facts
+    if not isinstance(facts, dict) or len(facts.get("columns", [])) != 2:
+        return None
+    rows = [(str(r[0]), str(r[1]), _number(r[1])) for r in facts.get("rows", []) if len(r) >= 2]
+    rows = [(label, text, v) for label, text, v in rows if v is not None]
+    if not rows:
+        return None
+    q = sample.question.lower()
+    named = [r for r in rows if _named(r[0], q)]
+    answer = str(sample.answer).strip()
+    by_label = {r[0].lower(): r for r in rows}
+    if answer.lower() in by_label:  # a label: the largest or smallest of the rows in question
+        scope = named if len(named) >= 2 else rows
+        top, bottom = max(scope, key=lambda r: r[2]), min(scope, key=lambda r: r[2])
+        chosen = by_label[answer.lower()]
+        if len(scope) == 2:
+            other = scope[0] if scope[1] is chosen else scope[1]
+            if chosen is top and top is not bottom:
+                return f"{chosen[1]} > {other[1]}, so {chosen[0]} is larger."
+            if chosen is bottom and top is not bottom:
+                return f"{chosen[1]} < {other[1]}, so {chosen[0]} is smaller."
+            return None
+        if chosen is top and sum(r[2] == top[2] for r in scope) == 1:
+            return f"The largest value is {top[1]} ({top[0]})."
+        if chosen is bottom and sum(r[2] == bottom[2] for r in scope) == 1:
+            return f"The smallest value is {bottom[1]} ({bottom[0]})."
+        return None
+    want = _number(answer)
+    if want is None:
+        return None
+    if len(named) == 1 and _same(named[0][2], want):
+        return f"The value for {named[0][0]} is {named[0][1]}."
+    if len(named) == 2:
+        hi, lo = sorted(named, key=lambda r: r[2], reverse=True)
+        if _same(hi[2] - lo[2], want):
+            return f"{hi[1]} - {lo[1]} = {answer}."
+    for scope in (named, rows) if len(named) >= 2 else (rows,):
+        if any(k in q for k in ("sum", "total", "combined", "together")) and _same(sum(r[2] for r in scope), want):
+            return f"{' + '.join(r[1] for r in scope)} = {answer}."
+        if any(k in q for k in ("average", "mean")) and _same(sum(r[2] for r in scope) / len(scope), want):
+            return f"({' + '.join(r[1] for r in scope)}) / {len(scope)} = {answer}."
+    if "how many" in q:
+        for t in (v for v in (_number(m) for m in re.findall(r"\d+(?:\.\d+)?", q)) if v is not None):
+            for words, side, hit in ((_ABOVE, "above", lambda v, t=t: v > t), (_BELOW, "below", lambda v, t=t: v < t)):
+                chosen = [r for r in rows if hit(r[2])]
+                if any(w in q for w in words) and _same(len(chosen), want):
+                    listed = ", ".join(f"{r[0]} ({r[1]})" for r in chosen) or "none"
+                    return f"{side.capitalize()} {_fmt(t)}: {listed}; that is {answer}."
+        if _same(len(rows), want):
+            return f"Counting {', '.join(r[0] for r in rows)} gives {answer}."
+    return None
 
 
 def _operation(question: str) -> str:
@@ -128,21 +215,22 @@ def _goal(question: str) -> str:
     return f"Find {q[:1].lower()}{q[1:]}."
 
 
-def rule_refine(sample: Sample, template: str = DEFAULT_TEMPLATE) -> str:
+def rule_refine(sample: Sample, template: str = DEFAULT_TEMPLATE, observe: str = "relevant") -> str:
     """A deterministic, grounded trace with the template's sections (no 'Answer:' line).
 
-    With structured facts: the rows relevant to the question. Without them, the hint restructured into
+    With structured facts: the rows relevant to the question (every row with ``observe="all"``), and the
+    reasoning's arithmetic written out where :func:`derivation` verifies it. Without them, the hint restructured into
     the sections, every sentence (so every number and entity) of it kept. With neither: the question
     restated and the answer, nothing invented (sections with nothing true to say are left out).
     """
     conclusion = f"The answer is {sample.answer}."
     if sample.visual_facts:
-        observed = _relevant_rows(sample)
+        observed = _relevant_rows(sample, observe)
         title = sample.visual_facts.get("title") if isinstance(sample.visual_facts, dict) else None
         content = {
             "goal": _goal(sample.question),
             "observation": (f"The chart '{title}' shows " if title else "The image shows ") + "; ".join(observed) + ".",
-            "reasoning": f"{_operation(sample.question)}: this gives {sample.answer}.",
+            "reasoning": f"{_operation(sample.question)}: {derivation(sample) or f'this gives {sample.answer}.'}",
             "conclusion": conclusion,
         }
     elif sample.hint and sample.hint.strip():
@@ -230,13 +318,13 @@ class RefineCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    VERSION = 2  # part of every key: bump it when the refiners' output for the same input changes
+    VERSION = 3  # part of every key: bump it when the refiners' output for the same input changes
 
     @staticmethod
-    def key(sample: Sample, template: str, backend: str, model: str = "") -> str:
+    def key(sample: Sample, template: str, backend: str, model: str = "", observe: str = "relevant") -> str:
         payload = json.dumps(
             [RefineCache.VERSION, sample.question, sample.answer, sample.hint, sample.visual_facts, template,
-             backend, model],
+             backend, model, observe],
             sort_keys=True, default=str,
         )
         return hashlib.sha256(payload.encode()).hexdigest()
@@ -305,7 +393,7 @@ class Refiner:
 
     def __init__(self, backend: str = "rule", cache_dir: str | Path | None = None,
                  client: ChatClient | None = None, max_workers: int = 8,
-                 max_trace_chars: int = RefineConfig.max_trace_chars):
+                 max_trace_chars: int = RefineConfig.max_trace_chars, observe: str = RefineConfig.observe):
         if backend == "llm" and client is None:
             raise ValueError("refine backend 'llm' needs an LLM endpoint (refine.llm.base_url)")
         self.backend = backend
@@ -313,6 +401,7 @@ class Refiner:
         self.cache = RefineCache(cache_dir) if cache_dir else None
         self.max_workers = max_workers
         self.max_trace_chars = max_trace_chars
+        self.observe = observe
         self.stats = RefinerStats()
         self.fallback_log = FallbackLog("LLM refiner (falling back to the rule refiner)")
 
@@ -321,7 +410,7 @@ class Refiner:
         if not sample.visual_facts and not (sample.hint and sample.hint.strip()):
             self.stats.add(ungrounded=1)  # counted on cache hits too: it describes the data, not the work
         model = self.client.cfg.model if self.client is not None else ""
-        key = RefineCache.key(sample, template, self.backend, model) if self.cache else ""
+        key = RefineCache.key(sample, template, self.backend, model, self.observe) if self.cache else ""
         if self.cache and (hit := self.cache.get(key)) is not None:
             self.stats.add(cache_hits=1)
             return hit, False
@@ -335,9 +424,9 @@ class Refiner:
                     raise LLMError(f"LLM refiner failed on sample {sample.id!r} (llm.on_failure=fail): {e}") from None
                 self.stats.add(fallbacks=1)
                 self.fallback_log.record(f"sample {sample.id!r}: {e}")
-                trace, fell_back = rule_refine(sample, template), True
+                trace, fell_back = rule_refine(sample, template, self.observe), True
         else:
-            trace = rule_refine(sample, template)
+            trace = rule_refine(sample, template, self.observe)
         if self.cache and not fell_back:  # never cache a fallback: the endpoint may be back next time
             self.cache.put(key, trace)
         return trace, fell_back

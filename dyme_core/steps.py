@@ -100,7 +100,7 @@ def refine(cfg: Config, client: ChatClient | None = None) -> dict:
         counts = ", ".join(f"{split} ({n})" for split, n in sorted(Counter(s.split for s in ds.samples).items()))
         raise ValueError(f"refine.splits={list(r.splits)} select 0 samples; the dataset has: {counts or 'no samples'}")
     refiner = Refiner(r.backend, cache_dir=r.cache_dir, client=client, max_workers=r.llm.max_workers,
-                      max_trace_chars=r.max_trace_chars)
+                      max_trace_chars=r.max_trace_chars, observe=r.observe)
     pool = TemplatePool.load(r.template_pool)
     results = refiner.refine(samples, pool.current["text"])
     out = Path(r.out)

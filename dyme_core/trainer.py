@@ -183,7 +183,7 @@ class DymeTrainer:
         self.checker = VisualChecker(self.t.checker, client=llm_client, max_workers=self.t.llm.max_workers)
         self.refiner = Refiner("llm" if llm_client is not None else "rule",
                                cache_dir=self.t.refine_cache_dir or None, client=llm_client,
-                               max_workers=self.t.llm.max_workers)
+                               max_workers=self.t.llm.max_workers, observe=cfg.refine.observe)
         # the refine step's pool: the template the offline targets were written with
         self.templates = TemplatePool.load(self.t.template_pool) if self.t.template_pool else TemplatePool()
         self.offline_template_version = self.templates.best

@@ -30,7 +30,7 @@ pretraining stream draws from generators with a four-entry seed (:func:`stream_r
 dataset sample's, and can refuse the tables of the dataset (:func:`table_key`).
 
 Public helpers: :func:`random_chart` (one random table and its image from a Generator),
-:func:`ask` (a question about a table), :func:`transcription` (``Label: value`` lines),
+:func:`ask` (a question about a table), :func:`transcription` (``Label = value; ...``),
 :func:`make_sample` (one dataset sample; what ``synth.synthesize`` calls for this style).
 Tests: ``tests/core/test_charts.py``.
 """
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,17 +123,20 @@ def table_key(table: ChartTable) -> tuple:
 
 
 def transcription(table: ChartTable) -> str:
-    """The chart read out, left to right: one ``Label: value`` line per bar or point."""
-    return "\n".join(f"{label}: {v}" for label, v in zip(table.labels, table.values, strict=True))
+    """The chart read out, left to right: ``Label = value`` pairs joined by ``; `` (the form the rule
+    refiner's Observation states a table's rows in, so a model that transcribes can reuse the skill
+    inside its reasoning)."""
+    return "; ".join(f"{label} = {v}" for label, v in zip(table.labels, table.values, strict=True))
 
 
 def parse_transcription(text: str) -> dict[str, str]:
-    """``Label: value`` lines back to {label: value text}; the first line of a label counts."""
+    """``Label = value`` pairs (``;``- or line-separated; ``Label: value`` lines too) back to {label: value
+    text}; the first mention of a label counts."""
     out: dict[str, str] = {}
-    for line in text.splitlines():
-        label, sep, value = line.partition(":")
-        if sep and label.strip() and label.strip() not in out:
-            out[label.strip()] = value.strip()
+    for piece in re.split(r"[;\n]", text):
+        match = re.match(r"\s*([^=:]+?)\s*[=:]\s*(.*?)\s*\.?\s*$", piece)
+        if match and match.group(1) not in out:
+            out[match.group(1)] = match.group(2)
     return out
 
 

@@ -133,8 +133,9 @@ def test_a_chart_draws_its_values_where_the_marks_are() -> None:
 def test_transcription_round_trips() -> None:
     table = charts.ChartTable(charts.THEMES[1], "line", ("Jan", "Feb", "Mar"), (12, 99, 45))
     text = charts.transcription(table)
-    assert text == "Jan: 12\nFeb: 99\nMar: 45"
-    assert charts.parse_transcription(text + "\nJan: 13\nnoise") == {"Jan": "12", "Feb": "99", "Mar": "45"}
+    assert text == "Jan = 12; Feb = 99; Mar = 45"
+    assert charts.parse_transcription(text + "; Jan = 13\nnoise") == {"Jan": "12", "Feb": "99", "Mar": "45"}
+    assert charts.parse_transcription("Jan: 12\nFeb: 99.") == {"Jan": "12", "Feb": "99"}
 
 
 def test_unsupported_chart_types_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

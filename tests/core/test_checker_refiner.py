@@ -13,7 +13,15 @@ from dyme_core.checker import VisualChecker, rule_thinking_score
 from dyme_core.config import LLMConfig
 from dyme_core.data.schema import Sample
 from dyme_core.llm import ChatClient, LLMError
-from dyme_core.refiner import DEFAULT_TEMPLATE, Refiner, TemplatePool, rule_refine, trace_problem
+from dyme_core.refiner import (
+    DEFAULT_TEMPLATE,
+    RefineCache,
+    Refiner,
+    TemplatePool,
+    derivation,
+    rule_refine,
+    trace_problem,
+)
 from dyme_core.rewards import extract_numbers
 
 FACTS = {"title": "Sales", "columns": ["label", "Sales"], "rows": [["Apples", 12], ["Pears", 7], ["Plums", 30]]}
@@ -58,6 +66,41 @@ def test_template_evolution_persists_versions(tmp_path: Path) -> None:
     again = TemplatePool.load(tmp_path / "t.json")
     assert again.best == 2 and len(again.templates) == 2
     assert rule_refine(SAMPLE, again.current["text"]).startswith("Facts:")
+
+
+DERIVATIONS = [
+    # (question, answer, the reasoning's arithmetic or None)
+    ("What is the difference between Apples and Pears?", "5", "12 - 7 = 5."),
+    ("What is the difference between Apples and Pears?", "6", None),  # does not verify: nothing invented
+    ("Which fruit sold more, Apples or Pears?", "Apples", "12 > 7, so Apples is larger."),
+    ("Which fruit sold less, Apples or Plums?", "Apples", "12 < 30, so Apples is smaller."),
+    ("Which fruit has the highest sales?", "Plums", "The largest value is 30 (Plums)."),
+    ("Which fruit has the lowest sales?", "Pears", "The smallest value is 7 (Pears)."),
+    ("What are the sales of Plums?", "30", "The value for Plums is 30."),
+    ("What is the total of all sales?", "49", "12 + 7 + 30 = 49."),
+    ("What is the average of Apples and Plums?", "21", "(12 + 30) / 2 = 21."),
+    ("How many fruits sold more than 10?", "2", "Above 10: Apples (12), Plums (30); that is 2."),
+    ("How many fruits sold less than 10?", "1", "Below 10: Pears (7); that is 1."),
+    ("How many fruits are shown?", "3", "Counting Apples, Pears, Plums gives 3."),
+    ("What is the median?", "12", None),  # no rule for it: the plain reasoning stays
+]
+
+
+@pytest.mark.parametrize(("question", "answer", "expected"), DERIVATIONS)
+def test_rule_refiner_writes_out_only_arithmetic_that_verifies(question: str, answer: str, expected) -> None:
+    sample = Sample(id="d", image="a.png", question=question, answer=answer, visual_facts=FACTS)
+    assert derivation(sample) == expected
+    reasoning = next(line for line in rule_refine(sample).splitlines() if line.startswith("Reasoning:"))
+    assert (expected in reasoning) if expected else reasoning.endswith(f"this gives {answer}.")
+
+
+def test_rule_refiner_observes_every_row_in_order_when_asked() -> None:
+    relevant, every = rule_refine(SAMPLE), rule_refine(SAMPLE, observe="all")
+    assert "Plums" not in relevant
+    assert "shows Apples = 12; Pears = 7; Plums = 30." in every  # the chart's order, the transcription's form
+    assert RefineCache.key(SAMPLE, DEFAULT_TEMPLATE, "rule") != RefineCache.key(SAMPLE, DEFAULT_TEMPLATE, "rule",
+                                                                                 observe="all")
+    assert Refiner(observe="all").refine_one(SAMPLE, DEFAULT_TEMPLATE) == (every, False)
 
 
 def test_rule_refiner_cache_hits(tmp_path: Path) -> None:
