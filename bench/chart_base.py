@@ -13,9 +13,12 @@ This script builds that starting point with the project's own code:
    memorises stay short), then trained from scratch, teacher-forced, loss on the target tokens only, on
    charts drawn on the fly by DataLoader worker processes (never the dataset's charts: another seed
    stream, and a chart whose table is in the dataset is refused). Prompts are built by the family adapter
-   exactly as the trainer and evaluation build them. Mixture per example: 40% transcription
-   ("List every label and its value." -> ``Label: value`` lines), 45% bare answers under the reasoning
-   prompt (``Answer: <gt>``), 15% low-quality, partly ungrounded traces + ``Answer: <gt>``. AdamW, linear
+   exactly as the trainer and evaluation build them. Mixture per example: 35% transcription
+   ("List every label and its value." -> ``Label = value; ...``), 35% bare answers under the reasoning
+   prompt (``Answer: <gt>``; single-step questions 3 times as often as multi-step ones), 15% text skills
+   (the table as text + the question -> the arithmetic the rule refiner writes, e.g. ``45 - 23 = 22.``:
+   what a language model brings, never chained to the model's own reading), 15% low-quality, partly
+   ungrounded traces + ``Answer: <gt>``. AdamW, linear
    warmup, cosine to 0, bf16 autocast on a GPU. The model is saved (bf16 safetensors, processor and
    tokenizer) to ``<work>/base`` every ``save_every`` steps and at the end or the deadline; progress
    (step, loss, examples/s) is rewritten to ``<out>/progress.json`` as it goes.
@@ -58,7 +61,10 @@ import torch
 FORBIDDEN_MODULES = ("trl", "datasets", "mlflow", "great_expectations", "kfp", "dvc")
 DATA_SEED = 12  # synth.seed of the dataset; the pretraining stream uses charts.stream_rng (disjoint)
 STREAM_SEED = 0
-MIXTURE = {"transcribe": 0.40, "answer": 0.45, "low_trace": 0.15}
+MIXTURE = {"transcribe": 0.35, "answer": 0.35, "skill": 0.15, "low_trace": 0.15}
+# Bare answers ask single-step questions three times as often as multi-step ones (the paper's starting point:
+# a base that answers simple questions better than multi-step ones).
+ANSWER_SINGLE_SHARE = 0.75
 
 # Issue 12's go/no-go gate, fixed before any method runs. Fractions in [0, 1].
 GATE = {
@@ -202,20 +208,40 @@ def dataset_keys(ctx: Context) -> set[tuple]:
 # ------------------------------------------------------------------------------------------ pretrain
 def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple]):
     """One pretraining example: (image, question, target text, kind)."""
-    from dyme_core.data.charts import QTYPES, TRANSCRIBE_QUESTION, ask, random_chart, table_key, transcription
+    from dyme_core.data.charts import (
+        MULTI_STEP,
+        QTYPES,
+        SINGLE_STEP,
+        TRANSCRIBE_QUESTION,
+        ask,
+        random_chart,
+        table_key,
+        transcription,
+    )
+    from dyme_core.data.schema import Sample
     from dyme_core.models import ANSWER_FLAG
+    from dyme_core.refiner import derivation
 
     while True:
         table, image = random_chart(rng, image_size)
         if table_key(table) not in refused:
             break
     u = float(rng.random())
-    if u < MIXTURE["transcribe"]:
-        return image, TRANSCRIBE_QUESTION, transcription(table), "transcribe"
+    edges = np.cumsum(list(MIXTURE.values()))
+    kind = list(MIXTURE)[int(np.searchsorted(edges, u, side="right"))] if u < edges[-1] else "low_trace"
+    if kind == "transcribe":
+        return image, TRANSCRIBE_QUESTION, transcription(table), kind
+    if kind == "answer":
+        pool = SINGLE_STEP if rng.random() < ANSWER_SINGLE_SHARE else MULTI_STEP
+        qa = ask(rng, table, pool[int(rng.integers(len(pool)))])
+        return image, qa.question, f"{ANSWER_FLAG} {qa.answer}", kind
     qa = ask(rng, table, QTYPES[int(rng.integers(len(QTYPES)))])
-    if u < MIXTURE["transcribe"] + MIXTURE["answer"]:
-        return image, qa.question, f"{ANSWER_FLAG} {qa.answer}", "answer"
-    return image, qa.question, f"{qa.traces['low']}\n{ANSWER_FLAG} {qa.answer}", "low_trace"
+    if kind == "skill":
+        # text skill: the table given as text, the arithmetic that answers the question (what a language
+        # model brings); the base never sees it chained to its own reading of a chart
+        smp = Sample(id="s", image="", question=qa.question, answer=qa.answer, visual_facts=table.facts())
+        return image, f"{transcription(table)}. {qa.question}", derivation(smp) or qa.answer, kind
+    return image, qa.question, f"{qa.traces['low']}\n{ANSWER_FLAG} {qa.answer}", kind
 
 
 class ChartStream(torch.utils.data.IterableDataset):
@@ -294,7 +320,6 @@ def tokenizer_corpus(ctx: Context) -> tuple[list[str], list]:
     )
     from dyme_core.data.ingest import open_dataset
     from dyme_core.data.schema import Sample
-    from dyme_core.refiner import rule_refine
 
     texts = [TRANSCRIBE_QUESTION]
     rng = stream_rng(STREAM_SEED + 1, 0, 0)
@@ -304,18 +329,24 @@ def tokenizer_corpus(ctx: Context) -> tuple[list[str], list]:
         for q in QTYPES:
             qa = ask(rng, table, q)
             smp = Sample(id="c", image="", question=qa.question, answer=qa.answer, visual_facts=table.facts())
-            texts += [qa.question, qa.answer, *qa.traces.values(), f"{rule_refine(smp)}\nAnswer: {qa.answer}"]
+            texts += [qa.question, qa.answer, *qa.traces.values(), refined_text(smp)]
     train = [s for s in open_dataset(ctx.data_dir).samples if s.split == "train"]
     for s in train:
         texts += [s.question, s.answer, s.hint or "", *s.meta.get("traces", {}).values(),
-                  f"{rule_refine(s)}\nAnswer: {s.answer}"]
+                  refined_text(s)]
     return [t for t in texts if t], train
 
 
-def refined_target_lengths(tokenizer, samples) -> dict[str, int]:
+def refined_text(sample) -> str:
+    """The memorised target of the method table's runs: the rule-refined trace (every row observed) + answer."""
+    from dyme_core.models import ANSWER_FLAG
     from dyme_core.refiner import rule_refine
 
-    n = np.array([len(tokenizer(f"{rule_refine(s)}\nAnswer: {s.answer}", add_special_tokens=False)["input_ids"])
+    return f"{rule_refine(sample, observe='all')}\n{ANSWER_FLAG} {sample.answer}"
+
+
+def refined_target_lengths(tokenizer, samples) -> dict[str, int]:
+    n = np.array([len(tokenizer(refined_text(s), add_special_tokens=False)["input_ids"])
                   for s in samples])
     return {"p50": int(np.percentile(n, 50)), "p95": int(np.percentile(n, 95)), "max": int(n.max())}
 

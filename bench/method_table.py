@@ -105,11 +105,12 @@ class Method:
 # Launch priority order: the core methods first (their other seeds wait for their LR grid).
 METHODS: dict[str, Method] = {
     "dyme": Method(("train.method=dyme",), True, "+DyME", "#1f77b4"),
-    "grpo": Method(("train.method=grpo",), True, "+GRPO (= w/o memorisation)", "#ff7f0e"),
+    # GRPO and two-stage as the paper runs its GRPO baseline: KL to the initial model with beta 0.04
+    "grpo": Method(("train.method=grpo", "train.beta=0.04"), True, "+GRPO (= w/o memorisation)", "#ff7f0e"),
     "sft": Method(("train.method=sft", "train.sft_target=refined"), True, "+SFT refined (= w/o exploration)",
                   "#8c564b", rollouts=False),
-    "two_stage": Method(("train.method=two_stage", "train.sft_target=refined"), False, "+two-stage SFT->GRPO",
-                        "#2ca02c"),
+    "two_stage": Method(("train.method=two_stage", "train.sft_target=refined", "train.beta=0.04"), False,
+                        "+two-stage SFT->GRPO", "#2ca02c"),
     "dyme_no_checker": Method(("train.method=dyme", "train.checker=none",
                                "train.reward_weights={format: 1.0, accuracy: 1.0, thinking: 0.0}"), False,
                               "DyME w/o checker", "#d62728"),
@@ -314,7 +315,9 @@ def downsample(rows: list[dict], n: int) -> list[dict]:
 def common_overrides(data_dir: Path) -> list[str]:
     return [f"data.path={data_dir}", f"data.out_dir={data_dir}", "model.dtype=float32", "train.bf16=auto",
             "train.report_to=[jsonl]", "train.progress_bar=false", "train.save_steps=0",
-            "train.weight_decay=0.01", "train.max_grad_norm=1.0"]
+            "train.weight_decay=0.01", "train.max_grad_norm=1.0",
+            # the refined Observation reads the whole chart in the form the base was pretrained to transcribe
+            "refine.observe=all"]
 
 
 def run_overrides(spec: dict, scale: Scale, run_dir: Path) -> list[str]:

@@ -67,6 +67,22 @@ def test_the_stream_mixes_transcription_answers_and_low_traces_and_refuses_datas
         assert target != charts.transcription(first)
 
 
+def test_bare_answers_favour_single_step_and_text_skills_give_the_arithmetic_from_the_listed_table() -> None:
+    rng = np.random.default_rng(3)
+    examples = [chart_base.stream_example(rng, 112, set()) for _ in range(800)]
+    answers = [q for _, q, _, kind in examples if kind == "answer"]
+    single = sum(any(q.startswith(p) for p in ("What is the", "Which", "How many bars", "How many points"))
+                 and " or " not in q and "difference" not in q for q in answers)
+    assert 0.65 < single / len(answers) < 0.85  # single-step 3x as often as multi-step
+    skills = [(q, t) for _, q, t, kind in examples if kind == "skill"]
+    assert skills
+    for question, target in skills:
+        listing = charts.parse_transcription(question.split(". ")[0])
+        assert len(listing) >= 3  # the table is given as text, in the transcription's form
+        assert "Answer:" not in target and target.endswith(".")  # the derivation alone, e.g. "45 - 23 = 22."
+    assert any(" - " in t and " = " in t for _, t in skills)
+
+
 @pytest.mark.parametrize(("figures", "failing"), [
     # every figure inside its band
     ({"transcription_cells": 0.9, "greedy_qa_accuracy": 0.3, "sampled_format_rate": 0.1,
