@@ -32,6 +32,10 @@ for sampled rollouts and greedy evaluation; BENCHMARKS.md (CPU) has what it save
 from __future__ import annotations
 
 import inspect
+import logging
+import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -45,6 +49,8 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+log = logging.getLogger(__name__)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -128,6 +134,7 @@ def complete(
     suppress_tokens: Sequence[int] = (),
     inputs_embeds: torch.Tensor | None = None,
     text_inputs: dict[str, torch.Tensor] | None = None,
+    cuda_graph: bool = False,
     **vision_inputs: torch.Tensor,
 ) -> torch.Tensor:
     """New tokens of k completions per prompt: (B*K, T) sample-major, T <= max_new_tokens, pad after eos.
@@ -136,7 +143,18 @@ def complete(
     images merged in (then `vision_inputs` are not needed). text_inputs: extras aligned with input_ids, such
     as Qwen2-VL's `mm_token_type_ids` (B, P); new tokens are text (0), as `generate` extends them.
     vision_inputs: the family's image inputs of the B prompts, used by the prefill only.
+    cuda_graph: on a CUDA model, decode with `complete_static(capture=True)` (the step replayed as a CUDA graph);
+    ignored on the CPU, where the loop below is the faster one (it attends only over the filled cache).
     """
+    if cuda_graph and input_ids.device.type == "cuda":
+        if static_decode_supported(model):
+            return complete_static(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, k=k, do_sample=do_sample,
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                   suppress_tokens=suppress_tokens, inputs_embeds=inputs_embeds,
+                                   text_inputs=text_inputs, capture=True, **vision_inputs)
+        log.warning("decode not captured: %s attention takes no 4-D mask (sdpa or eager do); decoding eagerly",
+                    model.config._attn_implementation)
     with torch.inference_mode():
         out = _complete(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, k, do_sample,
                         logits_processors(suppress_tokens, do_sample, temperature, top_k, top_p, input_ids.device),
@@ -198,3 +216,281 @@ def _complete(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: t
         logits = out.logits[:, -1].float()
         del out
     return seqs[:, prompt_len: prompt_len + new]
+
+
+# ------------------------------------------------------------------------------------ the static, captured decode
+# Rows of a captured decode step come in buckets (multiples of BUCKET_ROWS) and its KV cache in multiples of
+# CAPACITY_STEP positions, so that one graph serves every batch of a run whose prompt lengths differ by a few tokens.
+BUCKET_ROWS = 8
+CAPACITY_STEP = 64
+MAX_GRAPHS = 8  # captured graphs kept per model (least recently used dropped): each holds its own KV buffers
+
+
+def bucket_size(rows: int) -> int:
+    """Rows of the decode step's bucket: `rows` rounded up to a multiple of BUCKET_ROWS."""
+    return -(-rows // BUCKET_ROWS) * BUCKET_ROWS
+
+
+def cache_capacity(prompt_len: int, max_new_tokens: int) -> int:
+    """Positions of the static KV cache: prompt + completion rounded up to a multiple of CAPACITY_STEP."""
+    return -(-(prompt_len + max_new_tokens) // CAPACITY_STEP) * CAPACITY_STEP
+
+
+class SlotLayer(DynamicLayer):
+    """A KV-cache layer of fixed address: keys and values (rows, H, capacity, D) allocated once, the decode step's
+    token written at slot `write` (a one-element device tensor shared by all layers, advanced by the step), and
+    attention handed the whole buffer (the step's mask hides the slots not written yet). No shape or Python value
+    changes between steps, so a CUDA graph of the step replays for every token."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.write = keys, values, write
+        self.device = keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys.index_copy_(2, self.write, key_states)  # key_states: (rows, H, 1, D)
+        self.values.index_copy_(2, self.write, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+class DecodeState:
+    """The buffers one decode step reads and writes in place (fixed addresses), for `bucket` rows.
+
+    Per step: sample a token per row from `logits` (pad for finished rows), store it in `out[:, step]`, write its
+    KV at slot `write`, unmask that slot, and compute the next `logits` at `position`.
+    """
+
+    def __init__(self, model: PreTrainedModel, prefill: DynamicCache, bucket: int, capacity: int,
+                 vocab: int, text_keys: Sequence[str], device: torch.device):
+        self.bucket, self.capacity = bucket, capacity
+        self.write = torch.zeros(1, dtype=torch.long, device=device)  # the KV slot of the step's token
+        self.step = torch.zeros(1, dtype=torch.long, device=device)  # its column in `out`
+        self.live = torch.zeros((), dtype=torch.long, device=device)  # steps taken while some row was unfinished
+        self.position = torch.zeros((bucket, 1), dtype=torch.long, device=device)  # position id of the step's token
+        self.mask = torch.zeros((bucket, capacity), dtype=torch.bool, device=device)  # slots attended
+        self.unfinished = torch.zeros(bucket, dtype=torch.bool, device=device)
+        self.logits = torch.zeros((bucket, vocab), dtype=torch.float32, device=device)  # (bucket, V)
+        self.out = torch.zeros((bucket, capacity), dtype=torch.long, device=device)  # sampled tokens
+        self.extras = {name: torch.zeros((bucket, 1), dtype=torch.long, device=device) for name in text_keys}
+        self.cache = DynamicCache(config=model.config)
+        layers = []
+        for layer in prefill.layers:
+            if type(layer) is not DynamicLayer:
+                raise RuntimeError(f"the static decode supports full-attention KV layers only, not {type(layer)}")
+            b, h, _, d = layer.keys.shape
+            layers.append(SlotLayer(layer.keys.new_zeros((bucket, h, capacity, d)),
+                                    layer.values.new_zeros((bucket, h, capacity, layer.values.shape[-1])), self.write))
+        self.cache.layers = layers
+
+    def load(self, prefill: DynamicCache, logits: torch.Tensor, attention_mask: torch.Tensor,
+             positions: torch.Tensor, rows: int, k: int, pad_token_id: int) -> None:
+        """Start a generation: the B prompts' prefill repeated K times (sample-major) into the first `rows` rows;
+        the bucket's padding rows copy the last real row (finite values everywhere) and start finished."""
+        prompt_len = attention_mask.shape[1]
+        src = torch.arange(self.bucket, device=logits.device).clamp(max=rows - 1) // k  # bucket row -> prompt
+        for slot, layer in zip(self.cache.layers, prefill.layers, strict=True):
+            slot.keys[:, :, :prompt_len].copy_(layer.keys.index_select(0, src))
+            slot.values[:, :, :prompt_len].copy_(layer.values.index_select(0, src))
+        self.logits.copy_(logits.index_select(0, src))
+        self.mask.zero_()
+        self.mask[:, :prompt_len] = attention_mask.index_select(0, src).bool()
+        self.position.copy_(positions[:, -1:].index_select(0, src))
+        self.unfinished.copy_(torch.arange(self.bucket, device=logits.device) < rows)
+        self.out.fill_(pad_token_id)
+        self.write.fill_(prompt_len)
+        self.step.zero_()
+        self.live.zero_()
+
+
+def sample_tokens(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
+    """One token per row: (rows, V) -> (rows,). Sampled: `torch.multinomial(softmax(scores), 1)`'s own algorithm
+    for one draw (the arg-max of p / q with q ~ Exp(1), drawn from the default generator over the whole
+    (rows, V) tensor), written out because `torch.multinomial` first checks the probabilities on the host (a
+    device sync, which a CUDA graph cannot capture). Same seed, same tokens as `torch.multinomial`."""
+    if not do_sample:
+        return torch.argmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1)
+
+
+def decode_step(model: PreTrainedModel, state: DecodeState, processors: LogitsProcessorList, do_sample: bool,
+                eos_token_id: int, pad_token_id: int, cache_arg: str, additive_mask: bool) -> None:
+    """One token for every row of `state`, in place, with no host sync: the function a CUDA graph captures (and
+    the CPU runs as is). The forward runs on every step, the last included (its logits are not used)."""
+    scores = processors(state.out, state.logits)  # none of these processors reads the ids (no repetition penalty)
+    tokens = torch.where(state.unfinished, sample_tokens(scores, do_sample), pad_token_id)  # (bucket,)
+    state.live.add_(state.unfinished.any().long())
+    state.out.index_copy_(1, state.step, tokens[:, None])
+    state.step.add_(1)
+    state.unfinished.logical_and_(tokens != eos_token_id)
+    state.mask.index_fill_(1, state.write, True)
+    state.position.add_(1)
+    # a 4-D mask goes to attention as is (no mask building, which syncs): sdpa takes booleans, eager adds floats
+    mask = state.mask[:, None, None, :]  # (bucket, 1, 1, capacity)
+    if additive_mask:
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(model.dtype).min)
+    out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=state.position,
+                **{cache_arg: state.cache}, use_cache=True, logits_to_keep=1, **state.extras)
+    state.logits.copy_(out.logits[:, -1])
+    state.write.add_(1)
+
+
+class CapturedDecode:
+    """`decode_step` over one DecodeState, captured in a CUDA graph (replayed per token) or run as is."""
+
+    def __init__(self, model: PreTrainedModel, state: DecodeState, processors: LogitsProcessorList,
+                 do_sample: bool, eos_token_id: int, pad_token_id: int, capture: bool):
+        self.state, self.processors = state, processors  # the graph reads their memory: keep them alive
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        additive = model.config._attn_implementation == "eager"
+        self._step = lambda: decode_step(model, state, processors, do_sample, eos_token_id, pad_token_id,
+                                         cache_arg, additive)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_s = 0.0
+        self.replays = 0
+        if capture:
+            self._capture(state.write.device)
+
+    def _capture(self, device: torch.device) -> None:
+        """Warm up (lazy allocations, kernel choices) on a side stream, then capture one step. Neither the warm-up's
+        draws nor the capture move the caller's random state: the generator is forked around them."""
+        t0 = time.perf_counter()
+        s = self.state
+        s.mask.zero_()
+        s.mask[:, 0] = True  # a finite warm-up: every row attends to one slot
+        s.write.zero_()
+        with torch.random.fork_rng(devices=[device]):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    s.step.zero_()
+                    s.write.fill_(1)
+                    self._step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            s.step.zero_()
+            s.write.fill_(1)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+        torch.cuda.synchronize(device)
+        self.capture_s = time.perf_counter() - t0
+        log.info("captured the decode step: %d rows, %d cache positions, %.2f s", s.bucket, s.capacity,
+                 self.capture_s)
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            self.replays += 1
+        else:
+            self._step()
+
+
+# captured decodes per model: (bucket, capacity, sampling settings, autocast) -> CapturedDecode
+_GRAPHS: weakref.WeakKeyDictionary[PreTrainedModel, OrderedDict] = weakref.WeakKeyDictionary()
+
+
+def captured_decodes(model: PreTrainedModel) -> list[dict]:
+    """What the captured decodes of `model` cost: rows, cache positions, capture seconds, replays."""
+    return [{"bucket": g.state.bucket, "capacity": g.state.capacity, "capture_s": g.capture_s, "replays": g.replays}
+            for g in _GRAPHS.get(model, {}).values()]
+
+
+def static_decode_supported(model: PreTrainedModel) -> bool:
+    """The static decode hands attention a 4-D mask: sdpa and eager attention take one, flash attention does not."""
+    return model.config._attn_implementation in ("sdpa", "eager")
+
+
+def complete_static(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    k: int = 1,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    suppress_tokens: Sequence[int] = (),
+    inputs_embeds: torch.Tensor | None = None,
+    text_inputs: dict[str, torch.Tensor] | None = None,
+    capture: bool = False,
+    bucket: int | None = None,
+    check_every: int = 16,
+    **vision_inputs: torch.Tensor,
+) -> torch.Tensor:
+    """`complete` with a static KV cache and the decode step at fixed addresses; same arguments and output.
+
+    capture: replay the step as a CUDA graph (CUDA only), cached per (model, bucket, cache capacity, sampling
+    settings) and reused by later calls; False runs the same `decode_step` eagerly (the CPU, tests).
+    bucket: rows of the step (default `bucket_size(B*K)`); padding rows are computed and dropped.
+    check_every: tokens between two checks of "every row finished" (the only host syncs of the loop).
+    Draws: with rows == bucket, the tokens of `complete` / `generate` for the same seed; padding rows draw their
+    noise too (the (bucket, V) tensor of `sample_tokens`), so a padded batch draws what `generate` draws for the
+    same rows plus the padding rows (on the CPU, where draws are taken in element order), not what an unpadded
+    run draws.
+    """
+    if capture and input_ids.device.type != "cuda":
+        raise ValueError(f"a captured decode needs a CUDA model, not {input_ids.device}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, not {check_every}")
+    rows = input_ids.shape[0] * k
+    bucket = bucket or bucket_size(rows)
+    if bucket < rows:
+        raise ValueError(f"a bucket of {bucket} rows cannot hold {rows} rows")
+    if not static_decode_supported(model):
+        raise ValueError(f"the static decode needs sdpa or eager attention, not {model.config._attn_implementation}")
+    procs = logits_processors(suppress_tokens, do_sample, temperature, top_k, top_p, input_ids.device)
+    with torch.inference_mode():
+        out = _complete_static(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, k,
+                               do_sample, procs, (tuple(suppress_tokens), temperature, top_k, top_p), inputs_embeds,
+                               text_inputs or {}, vision_inputs, capture, bucket, check_every)
+    return out.clone()
+
+
+def _complete_static(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     max_new_tokens: int, eos_token_id: int, pad_token_id: int, k: int, do_sample: bool,
+                     processors: LogitsProcessorList, sampling: tuple, inputs_embeds: torch.Tensor | None,
+                     text_inputs: dict[str, torch.Tensor], vision_inputs: dict[str, torch.Tensor], capture: bool,
+                     bucket: int, check_every: int) -> torch.Tensor:
+    n, prompt_len = input_ids.shape
+    rows = n * k
+    device = input_ids.device
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prefill_inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids,
+                                                                                         **vision_inputs}
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P), as `complete`
+    prefill = DynamicCache(config=model.config)
+    out = model(**prefill_inputs, **text_inputs, attention_mask=attention_mask, position_ids=positions,
+                **{cache_arg: prefill}, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].float()  # (B, V)
+    del out
+    capacity = cache_capacity(prompt_len, max_new_tokens)
+    key = (bucket, capacity, do_sample, sampling, eos_token_id, pad_token_id, tuple(sorted(text_inputs)),
+           torch.is_autocast_enabled(device.type))
+    graphs = _GRAPHS.setdefault(model, OrderedDict()) if capture else OrderedDict()
+    decode = graphs.get(key)
+    if decode is None:
+        state = DecodeState(model, prefill, bucket, capacity, logits.shape[-1], list(text_inputs), device)
+        decode = CapturedDecode(model, state, processors, do_sample, eos_token_id, pad_token_id, capture)
+        graphs[key] = decode
+        while len(graphs) > MAX_GRAPHS:
+            graphs.popitem(last=False)
+    graphs.move_to_end(key)
+    state = decode.state
+    state.load(prefill, logits, attention_mask, positions, rows, k, pad_token_id)
+    del prefill, logits
+    for t in range(1, max_new_tokens + 1):
+        decode()
+        if t % check_every == 0 and t < max_new_tokens and not bool(state.unfinished.any()):
+            break
+    return state.out[:rows, : int(state.live)]

@@ -1,0 +1,222 @@
+"""The static decode (`generation.complete_static`: KV cache at fixed addresses, rows in buckets, the step that a CUDA
+graph captures) samples what `generation.complete` and `model.generate` sample: the same tokens for a fixed seed and
+the same per-step log-probs up to float rounding. Run on the CPU the step is `decode_step` as is, the function the
+GPU captures, so these tests check the captured path's logic; the last test captures it on a CUDA device.
+
+Checked on tiny random Idefics3 (merged prompt embeddings) and LLaVA-OneVision (pixel inputs) models: greedy with a
+padded bucket (3 rows in a bucket of 8), sampled without padding (rows == bucket), sampled with padding (the padding
+rows draw their noise too, so the reference is `generate` over the bucket's rows), rows that stop at eos before
+max_new_tokens with the finished-check only every few tokens. Qwen2-VL keeps HF `generate` (multimodal RoPE)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dyme_core import generation
+from dyme_core.config import InitModelConfig, load_config
+from dyme_core.models import init_tiny_model
+from dyme_core.trainer import Batch, DymeTrainer
+
+
+@pytest.fixture(scope="module", params=["idefics3", "llava_onevision"])
+def trainer(request: pytest.FixtureRequest, tiny_setup: dict, tmp_path_factory: pytest.TempPathFactory
+            ) -> DymeTrainer:
+    """A trainer over a tiny random model of one family (K=3, 10 new tokens)."""
+    ds = tiny_setup["dataset"]
+    root = tmp_path_factory.mktemp(f"decode-{request.param}")
+    texts = [t for s in ds.samples for t in (s.question, s.answer, s.hint or "") if t]
+    init_tiny_model(InitModelConfig(family=request.param, out_dir=str(root / "model"), vocab_size=300,
+                                    hidden_size=32, num_layers=2, num_heads=2, vision_hidden_size=32,
+                                    vision_layers=1, image_size=32, patch_size=8), texts)
+    cfg = load_config(None, [
+        f"data.path={tiny_setup['data']}", f"model.name_or_path={root / 'model'}", f"train.output_dir={root / 'run'}",
+        "train.refined=", "train.template_pool=", "train.batch_size=3", "train.num_generations=3",
+        "train.max_new_tokens=10", "train.progress_bar=false", "train.report_to=[jsonl]"])
+    tr = DymeTrainer(cfg, ds, device="cpu")
+    tr.model.eval()
+    return tr
+
+
+def _batch(trainer: DymeTrainer) -> Batch:
+    """Three prompts of different lengths (rows left-padded by different amounts)."""
+    samples = sorted(trainer.samples, key=lambda s: len(s.question))
+    return trainer._prepare([samples[0], samples[-1], samples[len(samples) // 2]])
+
+
+def _inputs(trainer: DymeTrainer, batch: Batch, prompts: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Left-padded ids and mask of the rows whose prompts are `prompts`, and their image inputs (or embeddings)."""
+    ids, attn = trainer._left_pad([batch.prompt_ids[i] for i in prompts])
+    embeds = trainer._merged_embeds(trainer.model, batch, prompts, ids)
+    vision = ({"inputs_embeds": embeds} if embeds is not None
+              else trainer.family.vision_inputs(batch.prompts, prompts, trainer.device, trainer.model.dtype))
+    return ids, attn, vision
+
+
+class LogitsRecorder:
+    """The LM head's last-position outputs at every forward: what each step's distribution is computed from."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.calls: list[torch.Tensor] = []
+        self._handle = model.get_output_embeddings().register_forward_hook(
+            lambda _m, _i, out: self.calls.append(out[:, -1].detach().float().clone()))
+
+    def __enter__(self) -> LogitsRecorder:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._handle.remove()
+
+
+def _settings(trainer: DymeTrainer, eos: int, **sampling: object) -> dict:
+    return {"max_new_tokens": trainer.t.max_new_tokens, "pad_token_id": trainer.pad_id, "eos_token_id": eos,
+            "suppress_tokens": trainer.suppress, **sampling}
+
+
+def _early_eos(trainer: DymeTrainer, ids: torch.Tensor, attn: torch.Tensor, vision: dict, k: int,
+               **sampling: object) -> int:
+    """A token sampled mid-sequence, standing in for eos so that some rows stop before max_new_tokens."""
+    torch.manual_seed(0)
+    probe = generation.complete(trainer.model, ids, attn, k=k, **_settings(trainer, trainer.eos_id, **sampling),
+                                **vision)
+    return int(torch.mode(probe[:, 1:-1].flatten()).values)
+
+
+def _assert_same_steps(ours: list[torch.Tensor], ref: list[torch.Tensor], rows: int, n_steps: int) -> None:
+    """Per-step log-probs of the real rows agree up to float rounding (the first call is the prefill)."""
+    for step in range(n_steps):
+        a, b = ours[step][:rows] if step else ours[0], ref[step][:rows] if step else ref[0]
+        torch.testing.assert_close(torch.log_softmax(a, -1), torch.log_softmax(b, -1), rtol=1e-4, atol=1e-5,
+                                   msg=f"step {step}")
+
+
+def _padded_after_eos(new: torch.Tensor, eos: int, pad: int) -> bool:
+    """Asserts that every row is padded after its eos; True when some row stopped before the last column."""
+    finished = (new == eos).cumsum(dim=1) > 0
+    after = torch.cat([torch.zeros_like(finished[:, :1]), finished[:, :-1]], dim=1)
+    assert (new[after] == pad).all(), "a finished row must be padded"
+    return bool(finished[:, :-1].any())
+
+
+def test_greedy_padded_bucket_equals_complete_and_generate(trainer: DymeTrainer) -> None:
+    batch = _batch(trainer)
+    ids, attn, vision = _inputs(trainer, batch, [0, 1, 2])
+    eos = _early_eos(trainer, ids, attn, vision, k=1)
+    settings = _settings(trainer, eos)
+    assert generation.bucket_size(3) == 8  # 5 padding rows, computed and dropped
+    with LogitsRecorder(trainer.model) as static_rec:
+        static = generation.complete_static(trainer.model, ids, attn, check_every=4, **settings, **vision)
+    with LogitsRecorder(trainer.model) as eager_rec:
+        eager = generation.complete(trainer.model, ids, attn, **settings, **vision)
+    with torch.no_grad():
+        ref = trainer.model.generate(input_ids=ids, attention_mask=attn, do_sample=False, **settings,
+                                     **vision)[:, ids.shape[1]:]
+    assert torch.equal(static, eager) and torch.equal(static, ref)
+    assert static.shape[1] < trainer.t.max_new_tokens, "every row should have stopped at eos before the limit"
+    _padded_after_eos(static, eos, trainer.pad_id)
+    assert static_rec.calls[1].shape[0] == 8  # the decode forwards run the whole bucket
+    _assert_same_steps(static_rec.calls, eager_rec.calls, 3, static.shape[1])
+
+
+SAMPLING = [pytest.param({"temperature": 1.0, "top_p": 1.0, "top_k": 0}, id="plain"),
+            pytest.param({"temperature": 0.7, "top_p": 0.9, "top_k": 20}, id="processors")]
+
+
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_sampled_full_bucket_equals_complete_and_generate(trainer: DymeTrainer, sampling: dict) -> None:
+    batch = _batch(trainer)
+    ids, attn, vision = _inputs(trainer, batch, [0, 1, 2])
+    k = trainer.t.num_generations
+    eos = _early_eos(trainer, ids, attn, vision, k=k, do_sample=True, **sampling)
+    settings = _settings(trainer, eos, do_sample=True, **sampling)
+    stopped = False
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with LogitsRecorder(trainer.model) as static_rec:
+            static = generation.complete_static(trainer.model, ids, attn, k=k, bucket=3 * k, check_every=3,
+                                                **settings, **vision)
+        torch.manual_seed(seed)
+        eager = generation.complete(trainer.model, ids, attn, k=k, **settings, **vision)
+        torch.manual_seed(seed)
+        with torch.no_grad(), LogitsRecorder(trainer.model) as hf_rec:
+            ref = trainer.model.generate(input_ids=ids, attention_mask=attn, num_return_sequences=k, **settings,
+                                         **vision)[:, ids.shape[1]:]
+        assert torch.equal(static, eager), f"seed {seed}: tokens differ from complete's"
+        assert torch.equal(static, ref), f"seed {seed}: tokens differ from generate's"
+        # the prefill runs B prompts here and B*K rows in generate: compare it repeated
+        hf_rec.calls[0] = hf_rec.calls[0][::k]
+        _assert_same_steps(static_rec.calls, hf_rec.calls, 3 * k, static.shape[1])
+        stopped |= _padded_after_eos(static, eos, trainer.pad_id)
+    assert stopped, "no row stopped early: the eos path was not exercised"
+
+
+def test_sampled_padded_bucket_draws_like_generate_over_the_bucket(trainer: DymeTrainer) -> None:
+    """9 rows in a bucket of 16: the padding rows (copies of the last row, finished from the start) draw their
+    noise like live rows, so the real rows get what `generate` samples for those 16 rows, not what it samples for 9
+    (on the CPU the draws are taken in element order)."""
+    batch = _batch(trainer)
+    k = trainer.t.num_generations
+    ids, attn, vision = _inputs(trainer, batch, [0, 1, 2])
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20}
+    eos = _early_eos(trainer, ids, attn, vision, k=k, **sampling)
+    settings = _settings(trainer, eos, **sampling)
+    bucket = generation.bucket_size(3 * k)
+    assert bucket == 16
+    rows_prompts = [min(r, 3 * k - 1) // k for r in range(bucket)]
+    ids_b, attn_b, vision_b = _inputs(trainer, batch, rows_prompts)
+    stopped = False
+    for seed in range(3):
+        torch.manual_seed(seed)
+        static = generation.complete_static(trainer.model, ids, attn, k=k, **settings, **vision)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            ref = trainer.model.generate(input_ids=ids_b, attention_mask=attn_b, **settings,
+                                         **vision_b)[:, ids_b.shape[1]:]
+        assert static.shape[0] == 3 * k, "padding rows must be dropped"
+        n = static.shape[1]
+        assert torch.equal(static, ref[: 3 * k, :n]), f"seed {seed}"
+        # generate ran on while its (live) padding rows were unfinished; the real rows were finished by then
+        assert (ref[: 3 * k, n:] == trainer.pad_id).all()
+        stopped |= _padded_after_eos(static, eos, trainer.pad_id)
+    assert stopped, "no row stopped early: the eos path was not exercised"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"bucket": 2}, "bucket of 2 rows cannot hold 3"),  # a bucket smaller than the batch
+    ({"check_every": 0}, "check_every must be >= 1"),
+    ({"capture": True}, "captured decode needs a CUDA model"),  # CUDA graphs on a CPU model
+])
+def test_bad_static_decode_settings_are_clear_errors(trainer: DymeTrainer, kwargs: dict, message: str) -> None:
+    batch = _batch(trainer)
+    ids, attn, vision = _inputs(trainer, batch, [0, 1, 2])
+    with pytest.raises(ValueError, match=message):
+        generation.complete_static(trainer.model, ids, attn, **_settings(trainer, trainer.eos_id), **kwargs,
+                                   **vision)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph")
+def test_captured_decode_equals_the_eager_step_on_cuda(trainer: DymeTrainer) -> None:
+    """On a CUDA device: the graph replays what the same step computes eagerly (same draws from the same seed),
+    is captured once per bucket and reused, and `complete(cuda_graph=True)` takes it."""
+    model = trainer.model.to("cuda")
+    try:
+        trainer.device = torch.device("cuda")
+        batch = _batch(trainer)
+        ids, attn, vision = _inputs(trainer, batch, [0, 1, 2])
+        ids, attn = ids.cuda(), attn.cuda()
+        vision = {name: t.cuda() for name, t in vision.items()}
+        k = trainer.t.num_generations
+        for sampling in ({"do_sample": False}, {"do_sample": True, "temperature": 0.7, "top_k": 20}):
+            settings = _settings(trainer, trainer.eos_id, **sampling)
+            for seed in range(2):
+                torch.manual_seed(seed)
+                eager = generation.complete_static(model, ids, attn, k=k, **settings, **vision)
+                torch.manual_seed(seed)
+                captured = generation.complete(model, ids, attn, k=k, cuda_graph=True, **settings, **vision)
+                assert torch.equal(captured, eager), f"{sampling}, seed {seed}"
+        graphs = generation.captured_decodes(model)
+        assert len(graphs) == 2, "one graph per sampling setting, reused across calls"
+        assert all(g["replays"] >= 2 for g in graphs)
+    finally:
+        trainer.model.to("cpu")
+        trainer.device = torch.device("cpu")
