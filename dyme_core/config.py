@@ -235,6 +235,11 @@ class TrainConfig:
     bf16: str = _f("auto", "auto (on GPU) | true | false.", choices=("auto", "true", "false"))
     generation_batch_size: int = _f(0, "Prompts per generate call (0 = all of the batch).")
     static_cache: bool = _f(False, "Use a static KV cache in generate (faster on GPU after compile).")
+    cuda_graph_decode: bool = _f(True, "On a CUDA model, sample rollouts with the decode step captured in a CUDA "
+                                 "graph (static KV cache, rows in buckets of 8, sampling on the device; "
+                                 "generation.complete_static), captured once per batch shape; families that "
+                                 "prefill once (Idefics3, LLaVA-OneVision). Ignored on the CPU and with "
+                                 "static_cache (HF generate).")
     compile_update: bool = _f(False, "Run the update's forward/backward through torch.compile (dynamic "
                               "shapes; generation unchanged): fused kernels, less launch overhead on GPU "
                               "after a one-time compile.")

@@ -282,7 +282,9 @@ class DymeTrainer:
         embeddings (images merged in) are built once per prompt from the batch's vision cache.
         By default `generation.complete` prefills each prompt once and repeats its KV cache K times (the
         vision tower and the prompt's forward run B times, not B*K times), then samples the same tokens as
-        `generate(num_return_sequences=K)` without its per-step overhead (families with `prefill_once`).
+        `generate(num_return_sequences=K)` without its per-step overhead (families with `prefill_once`); on
+        a CUDA model with `train.cuda_graph_decode` its decode step is a replayed CUDA graph
+        (`generation.complete_static`).
         With `train.static_cache`, HF `generate` runs with a static cache (compiled decode step on GPU); the
         cache length is rounded up to a multiple of 128 so that the compiled step is reused across batches
         whose prompt lengths differ.
@@ -315,7 +317,7 @@ class DymeTrainer:
                 else:
                     text = {name: kwargs.pop(name) for name in self.family.text_keys if name in kwargs}
                     out = generation.complete(self.model, ids, attn.to(self.device), k=k, text_inputs=text,
-                                              **kwargs, **sampling)
+                                              cuda_graph=self.t.cuda_graph_decode, **kwargs, **sampling)
             for seq in out.cpu():
                 eos = (seq == self.eos_id).nonzero()
                 completions.append(seq[: int(eos[0]) + 1] if len(eos) else seq)
