@@ -42,8 +42,12 @@ def generate_answers(
     questions: list[str],
     max_new_tokens: int = EvaluateConfig.max_new_tokens,
     style: str = "reason",
+    cuda_graph_decode: bool = True,
 ) -> list[str]:
-    """Greedy completions, one per (image, question); the model family's adapter encodes the inputs."""
+    """Greedy completions, one per (image, question); the model family's adapter encodes the inputs.
+
+    cuda_graph_decode: on a CUDA model, the decode step replays a CUDA graph (`generation.complete_static`).
+    """
     model.eval()
     family = family_of(model.config)
     batch = family.encode(processor, questions, images, style)
@@ -64,7 +68,7 @@ def generate_answers(
                 **family.vision_inputs(batch, rows, model.device, model.dtype)}
     with attention_kernels(GPU_ATTENTION if model.device.type == "cuda" else None):
         if family.prefill_once:  # the same greedy tokens as `generate`, without its per-step overhead
-            out = generation.complete(model, ids, attn, text_inputs=text, **settings)
+            out = generation.complete(model, ids, attn, text_inputs=text, cuda_graph=cuda_graph_decode, **settings)
         else:
             out = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, **text,
                                  **settings)[:, ids.shape[1]:]
