@@ -240,9 +240,17 @@ class TrainConfig:
                                  "generation.complete_static), captured once per batch shape; families that "
                                  "prefill once (Idefics3, LLaVA-OneVision). Ignored on the CPU and with "
                                  "static_cache (HF generate).")
-    compile_update: bool = _f(False, "Run the update's forward/backward through torch.compile (dynamic "
-                              "shapes; generation unchanged): fused kernels, less launch overhead on GPU "
-                              "after a one-time compile.")
+    compile_update: bool = _f(False, "Run the update's forward/backward through torch.compile, regionally: one "
+                              "compiled decoder layer (dynamic rows and lengths) reused by every layer, so the "
+                              "one-time compile is one layer's; generation unchanged. Fused kernels, less launch "
+                              "overhead on GPU.")
+    compile_cache_dir: str = _f("", "Directory of torch's compile artifacts (torch.compiler mega-cache, one file per "
+                                "torch version and device): loaded at start, rewritten when a step compiled "
+                                "something new, so a later run or a new pod with the same directory skips the "
+                                "compile of the update and of the static-cache decode step ('' = torch's temp "
+                                "cache only). Trusted like code: torch's cache loader unpickles what it reads, so "
+                                "point it only at your own storage (a file anyone may write, or another user's, "
+                                "is not loaded).")
     progress_bar: bool = _f(True, "Show a progress bar on the main process.")
     llm: LLMConfig = field(default_factory=LLMConfig, metadata={"help": "LLM judge/refiner endpoint."})
 

@@ -60,6 +60,7 @@ from dyme_core.models import (
     suppressed_token_ids,
 )
 from dyme_core.refiner import Refiner, TemplatePool
+from dyme_core.regional import CompileCache, RegionalCompile
 from dyme_core.rewards import REWARDS, RewardContext, parse_completion
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def timing_summary(history: list[dict]) -> dict[str, float]:
 RESUME_SECTIONS = ("data", "model", "train")
 RESUME_FREE_KEYS = {f"train.{k}" for k in ("max_steps", "save_steps", "logging_steps", "keep_checkpoints",
                                            "resume_from", "output_dir", "checkpoint_dir", "progress_bar",
-                                           "report_to", "refine_cache_dir", "llm")}
+                                           "report_to", "refine_cache_dir", "llm", "compile_cache_dir")}
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -195,9 +196,15 @@ class DymeTrainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.suppress = suppressed_token_ids(self.model, self.processor)
         self.attention_backends = GPU_ATTENTION if self.device.type == "cuda" else None  # see models.py
-        # The update's forward through torch.compile (dynamic shapes: rows and lengths change every step).
-        # The compiled wrapper shares the model's parameters; generate() keeps using the plain model.
-        self.update_model = torch.compile(self.model, dynamic=True) if self.t.compile_update else None
+        # torch's compile artifacts from an earlier process (train.compile_cache_dir): loaded before anything
+        # compiles, so the update's layer compile and HF's static-cache decode step are cache hits
+        self.compile_cache = CompileCache(self.t.compile_cache_dir, self.device.type) if self.t.compile_cache_dir \
+            else None
+        if self.compile_cache is not None:
+            self.compile_cache.load()
+        # The update's forward/backward through one compiled decoder layer reused by every layer (regional
+        # compilation, dyme_core/regional.py; dynamic rows and lengths); generate() keeps the plain layers.
+        self.update_model = RegionalCompile(self.model) if self.t.compile_update else None
         # Frozen vision-encoder outputs of the current batch: (batch, {(id, dropout on): (states, counts)}).
         self._vision_cache: tuple[Batch | None, dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]] = (
             None, {})
@@ -361,17 +368,18 @@ class DymeTrainer:
             mask[i, t_max - len(r.completion):] = True
         idx = [r.prompt for r in rows]
         ids, attn = ids.to(self.device), attn.to(self.device)
-        forward = self.update_model if model is self.model and self.update_model is not None else model
+        regional = self.update_model.active() if model is self.model and self.update_model is not None \
+            else contextlib.nullcontext()
         kwargs = self.family.text_inputs(batch.prompts, idx, [len(r.completion) for r in rows], ids.shape[1],
                                          self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), regional:
             embeds = self._merged_embeds(model, batch, idx, ids)
             if embeds is not None:  # vision encoder once per prompt, not once per row
-                out = forward(inputs_embeds=embeds, attention_mask=attn, logits_to_keep=t_max + 1, use_cache=False,
-                              **kwargs)
+                out = model(inputs_embeds=embeds, attention_mask=attn, logits_to_keep=t_max + 1, use_cache=False,
+                            **kwargs)
             else:
                 kwargs.update(self.family.vision_inputs(batch.prompts, idx, self.device, model.dtype))
-                out = forward(input_ids=ids, attention_mask=attn, logits_to_keep=t_max + 1, use_cache=False, **kwargs)
+                out = model(input_ids=ids, attention_mask=attn, logits_to_keep=t_max + 1, use_cache=False, **kwargs)
         logits = out.logits[:, :-1].float()  # (N, T, V): position j predicts token j+1
         temps = [r.temperature for r in rows]
         if any(t != 1.0 for t in temps):
@@ -639,6 +647,8 @@ class DymeTrainer:
             "checker/fallbacks": float(self.checker.stats.fallbacks),
             "template/version": float(self.templates.best),
         })
+        if self.compile_cache is not None and self.rank == 0:
+            self.compile_cache.save()  # only when this step compiled something new; outside the timed step
         self.step += 1
         return m
 
