@@ -51,6 +51,7 @@ from transformers import (
 )
 
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # attention kinds already reported as not capturable
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -153,8 +154,10 @@ def complete(
                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                    suppress_tokens=suppress_tokens, inputs_embeds=inputs_embeds,
                                    text_inputs=text_inputs, capture=True, **vision_inputs)
-        log.warning("decode not captured: %s attention takes no 4-D mask (sdpa or eager do); decoding eagerly",
-                    model.config._attn_implementation)
+        if model.config._attn_implementation not in _WARNED:  # once per kind, not once per batch
+            _WARNED.add(model.config._attn_implementation)
+            log.warning("decode not captured: %s attention takes no 4-D mask (sdpa or eager do); decoding "
+                        "eagerly", model.config._attn_implementation)
     with torch.inference_mode():
         out = _complete(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, k, do_sample,
                         logits_processors(suppress_tokens, do_sample, temperature, top_k, top_p, input_ids.device),
