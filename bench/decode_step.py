@@ -10,7 +10,9 @@ bench/throughput.py), encodes `--prompts` prompts with their images and samples 
                length rounded up to 128, as `train.static_cache` does);
   complete     `generation.complete`: one prefill per prompt, the eager decode loop (the CPU default);
   captured     `generation.complete_static`: static KV cache, rows in a bucket, the step replayed as a CUDA graph
-               (`train.cuda_graph_decode`); on the CPU the same step runs uncaptured (`static-cpu`).
+               (`train.cuda_graph_decode`); on the CPU the same step runs uncaptured (`static-cpu`);
+  captured-compiled  the same with the step's forward through torch.compile before the capture (`compile_step`:
+               fused kernels; its one-time compile is in warmup_s); on the CPU compiled, uncaptured.
 
 ms per decode step = (seconds for new-tokens tokens - seconds for 1 token) / (new-tokens - 1), medians of
 `--repeats` runs each: the prefill (and the vision tower) cancels out. Warm-up calls (HF's compile, the graph's
@@ -51,7 +53,7 @@ from dyme_core.config import ModelConfig, TrainConfig  # noqa: E402
 from dyme_core.families import family_of  # noqa: E402
 from dyme_core.models import GPU_ATTENTION, attention_kernels, load_model, load_processor, suppressed_token_ids  # noqa: E402
 
-METHODS = ("complete", "captured", "hf-dynamic", "hf-static")
+METHODS = ("complete", "captured", "captured-compiled", "hf-dynamic", "hf-static")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -191,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         common = {"max_new_tokens": n_new, "do_sample": do_sample, **sampling}
         if method == "complete":
             return generation.complete(model, ids, attn, k=args.k, **common, **vision)
-        if method == "captured":
-            return generation.complete_static(model, ids, attn, k=args.k, capture=capture, **common, **vision)
+        if method in ("captured", "captured-compiled"):
+            return generation.complete_static(model, ids, attn, k=args.k, capture=capture,
+                                              compile_step=method == "captured-compiled", **common, **vision)
         extra = {"cache_implementation": "static", "max_cache_len": static_len} if method == "hf-static" else {}
         if not do_sample:  # generate's greedy search takes one sequence per input row: the prompts repeated K times
             extra.update(input_ids=ids.repeat_interleave(args.k, dim=0),
@@ -204,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             return model.generate(**common, **extra)[:, width:]
 
     # a rough cost of each method, to skip what would not fit the budget (seconds: cold warm-up + timed runs)
-    cost = {"complete": 40, "captured": 40, "hf-dynamic": 60, "hf-static": 120} if device.type == "cuda" else {}
+    cost = {"complete": 40, "captured": 40, "captured-compiled": 150, "hf-dynamic": 60, "hf-static": 120} \
+        if device.type == "cuda" else {}
     greedy_ref: torch.Tensor | None = None
     for method in args.methods:
-        name = "static-cpu" if method == "captured" and not capture else method
+        name = method.replace("captured", "static-cpu") if not capture else method
         rec: dict[str, Any] = {"status": "running"}
         res["methods"][name] = rec
         left = args.budget_s - (time.perf_counter() - start) if args.budget_s else float("inf")

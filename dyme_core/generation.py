@@ -36,7 +36,7 @@ import logging
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import (
@@ -345,20 +345,38 @@ def decode_step(model: PreTrainedModel, state: DecodeState, processors: LogitsPr
 
 
 class CapturedDecode:
-    """`decode_step` over one DecodeState, captured in a CUDA graph (replayed per token) or run as is."""
+    """`decode_step` over one DecodeState, captured in a CUDA graph (replayed per token) or run as is.
+
+    compile_step: the model's forward inside the step goes through `torch.compile` (fused kernels: fewer and
+    larger launches inside the graph) before the capture; sampling stays eager, so its draws are unchanged, but
+    the logits may differ from eager ones in the last bits of bf16. A compile that fails falls back to the eager
+    forward with a warning."""
 
     def __init__(self, model: PreTrainedModel, state: DecodeState, processors: LogitsProcessorList,
-                 do_sample: bool, eos_token_id: int, pad_token_id: int, capture: bool):
+                 do_sample: bool, eos_token_id: int, pad_token_id: int, capture: bool, compile_step: bool = False):
         self.state, self.processors = state, processors  # the graph reads their memory: keep them alive
         cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         additive = model.config._attn_implementation == "eager"
-        self._step = lambda: decode_step(model, state, processors, do_sample, eos_token_id, pad_token_id,
-                                         cache_arg, additive)
+
+        def step_with(runner: torch.nn.Module) -> Callable[[], None]:
+            return lambda: decode_step(runner, state, processors, do_sample, eos_token_id, pad_token_id, cache_arg,
+                                       additive)
+
+        self._step = step_with(torch.compile(model, dynamic=False) if compile_step else model)
+        self.compiled = compile_step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_s = 0.0
         self.replays = 0
         if capture:
-            self._capture(state.write.device)
+            try:
+                self._capture(state.write.device)
+            except Exception as e:
+                if not compile_step:
+                    raise
+                log.warning("decode step: torch.compile failed (%s: %s); capturing the eager step",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self._step, self.compiled = step_with(model), False
+                self._capture(state.write.device)
 
     def _capture(self, device: torch.device) -> None:
         """Warm up (lazy allocations, kernel choices) on a side stream, then capture one step. Neither the warm-up's
@@ -401,8 +419,8 @@ _GRAPHS: weakref.WeakKeyDictionary[PreTrainedModel, OrderedDict] = weakref.WeakK
 
 def captured_decodes(model: PreTrainedModel) -> list[dict]:
     """What the captured decodes of `model` cost: rows, cache positions, capture seconds, replays."""
-    return [{"bucket": g.state.bucket, "capacity": g.state.capacity, "capture_s": g.capture_s, "replays": g.replays}
-            for g in _GRAPHS.get(model, {}).values()]
+    return [{"bucket": g.state.bucket, "capacity": g.state.capacity, "compiled": g.compiled, "capture_s": g.capture_s,
+             "replays": g.replays} for g in _GRAPHS.get(model, {}).values()]
 
 
 def static_decode_supported(model: PreTrainedModel) -> bool:
@@ -427,6 +445,7 @@ def complete_static(
     inputs_embeds: torch.Tensor | None = None,
     text_inputs: dict[str, torch.Tensor] | None = None,
     capture: bool = False,
+    compile_step: bool = False,
     bucket: int | None = None,
     check_every: int = 16,
     **vision_inputs: torch.Tensor,
@@ -435,6 +454,8 @@ def complete_static(
 
     capture: replay the step as a CUDA graph (CUDA only), cached per (model, bucket, cache capacity, sampling
     settings) and reused by later calls; False runs the same `decode_step` eagerly (the CPU, tests).
+    compile_step: the step's model forward goes through `torch.compile` (before the capture, when captured; a
+    compiled step is cached with the graph, an uncaptured one is compiled per call: tests).
     bucket: rows of the step (default `bucket_size(B*K)`); padding rows are computed and dropped.
     check_every: tokens between two checks of "every row finished" (the only host syncs of the loop).
     Draws: with rows == bucket, the tokens of `complete` / `generate` for the same seed; padding rows draw their
@@ -456,7 +477,7 @@ def complete_static(
     with torch.inference_mode():
         out = _complete_static(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, k,
                                do_sample, procs, (tuple(suppress_tokens), temperature, top_k, top_p), inputs_embeds,
-                               text_inputs or {}, vision_inputs, capture, bucket, check_every)
+                               text_inputs or {}, vision_inputs, capture, compile_step, bucket, check_every)
     return out.clone()
 
 
@@ -464,7 +485,7 @@ def _complete_static(model: PreTrainedModel, input_ids: torch.Tensor, attention_
                      max_new_tokens: int, eos_token_id: int, pad_token_id: int, k: int, do_sample: bool,
                      processors: LogitsProcessorList, sampling: tuple, inputs_embeds: torch.Tensor | None,
                      text_inputs: dict[str, torch.Tensor], vision_inputs: dict[str, torch.Tensor], capture: bool,
-                     bucket: int, check_every: int) -> torch.Tensor:
+                     compile_step: bool, bucket: int, check_every: int) -> torch.Tensor:
     n, prompt_len = input_ids.shape
     rows = n * k
     device = input_ids.device
@@ -479,12 +500,13 @@ def _complete_static(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     del out
     capacity = cache_capacity(prompt_len, max_new_tokens)
     key = (bucket, capacity, do_sample, sampling, eos_token_id, pad_token_id, tuple(sorted(text_inputs)),
-           torch.is_autocast_enabled(device.type))
+           torch.is_autocast_enabled(device.type), compile_step)
     graphs = _GRAPHS.setdefault(model, OrderedDict()) if capture else OrderedDict()
     decode = graphs.get(key)
     if decode is None:
         state = DecodeState(model, prefill, bucket, capacity, logits.shape[-1], list(text_inputs), device)
-        decode = CapturedDecode(model, state, processors, do_sample, eos_token_id, pad_token_id, capture)
+        decode = CapturedDecode(model, state, processors, do_sample, eos_token_id, pad_token_id, capture,
+                                compile_step)
         graphs[key] = decode
         while len(graphs) > MAX_GRAPHS:
             graphs.popitem(last=False)

@@ -220,3 +220,17 @@ def test_captured_decode_equals_the_eager_step_on_cuda(trainer: DymeTrainer) -> 
     finally:
         trainer.model.to("cpu")
         trainer.device = torch.device("cpu")
+
+
+@pytest.mark.slow
+def test_compiled_step_keeps_the_greedy_tokens(trainer: DymeTrainer) -> None:
+    """The step's forward through torch.compile (what `compile_step` captures on the GPU) decodes the same greedy
+    tokens as the eager loop (no graph break or recompile is needed for that; dynamo traces the static cache)."""
+    if trainer.family.name != "idefics3":
+        pytest.skip("one family is enough for the compiled forward (a cold compile costs seconds)")
+    batch = _batch(trainer)
+    ids, attn, vision = _inputs(trainer, batch, [0, 1, 2])
+    settings = _settings(trainer, trainer.eos_id)
+    eager = generation.complete(trainer.model, ids, attn, k=2, **settings, **vision)
+    compiled = generation.complete_static(trainer.model, ids, attn, k=2, compile_step=True, **settings, **vision)
+    assert torch.equal(compiled, eager)
