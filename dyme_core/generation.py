@@ -27,6 +27,24 @@ bit, since a prefill of B rows runs the BLAS on other matrix shapes than generat
 sum differently in the last bit (about 1e-7 in a logit), so a draw could differ only where it falls within
 that distance of a token boundary. tests/core/test_generation.py checks tokens and logits against `generate`
 for sampled rollouts and greedy evaluation; BENCHMARKS.md (CPU) has what it saves.
+
+On a GPU that loop is launch-bound (a decode step of ~1,300 small kernels, each launched from Python, plus a host
+sync per token). `complete_static` (issue 11, item 1; `train.cuda_graph_decode`) decodes the same tokens with one
+step function free of host syncs, replayed as a CUDA graph:
+- the KV cache lives at fixed addresses (`SlotLayer`: (rows, H, capacity, D) buffers, capacity = prompt +
+  completion rounded up to CAPACITY_STEP), the step's token is written at a slot given by a device tensor and
+  attention reads the whole buffer under a full-length 4-D mask (one graph serves every step);
+- rows are rounded up to a bucket (BUCKET_ROWS); padding rows copy the last real row, start finished and are
+  dropped;
+- logits processing and sampling run on the device: `sample_tokens` is `torch.multinomial`'s own one-draw
+  algorithm without its host-side checks (same draws for the same seed); a finished row gets pad on the device;
+- "every row finished" is read on the host only every `check_every` tokens; the output is trimmed to the steps a
+  row was still live in, so it equals the eager loop's;
+- graphs are captured once per (model, bucket, capacity, sampling settings), kept (LRU, MAX_GRAPHS) and replayed;
+  `captured_decodes(model)` reports their capture seconds. Optionally (`compile_step`) the step's forward goes
+  through torch.compile before the capture.
+The same `decode_step` runs uncaptured on the CPU, where tests/core/test_decode_graph.py checks it against this
+loop and `generate`. Qwen2-VL (multimodal RoPE, no `prefill_once`) keeps HF `generate`.
 """
 
 from __future__ import annotations
@@ -51,7 +69,7 @@ from transformers import (
 )
 
 log = logging.getLogger(__name__)
-_WARNED: set[str] = set()  # attention kinds already reported as not capturable
+_UNCAPTURABLE: weakref.WeakSet = weakref.WeakSet()  # models whose decode could not be captured (warned once)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -147,17 +165,21 @@ def complete(
     cuda_graph: on a CUDA model, decode with `complete_static(capture=True)` (the step replayed as a CUDA graph);
     ignored on the CPU, where the loop below is the faster one (it attends only over the filled cache).
     """
-    if cuda_graph and input_ids.device.type == "cuda":
+    if cuda_graph and input_ids.device.type == "cuda" and model not in _UNCAPTURABLE:
         if static_decode_supported(model):
-            return complete_static(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, k=k, do_sample=do_sample,
-                                   temperature=temperature, top_k=top_k, top_p=top_p,
-                                   suppress_tokens=suppress_tokens, inputs_embeds=inputs_embeds,
-                                   text_inputs=text_inputs, capture=True, **vision_inputs)
-        if model.config._attn_implementation not in _WARNED:  # once per kind, not once per batch
-            _WARNED.add(model.config._attn_implementation)
-            log.warning("decode not captured: %s attention takes no 4-D mask (sdpa or eager do); decoding "
-                        "eagerly", model.config._attn_implementation)
+            try:
+                return complete_static(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, k=k,
+                                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       suppress_tokens=suppress_tokens, inputs_embeds=inputs_embeds,
+                                       text_inputs=text_inputs, capture=True, **vision_inputs)
+            except RuntimeError as e:  # a capture that failed (an op that syncs): this model decodes eagerly
+                log.warning("decode not captured (%s: %s); this model decodes eagerly from now on",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        else:
+            log.warning("decode not captured: %s attention takes no 4-D mask (sdpa or eager do); this model "
+                        "decodes eagerly", model.config._attn_implementation)
+        _UNCAPTURABLE.add(model)  # warned once per model, not once per batch
     with torch.inference_mode():
         out = _complete(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, k, do_sample,
                         logits_processors(suppress_tokens, do_sample, temperature, top_k, top_p, input_ids.device),
@@ -377,6 +399,7 @@ class CapturedDecode:
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 self._step, self.compiled = step_with(model), False
                 self._capture(state.write.device)
+            self._step = None  # replays need only the graph: no reference back to the model (weakly cached by it)
 
     def _capture(self, device: torch.device) -> None:
         """Warm up (lazy allocations, kernel choices) on a side stream, then capture one step. Neither the warm-up's
