@@ -11,8 +11,9 @@ One process builds a random Idefics3 model of `--shape` (bench/common.py) and a 
                 cuDNN attention) and DyME's update settings (no gradient checkpointing, loss "grpo"). Its
                 update runs eagerly (TRL's `torch_compile` would compile generation too; not used).
   dyme, grpo    dyme_core.trainer.DymeTrainer with method dyme / grpo (one instance, method switched per step),
-                update eager by default; --compile-update on: train.compile_update (its one-time compile,
-                about 200 s cold on an H200, is reported apart and does not fit a cold 10-minute plan).
+                update eager by default; --compile-update on: train.compile_update, the regional compile of one
+                decoder layer (its one-time compile is reported apart; the whole-model compile it replaced took
+                about 200 s cold on an H200); --compile-cache-dir: torch's compile artifacts kept across runs.
 
 Equal in all: the weights (loaded by dyme_core.models.load_model: bf16 weights on a GPU; TRL adds bf16
 autocast, DyME needs none for bf16 weights; vision tower frozen), prompts and images, K, prompts per step,
@@ -218,6 +219,8 @@ def dyme_trainer(args: argparse.Namespace, work: Work, device: torch.device) -> 
         f"train.static_cache={args.static_cache == 'on'}", f"train.compile_update={args.compile_update == 'on'}",
         "train.max_steps=1000000", "train.report_to=none",
         "train.progress_bar=false", "train.checker=none", f"train.seed={args.seed}",
+        # torch's compile artifacts kept across processes (dyme_core/regional.py); absent: torch's temp cache only
+        *([f"train.compile_cache_dir={args.compile_cache_dir}"] if getattr(args, "compile_cache_dir", "") else []),
     ])
     return BenchDymeTrainer(cfg, work.dataset, device=device)
 
@@ -718,8 +721,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--static-cache", default="auto", choices=("auto", "on", "off"),
                     help="Static KV cache for dyme/grpo and trl-same-gen (auto: on for cuda).")
     ap.add_argument("--compile-update", default="off", choices=("auto", "on", "off"),
-                    help="dyme/grpo: train.compile_update (the update forward/backward compiled; auto: on for cuda). "
-                         "Off by default: its cold compile (about 200 s on an H200) does not fit a 10-minute plan.")
+                    help="dyme/grpo: train.compile_update (the update forward/backward through one compiled "
+                         "decoder layer; auto: on for cuda). Off by default, as the tables of BENCHMARKS.md were "
+                         "measured; bench/gpu_perf.sh measures it from cold.")
+    ap.add_argument("--compile-cache-dir", default="",
+                    help="dyme/grpo: train.compile_cache_dir (torch's compile artifacts loaded at start and saved "
+                         "after a step that compiled; '' = torch's temp cache only).")
     ap.add_argument("--bandwidth-tbs", type=float, default=4.8,
                     help="Memory bandwidth (TB/s) for the decode-step floor (default: the H200's 4.8 TB/s spec).")
     ap.add_argument("--samples", type=int, default=64, help="Synthetic training samples (prompts cycle).")
@@ -787,6 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": args.shape, "k": args.k, "prompts": args.prompts, "new_tokens": args.new_tokens,
         "micro_batch": args.micro_batch or args.k * args.prompts, "mixes": args.mix, "steps": args.steps,
         "warmup": args.warmup, "static_cache": args.static_cache, "compile_update": args.compile_update,
+        "compile_cache_dir": args.compile_cache_dir,
         "world_size": world,
         "threads": torch.get_num_threads(),
         "date": dt.date.today().isoformat(), "host": platform.node(), "torch": torch.__version__,

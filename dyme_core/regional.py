@@ -11,16 +11,19 @@ trainer enters around the update's forward; generation and evaluation keep the p
 cache compiles its own decode step, and a compiled layer inside it would be traced twice). The backward
 of a compiled forward is compiled too (AOTAutograd), so forward and backward are both covered.
 
-`CompileCache` keeps torch's compile artifacts (AOTAutograd graphs, inductor's generated code, Triton
-kernels, dynamic-shape decisions) in one file per torch version and device type,
-`<train.compile_cache_dir>/torch-<version>-<device>.bin`, written with `torch.compiler.save_cache_artifacts`
-and hot-loaded with `torch.compiler.load_cache_artifacts` when a later process (another run, a new pod
-with the same volume) starts: its compile is then a cache hit instead of a fresh inductor compile (Dynamo
-still traces the layer, which takes seconds). What is trusted: the file is parsed by torch's own cache
-loader, which unpickles inductor's cache entries, so the directory must be as trusted as the code (the
-user's own volume); this module only reads and writes the bytes, and refuses a file that anyone may
-write or that another (non-root) user owns. Artifacts of another torch version or
-GPU do not match torch's cache keys and are simply not used.
+`CompileCache` (`train.compile_cache_dir`) keeps torch's compile caches in the user's directory, in two forms:
+- `inductor/`: torch's own on-disk caches (TORCHINDUCTOR_CACHE_DIR, set for the process when the trainer starts:
+  AOTAutograd and FX graphs, the compiled C++ (CPU) and Triton (GPU) kernels, autotuning results). A later run,
+  or a new pod with the same volume, finds everything there and compiles nothing.
+- `torch-<version>-<device>.bin`: the same artifacts as one portable file (`torch.compiler.save_cache_artifacts`,
+  rewritten after a step that compiled something new), hot-loaded at start with
+  `torch.compiler.load_cache_artifacts`: it can be copied alone to another store or machine (torch rebuilds
+  the C++ of CPU kernels from it; GPU Triton kernels are in the file).
+Artifacts of another torch version or GPU do not match torch's cache keys and are simply not used.
+What is trusted: torch's cache loader unpickles its cache entries, so the directory must be as trusted as the
+code (the user's own volume). This module only reads and writes bytes and paths; it refuses a directory that
+anyone may write (a clear error) and skips, with a warning, an artifact file that anyone may write or that
+another (non-root) user owns.
 """
 
 from __future__ import annotations
@@ -80,23 +83,39 @@ class RegionalCompile:
 
 
 class CompileCache:
-    """torch's compile artifacts of this process, loaded from and saved to `<directory>/torch-<ver>-<dev>.bin`."""
+    """torch's compile caches in `directory`: `inductor/` (torch's on-disk caches) and one portable artifact file."""
 
     def __init__(self, directory: str | Path, device_type: str):
         self.dir = Path(directory)
         if self.dir.exists() and not self.dir.is_dir():
             raise ValueError(f"train.compile_cache_dir {self.dir} exists and is not a directory")
+        if self.dir.is_dir() and self.dir.stat().st_mode & 0o002:
+            raise ValueError(f"train.compile_cache_dir {self.dir} may be written by anyone: torch unpickles what it "
+                             "finds there, so use a directory only you can write")
         version = torch.__version__.replace("+", "-")
         self.path = self.dir / f"torch-{version}-{device_type}.bin"
         self._saved_digest = ""
 
+    def activate(self) -> None:
+        """torch's on-disk compile caches go to `<directory>/inductor` for the rest of the process (Triton's
+        too, unless TRITON_CACHE_DIR is set)."""
+        from torch._inductor.utils import clear_caches
+
+        inductor = self.dir / "inductor"
+        inductor.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor.resolve())
+        clear_caches()  # torch memoises paths under the previous cache dir
+
     def load(self) -> int:
-        """Hot-loads the file's artifacts into torch's caches; returns how many (0 when there is no file).
+        """`activate`, then hot-loads the artifact file into torch's caches; returns how many artifacts it held
+        (0 when there is no file).
 
         A file torch cannot parse (truncated, or written by an incompatible torch) is reported and skipped:
         the compile then runs cold and `save` replaces the file."""
+        self.activate()
         if not self.path.is_file():
-            log.info("compile cache: no %s yet; compiling cold", self.path)
+            log.info("compile cache: no %s yet; compiling cold unless %s has the graphs", self.path,
+                     self.dir / "inductor")
             return 0
         st = self.path.stat()
         # what torch unpickles must come from this user (or root, e.g. a volume prepared by an init job):

@@ -97,33 +97,50 @@ def test_decoder_layers_are_the_text_models(deep_model: dict, tmp_path: Path) ->
         decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_compile_cache_lets_a_new_process_skip_the_compile(tiny_setup: dict, tmp_path: Path) -> None:
-    """Run 1 compiles and saves torch's artifacts into compile_cache_dir; run 2 starts like a new pod (no
-    in-memory compile state, an empty local inductor cache) and gets every compiled graph from the file."""
+def _fresh_process_counters(trainer_factory) -> tuple[DymeTrainer, dict]:
+    """A trainer's first step as in a new process: no in-memory compile state and torch's default on-disk
+    cache empty, so compiled code can only come from train.compile_cache_dir."""
     from torch._inductor.utils import fresh_cache
 
-    fm = {**tiny_setup}
-    cache = tmp_path / "compile-cache"
-    args = ("train.compile_update=true", f"train.compile_cache_dir={cache}")
-    torch._dynamo.reset()
-    with fresh_cache():
-        first = _trainer(fm, tmp_path / "run1", *args)
-        first.train_step()
-    files = list(cache.glob("torch-*-cpu.bin"))
-    assert len(files) == 1 and files[0].stat().st_size > 0
     torch._dynamo.reset()
     counters.clear()
-    with fresh_cache():  # nothing on the local disk cache: only the file can supply the compiled code
-        second = _trainer(fm, tmp_path / "run2", *args)
-        second.train_step()
-    # the layer's forward and backward kernels come from the file: no inductor compile in run 2
-    assert counters["aot_autograd"]["autograd_cache_hit"] >= 1
-    assert counters["inductor"]["fxgraph_cache_hit"] >= 2 and counters["inductor"]["fxgraph_cache_miss"] == 0
+    with fresh_cache():
+        trainer = trainer_factory()
+        trainer.train_step()
+    return trainer, {k: dict(counters[k]) for k in ("aot_autograd", "inductor")}
+
+
+def test_compile_cache_lets_a_new_process_skip_the_compile(tiny_setup: dict, tmp_path: Path) -> None:
+    """Run 1 compiles into compile_cache_dir; run 2 (same directory: a rerun, or a pod on the same volume) and
+    run 3 (a new directory holding only the portable artifact file) get the layer's compiled forward and
+    backward from it: cache hits, no inductor compile."""
+    import shutil
+
+    cache = tmp_path / "compile-cache"
+
+    def factory(directory: Path, run: str):
+        return lambda: _trainer({**tiny_setup}, tmp_path / run, "train.compile_update=true",
+                                f"train.compile_cache_dir={directory}")
+
+    _, cold = _fresh_process_counters(factory(cache, "run1"))
+    assert cold["inductor"].get("fxgraph_cache_miss", 0) >= 2  # forward and backward compiled
+    files = list(cache.glob("torch-*-cpu.bin"))
+    assert len(files) == 1 and files[0].stat().st_size > 0 and (cache / "inductor").is_dir()
+    second, same_dir = _fresh_process_counters(factory(cache, "run2"))
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    shutil.copy(files[0], copied / files[0].name)  # the file alone, as a new pod would fetch it
+    _, file_only = _fresh_process_counters(factory(copied, "run3"))
+    for hits in (same_dir, file_only):
+        assert hits["aot_autograd"].get("autograd_cache_hit", 0) >= 1
+        assert hits["inductor"].get("fxgraph_cache_hit", 0) >= 2 and hits["inductor"].get("fxgraph_cache_miss", 0) == 0
     assert not second.compile_cache.save()  # nothing new was compiled: the file is not rewritten
 
 
 def test_a_broken_cache_file_falls_back_to_a_cold_compile_with_a_warning(tmp_path: Path,
-                                                                          caplog: pytest.LogCaptureFixture) -> None:
+                                                                          caplog: pytest.LogCaptureFixture,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))  # load() repoints it; restored after
     cache = CompileCache(tmp_path, "cpu")
     cache.path.write_bytes(b"not torch artifacts")
     with caplog.at_level(logging.WARNING, logger="dyme_core.regional"):
@@ -136,7 +153,11 @@ def test_a_broken_cache_file_falls_back_to_a_cold_compile_with_a_warning(tmp_pat
     assert "writable by anyone" in caplog.text
 
 
-def test_a_cache_dir_that_is_a_file_is_a_clear_error(tiny_setup: dict, tmp_path: Path) -> None:
+def test_a_cache_dir_that_is_a_file_or_open_to_anyone_is_a_clear_error(tiny_setup: dict, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="compile_cache_dir .* is not a directory"):
         _trainer({**tiny_setup}, tmp_path / "run", f"train.compile_cache_dir={tmp_path / 'file'}")
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    with pytest.raises(ValueError, match="may be written by anyone"):
+        _trainer({**tiny_setup}, tmp_path / "run", f"train.compile_cache_dir={tmp_path / 'open'}")
