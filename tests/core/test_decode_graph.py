@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyme_core import generation
 from dyme_core.config import InitModelConfig, load_config
@@ -47,6 +48,7 @@ def _batch(trainer: DymeTrainer) -> Batch:
 def _inputs(trainer: DymeTrainer, batch: Batch, prompts: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Left-padded ids and mask of the rows whose prompts are `prompts`, and their image inputs (or embeddings)."""
     ids, attn = trainer._left_pad([batch.prompt_ids[i] for i in prompts])
+    ids, attn = ids.to(trainer.device), attn.to(trainer.device)
     embeds = trainer._merged_embeds(trainer.model, batch, prompts, ids)
     vision = ({"inputs_embeds": embeds} if embeds is not None
               else trainer.family.vision_inputs(batch.prompts, prompts, trainer.device, trainer.model.dtype))
@@ -181,6 +183,46 @@ def test_sampled_padded_bucket_draws_like_generate_over_the_bucket(trainer: Dyme
     assert stopped, "no row stopped early: the eos path was not exercised"
 
 
+class OpLog(TorchDispatchMode):
+    """The aten ops run under it, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# ops that make the host wait for the device: `.item()` / `bool(t)` (_local_scalar_dense), data-dependent shapes
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero",
+               "multinomial"}
+
+
+def test_decode_step_has_no_host_sync(trainer: DymeTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a CUDA graph cannot capture is an op that reads a device value on the host; none runs in the step
+    (the model's forward included), sampled with every processor on."""
+    logs: list[OpLog] = []
+    step = generation.decode_step
+
+    def logged_step(*args: object, **kwargs: object) -> None:
+        with OpLog() as log:
+            step(*args, **kwargs)
+        logs.append(log)
+
+    monkeypatch.setattr(generation, "decode_step", logged_step)
+    batch = _batch(trainer)
+    ids, attn, vision = _inputs(trainer, batch, [0, 1, 2])
+    settings = _settings(trainer, trainer.eos_id, do_sample=True, temperature=0.7, top_p=0.9, top_k=20)
+    generation.complete_static(trainer.model, ids, attn, k=3, **settings, **vision)
+    assert logs, "the static decode did not run decode_step"
+    for i, log in enumerate(logs):
+        syncing = SYNCING_OPS & set(log.ops)
+        assert not syncing, f"step {i} runs {sorted(syncing)}"
+    assert {"exponential_", "index_copy_"} <= set(logs[0].ops)  # the device-side draw and the slot write
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"bucket": 2}, "bucket of 2 rows cannot hold 3"),  # a bucket smaller than the batch
     ({"check_every": 0}, "check_every must be >= 1"),
@@ -203,8 +245,6 @@ def test_captured_decode_equals_the_eager_step_on_cuda(trainer: DymeTrainer) -> 
         trainer.device = torch.device("cuda")
         batch = _batch(trainer)
         ids, attn, vision = _inputs(trainer, batch, [0, 1, 2])
-        ids, attn = ids.cuda(), attn.cuda()
-        vision = {name: t.cuda() for name, t in vision.items()}
         k = trainer.t.num_generations
         for sampling in ({"do_sample": False}, {"do_sample": True, "temperature": 0.7, "top_k": 20}):
             settings = _settings(trainer, trainer.eos_id, **sampling)
