@@ -194,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         if method == "complete":
             return generation.complete(model, ids, attn, k=args.k, **common, **vision)
         if method in ("captured", "captured-compiled"):
+            # one cache capacity for the 1-token and the full runs: one graph (and one compile) per method
             return generation.complete_static(model, ids, attn, k=args.k, capture=capture,
-                                              compile_step=method == "captured-compiled", **common, **vision)
+                                              compile_step=method == "captured-compiled",
+                                              capacity=meta["cache_capacity"], **common, **vision)
         extra = {"cache_implementation": "static", "max_cache_len": static_len} if method == "hf-static" else {}
         if not do_sample:  # generate's greedy search takes one sequence per input row: the prompts repeated K times
             extra.update(input_ids=ids.repeat_interleave(args.k, dim=0),

@@ -470,6 +470,7 @@ def complete_static(
     capture: bool = False,
     compile_step: bool = False,
     bucket: int | None = None,
+    capacity: int | None = None,
     check_every: int = 16,
     **vision_inputs: torch.Tensor,
 ) -> torch.Tensor:
@@ -480,6 +481,8 @@ def complete_static(
     compile_step: the step's model forward goes through `torch.compile` (before the capture, when captured; a
     compiled step is cached with the graph, an uncaptured one is compiled per call: tests).
     bucket: rows of the step (default `bucket_size(B*K)`); padding rows are computed and dropped.
+    capacity: positions of the static KV cache (default `cache_capacity(P, max_new_tokens)`); a larger one lets one
+    graph serve several prompt or completion lengths.
     check_every: tokens between two checks of "every row finished" (the only host syncs of the loop).
     Draws: with rows == bucket, the tokens of `complete` / `generate` for the same seed; padding rows draw their
     noise too (the (bucket, V) tensor of `sample_tokens`), so a padded batch draws what `generate` draws for the
@@ -494,13 +497,18 @@ def complete_static(
     bucket = bucket or bucket_size(rows)
     if bucket < rows:
         raise ValueError(f"a bucket of {bucket} rows cannot hold {rows} rows")
+    capacity = capacity or cache_capacity(input_ids.shape[1], max_new_tokens)
+    if capacity < input_ids.shape[1] + max_new_tokens:
+        raise ValueError(f"a KV cache of {capacity} positions cannot hold a prompt of {input_ids.shape[1]} and "
+                         f"{max_new_tokens} new tokens")
     if not static_decode_supported(model):
         raise ValueError(f"the static decode needs sdpa or eager attention, not {model.config._attn_implementation}")
     procs = logits_processors(suppress_tokens, do_sample, temperature, top_k, top_p, input_ids.device)
     with torch.inference_mode():
         out = _complete_static(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, k,
                                do_sample, procs, (tuple(suppress_tokens), temperature, top_k, top_p), inputs_embeds,
-                               text_inputs or {}, vision_inputs, capture, compile_step, bucket, check_every)
+                               text_inputs or {}, vision_inputs, capture, compile_step, bucket, capacity,
+                               check_every)
     return out.clone()
 
 
@@ -508,7 +516,7 @@ def _complete_static(model: PreTrainedModel, input_ids: torch.Tensor, attention_
                      max_new_tokens: int, eos_token_id: int, pad_token_id: int, k: int, do_sample: bool,
                      processors: LogitsProcessorList, sampling: tuple, inputs_embeds: torch.Tensor | None,
                      text_inputs: dict[str, torch.Tensor], vision_inputs: dict[str, torch.Tensor], capture: bool,
-                     compile_step: bool, bucket: int, check_every: int) -> torch.Tensor:
+                     compile_step: bool, bucket: int, capacity: int, check_every: int) -> torch.Tensor:
     n, prompt_len = input_ids.shape
     rows = n * k
     device = input_ids.device
@@ -521,7 +529,6 @@ def _complete_static(model: PreTrainedModel, input_ids: torch.Tensor, attention_
                 **{cache_arg: prefill}, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()  # (B, V)
     del out
-    capacity = cache_capacity(prompt_len, max_new_tokens)
     key = (bucket, capacity, do_sample, sampling, eos_token_id, pad_token_id, tuple(sorted(text_inputs)),
            torch.is_autocast_enabled(device.type), compile_step)
     graphs = _GRAPHS.setdefault(model, OrderedDict()) if capture else OrderedDict()

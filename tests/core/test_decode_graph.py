@@ -114,6 +114,10 @@ def test_greedy_padded_bucket_equals_complete_and_generate(trainer: DymeTrainer)
         ref = trainer.model.generate(input_ids=ids, attention_mask=attn, do_sample=False, **settings,
                                      **vision)[:, ids.shape[1]:]
     assert torch.equal(static, eager) and torch.equal(static, ref)
+    # a larger cache (one graph for several lengths): the extra slots stay masked
+    larger = generation.cache_capacity(ids.shape[1], trainer.t.max_new_tokens) + generation.CAPACITY_STEP
+    assert torch.equal(generation.complete_static(trainer.model, ids, attn, capacity=larger, **settings, **vision),
+                       static)
     assert static.shape[1] < trainer.t.max_new_tokens, "every row should have stopped at eos before the limit"
     _padded_after_eos(static, eos, trainer.pad_id)
     assert static_rec.calls[1].shape[0] == 8  # the decode forwards run the whole bucket
@@ -226,6 +230,7 @@ def test_decode_step_has_no_host_sync(trainer: DymeTrainer, monkeypatch: pytest.
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"bucket": 2}, "bucket of 2 rows cannot hold 3"),  # a bucket smaller than the batch
     ({"check_every": 0}, "check_every must be >= 1"),
+    ({"capacity": 8}, "KV cache of 8 positions cannot hold"),  # smaller than prompt + new tokens
     ({"capture": True}, "captured decode needs a CUDA model"),  # CUDA graphs on a CPU model
 ])
 def test_bad_static_decode_settings_are_clear_errors(trainer: DymeTrainer, kwargs: dict, message: str) -> None:
