@@ -237,12 +237,16 @@ def main(argv: list[str] | None = None) -> int:
                 rec.update(full_s=median(full), one_s=median(one), full_runs_s=full, one_runs_s=one,
                            ms_per_step=(median(full) - median(one)) / (args.new_tokens - 1) * 1e3)
                 rec["x_floor"] = rec["ms_per_step"] / floor["floor_ms"]
-                greedy = run(method, args.new_tokens, do_sample=False)
-                if greedy_ref is None and method == "complete":
-                    greedy_ref = greedy
-                if greedy_ref is not None:
-                    rec["greedy_agree"] = float((greedy == greedy_ref).float().mean())
-            rec["status"] = "ok"
+                rec["status"] = "ok"
+                write()
+                try:  # a side check: its failure leaves the timing standing
+                    greedy = run(method, args.new_tokens, do_sample=False)
+                    if greedy_ref is None and method == "complete":
+                        greedy_ref = greedy
+                    if greedy_ref is not None:
+                        rec["greedy_agree"] = float((greedy == greedy_ref).float().mean())
+                except Exception as e:
+                    rec["greedy_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         except Exception as e:  # recorded, and the other methods still run
             rec["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             traceback.print_exc()
