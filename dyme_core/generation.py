@@ -408,7 +408,6 @@ class CapturedDecode:
         s = self.state
         s.mask.zero_()
         s.mask[:, 0] = True  # a finite warm-up: every row attends to one slot
-        s.write.zero_()
         with torch.random.fork_rng(devices=[device]):
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -421,7 +420,8 @@ class CapturedDecode:
             s.step.zero_()
             s.write.fill_(1)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: CUDA calls of other threads (reward or refiner workers) do not break this capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self._step()
         torch.cuda.synchronize(device)
         self.capture_s = time.perf_counter() - t0
