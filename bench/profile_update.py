@@ -5,7 +5,8 @@ controlled mixes and times, CUDA-synchronised, the two halves of the update sepa
 `fwd_bwd_s` (DymeTrainer._backward over the kept rows) and `optim_s` (gradient norm, clipping, AdamW step).
 For each variant in `--variants` the trainer is switched in place between steps:
 
-  current      the trainer as configured (train.compile_update as given by --compile-update)
+  current      the trainer as configured (train.compile_update as given by --compile-update: the regional
+               compile of one decoder layer; --compile-cache-dir reuses an earlier run's compiled code)
   eager        the update run without torch.compile (generation unchanged)
   eager-cudnn  eager, and PyTorch's default attention-kernel order (cuDNN first on Hopper)
 
@@ -96,6 +97,8 @@ def main() -> None:
     ap.add_argument("--variants", default="current,eager")
     ap.add_argument("--compile-update", default="auto", choices=("auto", "on", "off"),
                     help="train.compile_update of the 'current' variant (auto: on for cuda).")
+    ap.add_argument("--compile-cache-dir", default="",
+                    help="train.compile_cache_dir: torch's compile artifacts kept across runs ('' = none).")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# The cold-machine performance plan (issue 11): every figure from one call of at most about 8 minutes on a
+# machine with 2 GPUs (kind nvidia-h200-x2), nothing compiled before. Parts, in order, each with its own time
+# budget; a part that would not fit is skipped with its reason written to skipped-<part>.txt:
+#   0. decode (only when bench/decode_step.py exists): ms per decode step of the captured static decode against
+#      the memory floor (methods $DECODE_METHODS, default "captured,complete")
+#   a. time to first step and steady step, DyME's update eager vs regionally compiled (train.compile_update),
+#      cold cache then warm cache, 256M shape (bench/compile_time.py), one process each with an empty
+#      TORCHINDUCTOR_CACHE_DIR, so a process reuses only what train.compile_cache_dir ($COMPILE_CACHE) holds:
+#        compiled-cold       first process: compiles the layer (and the decode step) into the empty cache dir;
+#                            then the same process's update eager (steady); SAME_PROCESS=1: and a second trainer
+#                            in the same process (warm: Dynamo's in-memory cache)
+#        compiled-warm       second process, same cache dir
+#        eager-cold          update eager, no cache dir (the decode step's compile is the only one)
+#        eager-warm          update eager, the cache dir (the decode step from the cache)
+#   b. the update with 75% zero-weight groups (mix skip75) against TRL 1.16 GRPOTrainer given the same generation
+#      settings ($TRL_KINDS, default trl-same-gen), DyME's update compiled from the cache dir part a filled
+#      (bench/throughput.py: 2 warm-up + 3 timed rounds; DyME's first step is reported apart)
+#   c. 2-GPU scaling: DyME alone on 1 GPU, then torchrun on 2 GPUs, same per-GPU batch: samples/s and efficiency
+#      (update eager unless MULTI_COMPILE=on)
+# Results: every process writes its JSON into $RES the moment it measures something; a background loop packs
+# $RES into $OUT/perf-results.tgz every 10 s and after each part (a device call returns at most 8 files, and a
+# call killed at its limit still returns the last pack), and $OUT/perf-summary.md is written at the end.
+#
+#   bash bench/gpu_perf.sh                    on the 2-GPU kind, .wheels carried (trl and friends install from it)
+# CPU smoke of the script itself (tiny shapes, torchrun with 2 CPU processes):
+#   SKIP_INSTALL=1 DEVICE=cpu SHAPE=tiny K=4 PROMPTS=4 NEW_TOKENS=16 PY=.venv/bin/python BUDGET=900 SAME_PROCESS=1 \
+#     OUT=/tmp/perf-out RES=/tmp/perf-res bash bench/gpu_perf.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out/perf}
+RES=${RES:-/tmp/dyme-perf-results}  # outside $OUT: only the pack and the summary come back
+SITE=${SITE:-/tmp/dyme-site}
+BUDGET=${BUDGET:-500}  # seconds for the whole plan (a 10-minute call keeps 100 s spare); hard timeouts per part
+T0=$(date +%s)
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+SHAPE=${SHAPE:-smolvlm-256m}
+K=${K:-8} PROMPTS=${PROMPTS:-8} NEW_TOKENS=${NEW_TOKENS:-128}
+COMPILE_CACHE=${COMPILE_CACHE:-/tmp/dyme-compile-cache}
+TRL_KINDS=${TRL_KINDS:-trl-same-gen}
+DECODE_METHODS=${DECODE_METHODS:-captured,complete}
+MULTI_COMPILE=${MULTI_COMPILE:-off}
+export DYME_BENCH_WORK=${DYME_BENCH_WORK:-/tmp/dyme-bench-work}
+mkdir -p "$OUT" "$RES"
+# a cold plan: nothing compiled by an earlier run of it (KEEP_CACHE=1 keeps the cache dir)
+if [[ -z "${KEEP_CACHE:-}" ]]; then rm -rf "$COMPILE_CACHE"; fi
+
+# seconds left in the plan once `reserve` seconds are kept for later parts
+left() { echo $(( BUDGET - ($(date +%s) - T0) - ${1:-0} )); }
+skip() { echo "$2" > "$RES/skipped-$1.txt"; echo "part $1 skipped: $2"; }
+pack() { tar czf "$OUT/.perf-results.tgz.tmp" -C "$RES" . 2>/dev/null && mv -f "$OUT/.perf-results.tgz.tmp" \
+  "$OUT/perf-results.tgz"; }
+( while sleep 10; do pack || true; done ) &
+PACKER=$!
+finish() { kill "$PACKER" 2>/dev/null || true; pack || true; }
+trap finish EXIT
+log() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$RES/plan.log"; }
+
+# --- packages missing on the GPU image, from the wheels in .wheels/ (only what is not importable there)
+if [[ -z "${SKIP_INSTALL:-}" ]]; then
+need=()
+for m in trl datasets dill multiprocess xxhash tenacity; do python3 -c "import $m" 2>/dev/null || need+=("$m"); done
+python3 -c "import pandas" 2>/dev/null || need+=(pandas python_dateutil six)
+python3 -c "import matplotlib" 2>/dev/null || need+=(matplotlib contourpy cycler fonttools kiwisolver pyparsing \
+  python_dateutil six)
+python3 -c "import requests" 2>/dev/null || need+=(requests urllib3 charset_normalizer idna certifi)
+files=()
+for name in $(printf '%s\n' "${need[@]}" | sort -u); do files+=(.wheels/"$name"-[0-9]*.whl); done
+if (( ${#files[@]} )); then python3 -m pip install -q --no-index --no-deps --target "$SITE" "${files[@]}"; fi
+fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"; } \
+  > "$RES/gpu.txt"
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$RES/gpu.txt"
+NGPU=$( { nvidia-smi -L 2>/dev/null || true; } | grep -c "^GPU" || true)
+size=(--shape "$SHAPE" --k "$K" --prompts "$PROMPTS" --new-tokens "$NEW_TOKENS" --work "$DYME_BENCH_WORK")
+log "plan start: budget $BUDGET s, $NGPU GPUs, device $DEVICE"
+
+# time kept for the parts after each one (what they need at least, on the 256M shape from cold)
+NEED_A=150 NEED_B=100 NEED_C=110
+
+# --- part 0: the decode step (optional: the script may not be in this checkout)
+if [[ -f bench/decode_step.py ]]; then
+  b=$(left $(( NEED_A + NEED_B + NEED_C )))
+  (( b > 60 )) && b=60
+  if (( b < 30 )); then skip 0-decode "needs about 30 s, $b s left before parts a-c"
+  else
+    log "part 0: decode ($DECODE_METHODS), budget $b s"
+    timeout -k 5 "$b" "$PY" bench/decode_step.py --device "$DEVICE" "${size[@]}" --methods "$DECODE_METHODS" \
+      --repeats 2 --budget-s $(( b - 10 )) --label "$SHAPE" --out "$RES" > "$RES/decode.log" 2>&1 \
+      || log "part 0 ended with rc $? (see decode.log)"
+  fi
+else
+  skip 0-decode "bench/decode_step.py is not in this checkout"
+fi
+pack || true
+
+# --- part a: time to first step, eager vs regional compile, cold vs warm cache (one process each)
+# run_a LABEL NEED CAP ARGS...: one compile_time.py process with an empty inductor cache, if NEED s are left
+run_a() {
+  local label=$1 need=$2 cap=$3; shift 3
+  local b; b=$(left $(( NEED_B + NEED_C )))
+  if (( b < need )); then skip "a-$label" "needs about $need s; $b s left for part a"; return 0; fi
+  (( cap > b )) && cap=$b
+  log "part a: $label (cap $cap s)"
+  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d /tmp/inductor-XXXXXX) timeout -k 5 "$cap" "$PY" bench/compile_time.py \
+    --device "$DEVICE" "${size[@]}" --label "$label" --out "$RES" --steps 3 --budget-s $(( cap - 10 )) "$@" \
+    > "$RES/compile-$label.log" 2>&1 || log "part a: $label ended with rc $? (see compile-$label.log)"
+  pack || true
+}
+same=()
+if [[ -n "${SAME_PROCESS:-}" ]]; then same=(--same-process); fi
+run_a compiled-cold 60 120 --update compiled --cache-dir "$COMPILE_CACHE" "${same[@]}"
+run_a compiled-warm 30 60 --update compiled --cache-dir "$COMPILE_CACHE"
+run_a eager-cold 40 60 --update eager
+run_a eager-warm 30 50 --update eager --cache-dir "$COMPILE_CACHE"
+"$PY" bench/compile_time.py --summarize "$RES" > /dev/null 2>&1 || true
+
+# --- part b: the skip75 update against TRL, DyME's update compiled (from the cache part a filled)
+b=$(left "$NEED_C")
+if (( b < NEED_B - 20 )); then skip b-update "needs about $(( NEED_B - 20 )) s; $b s left before part c"
+else
+  log "part b: skip75 update vs $TRL_KINDS, budget $b s"
+  timeout -k 10 $(( b + 20 )) "$PY" bench/throughput.py --device "$DEVICE" "${size[@]}" --out "$RES" \
+    --label update-skip75 --trainers "$TRL_KINDS,dyme" --mix skip75 --compile-update on \
+    --compile-cache-dir "$COMPILE_CACHE" --warmup 2 --steps 3 --peak off --budget-s "$b" \
+    > "$RES/update-skip75.log" 2>&1 || log "part b ended with rc $? (see update-skip75.log)"
+fi
+pack || true
+
+# --- part c: 2-GPU scaling (DyME alone; same per-GPU batch)
+if [[ "$DEVICE" == cuda && "$NGPU" -lt 2 ]]; then skip c-multi "needs 2 GPUs, this machine has $NGPU"
+else
+  b=$(left 0)
+  if (( b < 60 )); then skip c-multi "needs about 60 s; $b s left"
+  else
+    b1=$(( b * 45 / 100 ))
+    log "part c: 1 process, budget $b1 s"
+    multi=(--device "$DEVICE" "${size[@]}" --out "$RES" --trl off --trainers dyme --mix explore --warmup 2 --steps 5
+           --compile-update "$MULTI_COMPILE" --compile-cache-dir "$COMPILE_CACHE" --peak off)
+    timeout -k 5 $(( b1 + 20 )) "$PY" bench/throughput.py "${multi[@]}" --label ddp1 --budget-s "$b1" \
+      > "$RES/ddp1.log" 2>&1 || log "part c: 1 process ended with rc $? (see ddp1.log)"
+    pack || true
+    b2=$(( $(left 0) - 15 ))
+    if [[ ! -f "$RES/throughput-ddp1.json" ]]; then skip c-multi-2 "the 1-process baseline wrote nothing"
+    elif (( b2 < 40 )); then skip c-multi-2 "needs about 40 s; $b2 s left"
+    else
+      log "part c: torchrun 2 processes, budget $b2 s"
+      timeout -k 5 $(( b2 + 10 )) "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 bench/throughput.py \
+        "${multi[@]}" --label ddp2 --ddp-baseline "$RES/throughput-ddp1.json" --budget-s "$b2" \
+        > "$RES/ddp2.log" 2>&1 || log "part c: 2 processes ended with rc $? (see ddp2.log)"
+    fi
+  fi
+fi
+
+# --- summary: what each part measured, beside the plan's wall time
+{
+  echo "# bench/gpu_perf.sh: $(tr '\n' ' ' < "$RES/gpu.txt")"
+  echo
+  echo "Plan wall time: $(( $(date +%s) - T0 )) s (budget $BUDGET s). Skipped parts:"
+  for f in "$RES"/skipped-*.txt; do [[ -f "$f" ]] && echo "- $(basename "$f" .txt | sed 's/^skipped-//'): $(cat "$f")"; done
+  echo
+  for f in "$RES"/decode-*.md; do [[ -f "$f" ]] && { echo "## 0. Decode step"; cat "$f"; echo; }; done
+  echo "## a. Time to first step (compile)"
+  "$PY" bench/compile_time.py --summarize "$RES" 2>/dev/null || echo "(no result)"
+  echo
+  [[ -f "$RES/throughput-update-skip75.md" ]] && { echo "## b. Update, skip75, vs TRL"; cat "$RES/throughput-update-skip75.md"; echo; }
+  [[ -f "$RES/throughput-ddp2.md" ]] && { echo "## c. 2-GPU scaling"; cat "$RES/throughput-ddp2.md"; echo; }
+  true
+} > "$OUT/perf-summary.md" 2>&1
+cp "$OUT/perf-summary.md" "$RES/"
+log "plan finished in $(( $(date +%s) - T0 )) s"
+cat "$OUT/perf-summary.md"
