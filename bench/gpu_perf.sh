@@ -80,7 +80,7 @@ size=(--shape "$SHAPE" --k "$K" --prompts "$PROMPTS" --new-tokens "$NEW_TOKENS" 
 log "plan start: budget $BUDGET s, $NGPU GPUs, device $DEVICE"
 
 # time kept for the parts after each one (what they need at least, on the 256M shape from cold)
-NEED_A=150 NEED_B=100 NEED_C=110
+NEED_A=170 NEED_B=100 NEED_C=110
 
 # --- part 0: the decode step (optional: the script may not be in this checkout)
 if [[ -f bench/decode_step.py ]]; then
@@ -113,7 +113,7 @@ run_a() {
 }
 same=()
 if [[ -n "${SAME_PROCESS:-}" ]]; then same=(--same-process); fi
-run_a compiled-cold 60 120 --update compiled --cache-dir "$COMPILE_CACHE" "${same[@]}"
+run_a compiled-cold 60 150 --update compiled --cache-dir "$COMPILE_CACHE" "${same[@]}"
 run_a compiled-warm 30 60 --update compiled --cache-dir "$COMPILE_CACHE"
 run_a eager-cold 40 60 --update eager
 run_a eager-warm 30 50 --update eager --cache-dir "$COMPILE_CACHE"

@@ -99,8 +99,10 @@ class CompileCache:
     def activate(self) -> None:
         """torch's on-disk compile caches go to `<directory>/inductor` for the rest of the process (Triton's
         too, unless TRITON_CACHE_DIR is set)."""
-        from torch._inductor.utils import clear_caches
+        from torch._inductor import utils as inductor_utils
 
+        # clear_inductor_caches is the older name (torch < 2.9), kept as an alias since
+        clear_caches = getattr(inductor_utils, "clear_caches", None) or inductor_utils.clear_inductor_caches
         inductor = self.dir / "inductor"
         inductor.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor.resolve())
@@ -142,6 +144,13 @@ class CompileCache:
     def save(self) -> bool:
         """Writes this process's artifacts when they changed since the last load/save (atomic rename);
         returns whether it wrote."""
+        try:  # cheap test first: serialising and hashing every step would cost each step tens of ms on a GPU
+            from torch.compiler._cache import CacheArtifactManager
+
+            if not CacheArtifactManager.need_serialize():
+                return False
+        except (ImportError, AttributeError):  # a torch without it: serialise and compare digests
+            pass
         result = torch.compiler.save_cache_artifacts()
         if result is None:
             return False
