@@ -116,9 +116,11 @@ def steady(tr: Any, device: torch.device, n: int, deadline: float) -> dict[str, 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     deadline = start + args.budget_s if args.budget_s > 0 else float("inf")
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)  # as bench/throughput.py on the CPU
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import transformers
