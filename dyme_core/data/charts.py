@@ -156,7 +156,10 @@ def draw_table(rng: np.random.Generator, chart_type: str) -> ChartTable:
 
 @functools.lru_cache(maxsize=32)
 def _font(px: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(str(FONT_PATH), px)
+    # Pillow lays text out with libraqm where it is installed and with its basic engine elsewhere; the two
+    # place glyphs differently, and a base trained on one misread labels drawn by the other (transcription 54%
+    # against 100%). The basic engine exists in every Pillow build, so every machine draws the same chart.
+    return ImageFont.truetype(str(FONT_PATH), px, layout_engine=ImageFont.Layout.BASIC)
 
 
 def font_sizes(image_size: int) -> dict[str, int]:

@@ -3,13 +3,14 @@ answers that follow from the table, legible layout, and traces the refiner and c
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 from dyme_core.checker import rule_thinking_score
 from dyme_core.config import SynthConfig
@@ -128,6 +129,21 @@ def test_a_chart_draws_its_values_where_the_marks_are() -> None:
     a, b = np.asarray(tall.convert("L")), np.asarray(short.convert("L"))
     first_slot = slice(10, 70)  # columns of the first bar
     assert (a[60:120, first_slot] < 200).mean() > (b[60:120, first_slot] < 200).mean() + 0.3
+
+
+def test_charts_are_drawn_with_the_layout_engine_every_pillow_has() -> None:
+    """libraqm (present on some machines only) places glyphs differently from Pillow's basic engine: a chart must
+    not depend on which one a machine has, or a base trained on one machine's charts misreads another's."""
+    table = charts.ChartTable(charts.THEMES[4], "bar", ("Red", "Gold", "Navy", "Teal"), (64, 24, 45, 29))
+    drawn = np.asarray(charts.render(table, 224))
+    original = charts._font
+    try:
+        charts._font = functools.lru_cache(maxsize=8)(lambda px: ImageFont.truetype(
+            str(charts.FONT_PATH), px, layout_engine=ImageFont.Layout.BASIC))
+        basic = np.asarray(charts.render(table, 224))
+    finally:
+        charts._font = original
+    assert (drawn == basic).all()
 
 
 def test_transcription_round_trips() -> None:
