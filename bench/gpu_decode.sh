@@ -3,11 +3,12 @@
 # eager `generation.complete` and the captured static step (`train.cuda_graph_decode`), beside the memory floor.
 #
 #   bash bench/gpu_decode.sh     one GPU (H100/H200), SmolVLM-256M shape, 8 prompts x K=8 = 64 rows x 128 new
-#                                tokens; about 3-4 minutes from a cold machine (budget 480 s, hard timeout 560 s)
+#                                tokens; about 2.5 minutes from a cold machine (budget 480 s, hard timeout 560 s)
 #
-# Needs torch, transformers, matplotlib and pillow (the GPU image has them); not trl. Results (decode-<label>.json
-# and .md) go to $OUT (default bench/out/decode) and are rewritten after every method, so the hard timeout loses
-# nothing measured. Local check of the script: DEVICE=cpu SHAPE=tiny EXTRA="--new-tokens 16 --repeats 1" \
+# Needs torch, transformers, matplotlib and pillow (the GPU image has them) and tenacity (installed from .wheels/,
+# carried); not trl. Results (decode-<label>.json and .md) go to $OUT (default bench/out/decode) and are rewritten
+# after every method, so the hard timeout loses nothing measured. Measured from cold on an H200: 145 s.
+# Local check of the script: DEVICE=cpu SHAPE=tiny EXTRA="--new-tokens 16 --repeats 1" \
 #   PY=.venv/bin/python bash bench/gpu_decode.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,12 @@ SHAPE=${SHAPE:-smolvlm-256m}
 BUDGET=${BUDGET:-480}
 read -r -a extra <<< "${EXTRA:-}"
 mkdir -p "$OUT"
+# dyme_core.llm imports tenacity, which the GPU image lacks: install it from the wheels carried in .wheels/
+SITE=${SITE:-/tmp/dyme-site-decode}
+if ! "$PY" -c "import tenacity" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .wheels/tenacity-[0-9]*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export DYME_BENCH_WORK=${DYME_BENCH_WORK:-/tmp/dyme-bench-work}

@@ -5,10 +5,10 @@
 #     SmolVLM-256M shape, K=8, 8 prompts, 128 new tokens, mixes explore/skip75/memorize75:
 #     trl-default, trl-same-gen, dyme, grpo (2 warm-up + 3 timed steps each); DyME's update eager
 #     (train.compile_update off); ms per decode step beside the memory-bandwidth floor (4.8 TB/s)
-#   bash bench/gpu_throughput.sh compile  one GPU, opt-in: the same table with DyME's update compiled. Its cold
-#     compile (about 200 s on an H200) plus TRL's phases does NOT fit one 10-minute call from a cold machine
-#     (measured: 530 s, killed before the first result); run it on a warm machine or with a bigger BUDGET
-#   bash bench/gpu_throughput.sh extra    one GPU, about 9 minutes, DyME's update eager (no 200 s compile):
+#   bash bench/gpu_throughput.sh compile  one GPU, opt-in: the same table with DyME's update compiled. The compile
+#     is regional now (one decoder layer, about 6 s on an H200 in bench/gpu_perf.sh; it was a whole-model compile
+#     of about 200 s that did not fit a cold call); this variant has not been re-run since
+#   bash bench/gpu_throughput.sh extra    one GPU, about 9 minutes, DyME's update eager:
 #     1. the DyME sweep (256M, explore) over K (2,4,8,16), completion length (64,128,256) and prompts per
 #        step (4,8,16); every new shape recompiles the decode step (about 35 s)
 #     2. SmolVLM-500M shape, mix explore: trl-default, trl-same-gen, dyme (1 warm-up + 2 timed steps)
