@@ -1,0 +1,159 @@
+"""Where the reasoning chain breaks (issue 12): a base that transcribes a chart, and knows the arithmetic
+when the table is given as text, still answers worse after memorising traces that chain the two.
+
+For val questions of the miniature (``bench/chart_base.py``'s dataset), greedy decoding from a model
+(the base, or a trained model folder), each probe forcing a different prefix of the rule-refined trace
+(``refine.observe=all``) after the reasoning prompt:
+
+1. ``transcribe``: the transcription prompt alone; share of the chart's cells read exactly;
+2. ``observe``: prefix ``Goal: ...\\nObservation: The chart '<title>' shows `` -> the cells the model
+   then states (read in the trace, as the memorised target asks);
+3. ``derive``: the true Goal and Observation, then ``Reasoning: <operation>: `` -> the continuation
+   equals the refiner's derivation (the arithmetic) exactly;
+4. ``derive_text``: the pretraining text skill's own prompt (the table as text + the question) -> the
+   derivation, exactly (what the base learnt);
+5. ``chain``: prefix up to ``shows `` and free decoding to the answer line -> relaxed accuracy;
+6. ``bare``: the plain reasoning prompt -> relaxed accuracy (what the gate and the table measure).
+
+Run (CPU, a few minutes for the small base)::
+
+    .venv/bin/python bench/trace_probe.py --model /tmp/cb2/small/base --data /tmp/cb2-work/data --n 120 \\
+        --out bench/results/trace-probe/small.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dyme_core import generation  # noqa: E402
+from dyme_core.config import ModelConfig  # noqa: E402
+from dyme_core.data.charts import TRANSCRIBE_QUESTION, parse_transcription, transcription  # noqa: E402
+from dyme_core.data.ingest import open_dataset  # noqa: E402
+from dyme_core.evaluate import suppressed_token_ids  # noqa: E402
+from dyme_core.families import family_of  # noqa: E402
+from dyme_core.models import load_model, load_processor  # noqa: E402
+from dyme_core.refiner import derivation, rule_refine  # noqa: E402
+from dyme_core.rewards import accuracy_reward  # noqa: E402
+
+
+def greedy_after(model, processor, images, questions, prefixes, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of the reasoning prompt + a forced start of the answer."""
+    family = family_of(model.config)
+    batch = family.encode(processor, questions, images, "reason")
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prompts = [torch.cat([p, torch.tensor(tok(x, add_special_tokens=False)["input_ids"], dtype=torch.long)])
+               for p, x in zip(batch.prompt_ids, prefixes, strict=True)]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        attn[i, width - len(p):] = 1
+    batch.prompt_ids = prompts
+    rows = list(range(len(prompts)))
+    text = family.text_inputs(batch, rows, [0] * len(rows), width, model.device)
+    out = generation.complete(model, ids, attn, max_new_tokens=max_new_tokens, text_inputs=text, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=pad,
+                              suppress_tokens=suppressed_token_ids(model, processor),
+                              **family.vision_inputs(batch, rows, model.device, model.dtype))
+    return tok.batch_decode(out, skip_special_tokens=True)
+
+
+def sections(trace: str) -> dict[str, str]:
+    return {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in trace.splitlines() if ":" in line}
+
+
+def cells_read(text: str, rows: list) -> tuple[int, int]:
+    got = parse_transcription(text.split("\n")[0].rstrip("."))
+    return sum(got.get(str(label)) == str(v) for label, v in rows), len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="the miniature's materialised dataset folder")
+    ap.add_argument("--n", type=int, default=120, help="val questions")
+    ap.add_argument("--batch", type=int, default=40)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    processor, model = load_processor(ModelConfig(name_or_path=args.model)), load_model(
+        ModelConfig(name_or_path=args.model, dtype="float32"), torch.device("cpu"))
+    ds = open_dataset(args.data)
+    val = ds.split("val")[: args.n]
+    tally: dict[str, list[float]] = {k: [0, 0] for k in ("transcribe", "observe", "derive", "derive_text", "chain",
+                                                         "bare")}
+    by_type: dict[str, dict[str, list[int]]] = {}
+    examples = []
+    for start in range(0, len(val), args.batch):
+        chunk = val[start: start + args.batch]
+        images = [ds.load_image(s) for s in chunk]
+        traces = [sections(rule_refine(s, observe="all")) for s in chunk]
+        shows = [f"Goal: {t['Goal']}\nObservation: {t['Observation'].split(' shows ')[0]} shows " for t in traces]
+        reason_heads = [t["Reasoning"].split(": ", 1)[0] + ": " for t in traces]
+        derivs = [derivation(s) for s in chunk]
+        tables = [transcription_of(s) for s in chunk]
+        outs = {
+            "transcribe": greedy_after(model, processor, images, [TRANSCRIBE_QUESTION] * len(chunk), [""] * len(chunk),
+                                       64),
+            "observe": greedy_after(model, processor, images, [s.question for s in chunk], shows, 64),
+            "derive": greedy_after(model, processor, images, [s.question for s in chunk],
+                                   [f"Goal: {t['Goal']}\nObservation: {t['Observation']}\nReasoning: {h}"
+                                    for t, h in zip(traces, reason_heads, strict=True)], 48),
+            "derive_text": greedy_after(model, processor, images,
+                                        [f"{tb}. {s.question}" for tb, s in zip(tables, chunk, strict=True)],
+                                        [""] * len(chunk), 48),
+            "chain": greedy_after(model, processor, images, [s.question for s in chunk], shows, 128),
+            "bare": greedy_after(model, processor, images, [s.question for s in chunk], [""] * len(chunk), 128),
+        }
+        for i, s in enumerate(chunk):
+            rows = s.visual_facts["rows"]
+            got = {}
+            for probe in ("transcribe", "observe"):
+                right, n = cells_read(outs[probe][i], rows)
+                tally[probe][0] += right
+                tally[probe][1] += n
+                got[probe] = right / n
+            for probe in ("derive", "derive_text"):
+                ok = derivs[i] is not None and outs[probe][i].split("\n")[0].strip() == derivs[i]
+                tally[probe][0] += ok
+                tally[probe][1] += derivs[i] is not None
+                got[probe] = float(ok)
+            for probe in ("chain", "bare"):
+                ok = accuracy_reward(outs[probe][i], s.references())
+                tally[probe][0] += ok
+                tally[probe][1] += 1
+                got[probe] = float(ok)
+            for probe, v in got.items():
+                by_type.setdefault(s.qtype, {}).setdefault(probe, []).append(v)
+            if len(examples) < 8:
+                examples.append({"id": s.id, "question": s.question, "answer": s.answer, "derivation": derivs[i],
+                                 **{k: outs[k][i] for k in outs}})
+    summary = {k: round(a / b, 4) if b else None for k, (a, b) in tally.items()}
+    result = {"model": args.model, "n": len(val), "summary": summary,
+              "by_qtype": {q: {p: round(sum(v) / len(v), 3) for p, v in d.items()} for q, d in sorted(by_type.items())},
+              "examples": examples}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({"summary": summary, "by_qtype": result["by_qtype"]}, indent=1))
+    return 0
+
+
+def transcription_of(sample) -> str:
+    from dyme_core.data.charts import THEMES, ChartTable
+
+    f = sample.visual_facts
+    theme = next(t for t in THEMES if t.title == f["title"])
+    return transcription(ChartTable(theme, "bar", tuple(r[0] for r in f["rows"]), tuple(r[1] for r in f["rows"])))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
