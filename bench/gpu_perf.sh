@@ -57,20 +57,9 @@ finish() { kill "$PACKER" 2>/dev/null || true; pack || true; }
 trap finish EXIT
 log() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$RES/plan.log"; }
 
-# --- packages missing on the GPU image, from the wheels in .wheels/ (only what is not importable there)
-if [[ -z "${SKIP_INSTALL:-}" ]]; then
-need=()
-for m in trl datasets dill multiprocess xxhash tenacity; do python3 -c "import $m" 2>/dev/null || need+=("$m"); done
-python3 -c "import pandas" 2>/dev/null || need+=(pandas python_dateutil six)
-python3 -c "import matplotlib" 2>/dev/null || need+=(matplotlib contourpy cycler fonttools kiwisolver pyparsing \
-  python_dateutil six)
-python3 -c "import requests" 2>/dev/null || need+=(requests urllib3 charset_normalizer idna certifi)
-files=()
-for name in $(printf '%s\n' "${need[@]}" | sort -u); do files+=(.wheels/"$name"-[0-9]*.whl); done
-if (( ${#files[@]} )); then python3 -m pip install -q --no-index --no-deps --target "$SITE" "${files[@]}"; fi
-fi
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# --- packages missing on the GPU image, from the wheels in .wheels/
+source bench/gpu_wheels.sh
+export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"; } \
   > "$RES/gpu.txt"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \

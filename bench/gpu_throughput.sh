@@ -38,20 +38,8 @@ SHAPE_A=${SHAPE_A:-smolvlm-256m}
 SHAPE_B=${SHAPE_B:-smolvlm-500m}
 read -r -a extra <<< "${EXTRA:-}"
 
-# --- packages missing on the GPU image, from the wheels in .wheels/ (only what is not importable there)
-if [[ -z "${SKIP_INSTALL:-}" ]]; then
-need=()
-for m in trl datasets dill multiprocess xxhash tenacity; do python3 -c "import $m" 2>/dev/null || need+=("$m"); done
-python3 -c "import pandas" 2>/dev/null || need+=(pandas python_dateutil six)
-python3 -c "import matplotlib" 2>/dev/null || need+=(matplotlib contourpy cycler fonttools kiwisolver pyparsing \
-  python_dateutil six)
-python3 -c "import requests" 2>/dev/null || need+=(requests urllib3 charset_normalizer idna certifi)
-files=()
-for name in $(printf '%s\n' "${need[@]}" | sort -u); do files+=(.wheels/"$name"-[0-9]*.whl); done
-if (( ${#files[@]} )); then python3 -m pip install -q --no-index --no-deps --target "$SITE" "${files[@]}"; fi
-fi
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# --- packages missing on the GPU image, from the wheels in .wheels/
+source bench/gpu_wheels.sh
 export DYME_BENCH_WORK=${DYME_BENCH_WORK:-/tmp/dyme-bench-work}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', \

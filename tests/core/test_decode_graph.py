@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_trainers import family_trainer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyme_core import generation
-from dyme_core.config import InitModelConfig, load_config
-from dyme_core.models import init_tiny_model
 from dyme_core.trainer import Batch, DymeTrainer
 
 
@@ -24,17 +23,7 @@ from dyme_core.trainer import Batch, DymeTrainer
 def trainer(request: pytest.FixtureRequest, tiny_setup: dict, tmp_path_factory: pytest.TempPathFactory
             ) -> DymeTrainer:
     """A trainer over a tiny random model of one family (K=3, 10 new tokens)."""
-    ds = tiny_setup["dataset"]
-    root = tmp_path_factory.mktemp(f"decode-{request.param}")
-    texts = [t for s in ds.samples for t in (s.question, s.answer, s.hint or "") if t]
-    init_tiny_model(InitModelConfig(family=request.param, out_dir=str(root / "model"), vocab_size=300,
-                                    hidden_size=32, num_layers=2, num_heads=2, vision_hidden_size=32,
-                                    vision_layers=1, image_size=32, patch_size=8), texts)
-    cfg = load_config(None, [
-        f"data.path={tiny_setup['data']}", f"model.name_or_path={root / 'model'}", f"train.output_dir={root / 'run'}",
-        "train.refined=", "train.template_pool=", "train.batch_size=3", "train.num_generations=3",
-        "train.max_new_tokens=10", "train.progress_bar=false", "train.report_to=[jsonl]"])
-    tr = DymeTrainer(cfg, ds, device="cpu")
+    tr = family_trainer(request.param, tiny_setup, tmp_path_factory.mktemp(f"decode-{request.param}"))
     tr.model.eval()
     return tr
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_trainers import family_trainer
 
 from dyme_core import generation
-from dyme_core.config import InitModelConfig, load_config
 from dyme_core.evaluate import generate_answers
-from dyme_core.models import init_tiny_model, load_model, load_processor
+from dyme_core.models import load_model, load_processor
 from dyme_core.trainer import Batch, DymeTrainer
 
 FAMILIES = ["idefics3", "llava_onevision", "qwen2_vl"]
@@ -26,17 +26,7 @@ FAMILIES = ["idefics3", "llava_onevision", "qwen2_vl"]
 def trainer(request: pytest.FixtureRequest, tiny_setup: dict, tmp_path_factory: pytest.TempPathFactory
             ) -> DymeTrainer:
     """A trainer over a tiny random model of one family (K=3, 10 new tokens)."""
-    ds = tiny_setup["dataset"]
-    root = tmp_path_factory.mktemp(f"gen-{request.param}")
-    texts = [t for s in ds.samples for t in (s.question, s.answer, s.hint or "") if t]
-    init_tiny_model(InitModelConfig(family=request.param, out_dir=str(root / "model"), vocab_size=300,
-                                    hidden_size=32, num_layers=2, num_heads=2, vision_hidden_size=32,
-                                    vision_layers=1, image_size=32, patch_size=8), texts)
-    cfg = load_config(None, [
-        f"data.path={tiny_setup['data']}", f"model.name_or_path={root / 'model'}", f"train.output_dir={root / 'run'}",
-        "train.refined=", "train.template_pool=", "train.batch_size=3", "train.num_generations=3",
-        "train.max_new_tokens=10", "train.progress_bar=false", "train.report_to=[jsonl]"])
-    return DymeTrainer(cfg, ds, device="cpu")
+    return family_trainer(request.param, tiny_setup, tmp_path_factory.mktemp(f"gen-{request.param}"))
 
 
 def _batch(trainer: DymeTrainer) -> Batch:
