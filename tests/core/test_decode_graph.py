@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_trainers import family_trainer
+from tiny_trainers import LogitsRecorder, family_trainer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyme_core import generation
@@ -42,21 +42,6 @@ def _inputs(trainer: DymeTrainer, batch: Batch, prompts: list[int]) -> tuple[tor
     vision = ({"inputs_embeds": embeds} if embeds is not None
               else trainer.family.vision_inputs(batch.prompts, prompts, trainer.device, trainer.model.dtype))
     return ids, attn, vision
-
-
-class LogitsRecorder:
-    """The LM head's last-position outputs at every forward: what each step's distribution is computed from."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.calls: list[torch.Tensor] = []
-        self._handle = model.get_output_embeddings().register_forward_hook(
-            lambda _m, _i, out: self.calls.append(out[:, -1].detach().float().clone()))
-
-    def __enter__(self) -> LogitsRecorder:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._handle.remove()
 
 
 def _settings(trainer: DymeTrainer, eos: int, **sampling: object) -> dict:

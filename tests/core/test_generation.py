@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_trainers import family_trainer
+from tiny_trainers import LogitsRecorder, family_trainer
 
 from dyme_core import generation
 from dyme_core.evaluate import generate_answers
@@ -46,21 +46,6 @@ def _inputs(trainer: DymeTrainer, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     vision = ({"inputs_embeds": embeds} if embeds is not None
               else trainer.family.vision_inputs(batch.prompts, idx, trainer.device, trainer.model.dtype))
     return ids, attn, text, vision
-
-
-class LogitsRecorder:
-    """The LM head's outputs at every forward: what each step's distribution is computed from."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.calls: list[torch.Tensor] = []
-        self._handle = model.get_output_embeddings().register_forward_hook(
-            lambda _m, _i, out: self.calls.append(out[:, -1].detach().float().clone()))
-
-    def __enter__(self) -> LogitsRecorder:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._handle.remove()
 
 
 SAMPLING = [pytest.param({"temperature": 1.0, "top_p": 1.0, "top_k": 0}, id="plain"),

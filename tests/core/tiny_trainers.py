@@ -1,6 +1,9 @@
-"""A trainer over a tiny random model of any family, for tests that compare generation paths."""
+"""A trainer over a tiny random model of any family, and a recorder of the LM head's outputs: for the tests that
+compare generation paths."""
 
 from __future__ import annotations
+
+import torch
 
 
 def family_trainer(family: str, tiny_setup: dict, root):
@@ -20,3 +23,18 @@ def family_trainer(family: str, tiny_setup: dict, root):
         "train.refined=", "train.template_pool=", "train.batch_size=3", "train.num_generations=3",
         "train.max_new_tokens=10", "train.progress_bar=false", "train.report_to=[jsonl]"])
     return DymeTrainer(cfg, ds, device="cpu")
+
+
+class LogitsRecorder:
+    """The LM head's last-position outputs at every forward: what each step's distribution is computed from."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.calls: list[torch.Tensor] = []
+        self._handle = model.get_output_embeddings().register_forward_hook(
+            lambda _m, _i, out: self.calls.append(out[:, -1].detach().float().clone()))
+
+    def __enter__(self) -> LogitsRecorder:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._handle.remove()
