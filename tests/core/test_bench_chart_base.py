@@ -116,6 +116,18 @@ def test_smoke_flow_builds_a_base_that_loads_and_trains_with_the_project_trainer
         assert 0.0 <= gate["criteria"][name]["value"] <= 1.0
     assert gate["pass"] == all(c["pass"] for c in gate["criteria"].values())
     assert sum(gate["figures"]["rl_correct_per_group_histogram"]) == gate["setup"]["rl_prompts"]
+    # the trace probe measures transcription as the gate does (the same val charts, greedy, 64 tokens)
+    from bench import trace_probe
+
+    n_val = chart_base.SCALES["smoke"].gate_val
+    assert trace_probe.main(["--model", str(work / "base"), "--data", str(work / "data"), "--n", str(n_val),
+                             "--out", str(out / "probe.json")]) == 0
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["n"] == n_val and set(probe["summary"]) == {"transcribe", "observe", "derive", "derive_text",
+                                                              "chain", "bare"}
+    assert probe["summary"]["transcribe"] == pytest.approx(gate["figures"]["transcription_cells"], abs=1e-4)
+    read_by_gate = [e["read"] for e in gate["examples"]["transcription"]]
+    assert [e["transcribe"] for e in probe["examples"][: len(read_by_gate)]] == read_by_gate  # the same tokens
     # the base: bf16 safetensors that the project's trainer takes as it is
     assert (work / "base" / "model.safetensors").is_file()
     assert not list((work / "base").glob("*.bin")) and not list((work / "base").glob("*.pt"))
