@@ -150,6 +150,7 @@ class Context:
         self.scale_name, self.preset_name = args.scale, args.preset
         self.scale, self.preset = SCALES[args.scale], PRESETS[args.preset]
         self.workers = args.workers if args.workers >= 0 else max(0, (os.cpu_count() or 1) - 2)
+        self.low_form = args.low_traces
         self.start = time.monotonic()
         self.deadline = self.start + args.deadline_s if args.deadline_s > 0 else math.inf
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -206,8 +207,33 @@ def dataset_keys(ctx: Context) -> set[tuple]:
 
 
 # ------------------------------------------------------------------------------------------ pretrain
-def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple]):
-    """One pretraining example: (image, question, target text, kind)."""
+LOW_FORMS = ("conversational", "refined")
+
+
+def misread(rng: np.random.Generator, table):
+    """The table as a careless glance reads it: one or two values off by 10-40%, kept distinct and in 10-99."""
+    import dataclasses as dc
+
+    from dyme_core.data.charts import VALUE_RANGE
+
+    values = list(table.values)
+    for i in rng.choice(len(values), int(rng.integers(1, 3)), replace=False):
+        v = round(values[i] * (1 + float(rng.choice([-1, 1])) * float(rng.uniform(0.1, 0.4))))
+        v = min(max(v, VALUE_RANGE[0]), VALUE_RANGE[1])
+        while v in values[:i] + values[i + 1:]:  # distinct, as the charts' values are
+            v = v + 1 if v < VALUE_RANGE[1] else VALUE_RANGE[0]
+        values[i] = v
+    return dc.replace(table, values=tuple(values))
+
+
+def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple], low_form: str = "conversational"):
+    """One pretraining example: (image, question, target text, kind).
+
+    ``low_form``: the low-quality traces are the charts module's conversational ones (``conversational``, what the
+    second base was pretrained with), or the rule-refined form (every row observed, the verified arithmetic) over a
+    misread table (``refined``): partly ungrounded traces in the form DyME memorises, so a base that writes them
+    only has to learn to ground them.
+    """
     from dyme_core.data.charts import (
         MULTI_STEP,
         QTYPES,
@@ -241,6 +267,12 @@ def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple
         # model brings); the base never sees it chained to its own reading of a chart
         smp = Sample(id="s", image="", question=qa.question, answer=qa.answer, visual_facts=table.facts())
         return image, f"{transcription(table)}. {qa.question}", derivation(smp) or qa.answer, kind
+    if low_form == "refined":
+        from dyme_core.refiner import rule_refine
+
+        wrong = Sample(id="s", image="", question=qa.question, answer=qa.answer,
+                       visual_facts=misread(rng, table).facts())
+        return image, qa.question, f"{rule_refine(wrong, observe='all')}\n{ANSWER_FLAG} {qa.answer}", kind
     return image, qa.question, f"{qa.traces['low']}\n{ANSWER_FLAG} {qa.answer}", kind
 
 
@@ -252,9 +284,9 @@ class ChartStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, processor, batch: int, image_size: int, refused: set[tuple], seed: int = STREAM_SEED,
-                 pixel_dtype: torch.dtype = torch.float32):
+                 pixel_dtype: torch.dtype = torch.float32, low_form: str = "conversational"):
         self.processor, self.batch, self.image_size = processor, batch, image_size
-        self.refused, self.seed, self.pixel_dtype = refused, seed, pixel_dtype
+        self.refused, self.seed, self.pixel_dtype, self.low_form = refused, seed, pixel_dtype, low_form
 
     def __iter__(self):
         from dyme_core.data.charts import stream_rng
@@ -269,7 +301,7 @@ class ChartStream(torch.utils.data.IterableDataset):
     def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         from dyme_core.families import get_family
 
-        examples = [stream_example(rng, self.image_size, self.refused) for _ in range(self.batch)]
+        examples = [stream_example(rng, self.image_size, self.refused, self.low_form) for _ in range(self.batch)]
         images, questions, targets, kinds = zip(*examples, strict=True)
         out = encode_examples(self.processor, get_family("idefics3"), list(images), list(questions),
                               list(targets), list(kinds))
@@ -383,7 +415,7 @@ def piece_pretrain(ctx: Context) -> None:
         f"{lengths} tokens; setup {time.perf_counter() - t_start:.1f}s")
 
     stream = ChartStream(processor, s.batch, ctx.preset["image_size"], dataset_keys(ctx),
-                         pixel_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+                         pixel_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, low_form=ctx.low_form)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=ctx.workers, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if ctx.workers else None, persistent_workers=False,
@@ -401,9 +433,9 @@ def piece_pretrain(ctx: Context) -> None:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     progress = {"preset": ctx.preset_name, "preset_fields": ctx.preset, "scale": ctx.scale_name,
-                "scale_fields": dataclasses.asdict(s), "mixture": MIXTURE, "n_params": n_params,
-                "vocab": len(processor.tokenizer), "refined_target_tokens": lengths, "workers": ctx.workers,
-                "env": environment(), "status": "running", "rows": [], "saved_step": None,
+                "scale_fields": dataclasses.asdict(s), "mixture": MIXTURE, "low_traces": ctx.low_form,
+                "n_params": n_params, "vocab": len(processor.tokenizer), "refined_target_tokens": lengths,
+                "workers": ctx.workers, "env": environment(), "status": "running", "rows": [], "saved_step": None,
                 "steps_planned": s.steps}
     write_json(ctx.out / "progress.json", progress)
     autocast = dev.type == "cuda"
@@ -699,6 +731,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Seconds this process may use (0 = none); pretraining stops in time for the gate.")
     parser.add_argument("--workers", type=int, default=-1,
                         help="Chart-drawing DataLoader workers (default: cores - 2).")
+    parser.add_argument("--low-traces", default="conversational", choices=LOW_FORMS,
+                        help="Form of the low-quality traces: the charts' conversational ones (the second base), or "
+                             "the rule-refined form over a misread table (every row observed, some wrong).")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging

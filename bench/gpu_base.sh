@@ -15,7 +15,7 @@
 # Env: PRESET or PRESETS (full), SCALE (full), WORK (/tmp/dyme-chart-base), DEADLINE_S (560, counted from
 # this script's start), WORKERS (chart-drawing workers per preset; default cores / presets - 2), GPUS
 # (the GPU index per preset, default the visible ones in order; CUDA_VISIBLE_DEVICES is honoured),
-# PART_MB (15), PYTHON (python3).
+# PART_MB (15), PYTHON (python3), LOW_TRACES (conversational | refined: the form of the low-quality traces).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,7 @@ PYTHON=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-560}
 WORK=${WORK:-/tmp/dyme-chart-base}
 PART_MB=${PART_MB:-15}
+LOW_TRACES=${LOW_TRACES:-conversational}  # or refined: chart_base.py --low-traces
 n=${#presets[@]}
 WORKERS=${WORKERS:-$(( $(nproc) / n - 2 ))}
 [ "$WORKERS" -ge 0 ] || WORKERS=0
@@ -83,7 +84,7 @@ for i in "${!presets[@]}"; do
   out=$OUT_DIR
   [ "$n" -eq 1 ] || out=$OUT_DIR/$p
   (CUDA_VISIBLE_DEVICES=${gpus[$i]} timeout -s TERM -k 10 "$left" "$PYTHON" bench/chart_base.py all \
-    --scale "$SCALE" --preset "$p" --out "$out" --work "$WORK/$p" --workers "$WORKERS" \
+    --scale "$SCALE" --preset "$p" --out "$out" --work "$WORK/$p" --workers "$WORKERS" --low-traces "$LOW_TRACES" \
     --deadline-s "$(( left - 15 ))" 2>&1 | sed -u "s/^/[$p] /" | tee -a "$LOG") &
   pids+=($!)
 done

@@ -83,6 +83,23 @@ def test_bare_answers_favour_single_step_and_text_skills_give_the_arithmetic_fro
     assert any(" - " in t and " = " in t for _, t in skills)
 
 
+def test_refined_form_low_traces_misread_one_or_two_rows_and_keep_the_answer() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        table, _ = charts.random_chart(rng, 112)
+        wrong = chart_base.misread(rng, table)
+        changed = sum(a != b for a, b in zip(table.values, wrong.values, strict=True))
+        assert 1 <= changed <= 2 and len(set(wrong.values)) == len(wrong.values)
+        assert all(10 <= v <= 99 for v in wrong.values) and wrong.labels == table.labels
+    lows = [t for _, _, t, kind in (chart_base.stream_example(rng, 112, set(), "refined") for _ in range(300))
+            if kind == "low_trace"]
+    assert lows
+    for target in lows:  # the refined form over every row, then the reference answer
+        lines = target.splitlines()
+        assert lines[0].startswith("Goal: ") and lines[1].startswith("Observation: ") and " shows " in lines[1]
+        assert lines[-1].startswith("Answer: ") and lines[-2] == f"Conclusion: The answer is {lines[-1][8:]}."
+
+
 @pytest.mark.parametrize(("figures", "failing"), [
     # every figure inside its band
     ({"transcription_cells": 0.9, "greedy_qa_accuracy": 0.3, "sampled_format_rate": 0.1,
