@@ -194,15 +194,10 @@ def piece_data(ctx: Context) -> None:
 
 def dataset_keys(ctx: Context) -> set[tuple]:
     """Table keys of every dataset chart (the pretraining stream refuses them)."""
-    from dyme_core.data.charts import THEMES, ChartTable, table_key
+    from dyme_core.data.charts import table_from_facts, table_key
     from dyme_core.data.ingest import open_dataset
 
-    themes = {t.title: t for t in THEMES}
-    keys = set()
-    for smp in open_dataset(ctx.data_dir).samples:
-        f = smp.visual_facts
-        table = ChartTable(themes[f["title"]], "bar", tuple(r[0] for r in f["rows"]), tuple(r[1] for r in f["rows"]))
-        keys.add(table_key(table))
+    keys = {table_key(table_from_facts(smp.visual_facts)) for smp in open_dataset(ctx.data_dir).samples}
     return keys
 
 

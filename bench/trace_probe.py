@@ -32,12 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dyme_core import generation  # noqa: E402
 from dyme_core.config import ModelConfig  # noqa: E402
-from dyme_core.data.charts import TRANSCRIBE_QUESTION, parse_transcription, transcription  # noqa: E402
+from dyme_core.data.charts import (  # noqa: E402
+    TRANSCRIBE_QUESTION,
+    parse_transcription,
+    table_from_facts,
+    transcription,
+)
 from dyme_core.data.ingest import open_dataset  # noqa: E402
-from dyme_core.evaluate import suppressed_token_ids  # noqa: E402
-from dyme_core.families import family_of  # noqa: E402
+from dyme_core.evaluate import generate_answers  # noqa: E402
 from dyme_core.models import load_model, load_processor  # noqa: E402
 from dyme_core.refiner import derivation, rule_refine  # noqa: E402
 from dyme_core.rewards import accuracy_reward  # noqa: E402
@@ -45,26 +48,7 @@ from dyme_core.rewards import accuracy_reward  # noqa: E402
 
 def greedy_after(model, processor, images, questions, prefixes, max_new_tokens: int) -> list[str]:
     """Greedy continuations of the reasoning prompt + a forced start of the answer."""
-    family = family_of(model.config)
-    batch = family.encode(processor, questions, images, "reason")
-    tok = processor.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    prompts = [torch.cat([p, torch.tensor(tok(x, add_special_tokens=False)["input_ids"], dtype=torch.long)])
-               for p, x in zip(batch.prompt_ids, prefixes, strict=True)]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad)
-    attn = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        attn[i, width - len(p):] = 1
-    batch.prompt_ids = prompts
-    rows = list(range(len(prompts)))
-    text = family.text_inputs(batch, rows, [0] * len(rows), width, model.device)
-    out = generation.complete(model, ids, attn, max_new_tokens=max_new_tokens, text_inputs=text, do_sample=False,
-                              eos_token_id=tok.eos_token_id, pad_token_id=pad,
-                              suppress_tokens=suppressed_token_ids(model, processor),
-                              **family.vision_inputs(batch, rows, model.device, model.dtype))
-    return tok.batch_decode(out, skip_special_tokens=True)
+    return generate_answers(model, processor, images, questions, max_new_tokens, "reason", prefixes=prefixes)
 
 
 def sections(trace: str) -> dict[str, str]:
@@ -100,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         shows = [f"Goal: {t['Goal']}\nObservation: {t['Observation'].split(' shows ')[0]} shows " for t in traces]
         reason_heads = [t["Reasoning"].split(": ", 1)[0] + ": " for t in traces]
         derivs = [derivation(s) for s in chunk]
-        tables = [transcription_of(s) for s in chunk]
+        tables = [transcription(table_from_facts(s.visual_facts)) for s in chunk]
         outs = {
             "transcribe": greedy_after(model, processor, images, [TRANSCRIBE_QUESTION] * len(chunk), [""] * len(chunk),
                                        64),
@@ -145,14 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({"summary": summary, "by_qtype": result["by_qtype"]}, indent=1))
     return 0
-
-
-def transcription_of(sample) -> str:
-    from dyme_core.data.charts import THEMES, ChartTable
-
-    f = sample.visual_facts
-    theme = next(t for t in THEMES if t.title == f["title"])
-    return transcription(ChartTable(theme, "bar", tuple(r[0] for r in f["rows"]), tuple(r[1] for r in f["rows"])))
 
 
 if __name__ == "__main__":

@@ -43,15 +43,20 @@ def generate_answers(
     max_new_tokens: int = EvaluateConfig.max_new_tokens,
     style: str = "reason",
     cuda_graph_decode: bool = True,
+    prefixes: list[str] | None = None,
 ) -> list[str]:
     """Greedy completions, one per (image, question); the model family's adapter encodes the inputs.
 
     cuda_graph_decode: on a CUDA model, the decode step replays a CUDA graph (`generation.complete_static`).
+    prefixes: a forced start of each answer, appended to its prompt (the completion continues it).
     """
     model.eval()
     family = family_of(model.config)
     batch = family.encode(processor, questions, images, style)
     tok = processor.tokenizer
+    if prefixes is not None:
+        batch.prompt_ids = [torch.cat([p, torch.tensor(tok(x, add_special_tokens=False)["input_ids"], dtype=p.dtype)])
+                            for p, x in zip(batch.prompt_ids, prefixes, strict=True)]
     rows = list(range(len(questions)))
     # left-padded prompts (generation appends on the right) with the family's text and image inputs
     width = max(len(p) for p in batch.prompt_ids)

@@ -187,6 +187,25 @@ def complete(
     return out.clone()  # a normal tensor: the update embeds these ids under autograd
 
 
+def _cache_arg(model: PreTrainedModel) -> str:
+    """The forward's cache argument: transformers renamed it (`past_key_values` -> `cache`; the old name is accepted,
+    with a warning, until 5.40); the GPU machine's release knows only the old one."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _prefill(model: PreTrainedModel, cache: DynamicCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             inputs_embeds: torch.Tensor | None, text_inputs: dict[str, torch.Tensor],
+             vision_inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the B prompts into `cache`: (the last position's logits (B, V), the positions (B, P))."""
+    prompt = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids,
+                                                                                 **vision_inputs}
+    # positions as `generate` gives them: counted over each row's real tokens, so left padding shifts nothing
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P)
+    out = model(**prompt, **text_inputs, attention_mask=attention_mask, position_ids=positions,
+                **{_cache_arg(model): cache}, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), positions
+
+
 def _complete(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
               eos_token_id: int, pad_token_id: int, k: int, do_sample: bool, processors: LogitsProcessorList,
               inputs_embeds: torch.Tensor | None, text_inputs: dict[str, torch.Tensor],
@@ -195,17 +214,8 @@ def _complete(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: t
     device = input_ids.device
     # repeated K times after the prefill, then one position written per step (PreallocatedLayer)
     cache = preallocated_cache(model, prompt_len + max_new_tokens)
-    # transformers renamed the forward's cache argument (`past_key_values` -> `cache`; the old name is accepted,
-    # with a warning, until 5.40); the GPU machine's release knows only the old one
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    prefill = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids,
-                                                                                  **vision_inputs}
-    # positions as `generate` gives them: counted over each row's real tokens, so left padding shifts nothing
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P)
-    out = model(**prefill, **text_inputs, attention_mask=attention_mask, position_ids=positions,
-                **{cache_arg: cache}, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1].float()  # (B, V)
-    del out
+    cache_arg = _cache_arg(model)
+    logits, positions = _prefill(model, cache, input_ids, attention_mask, inputs_embeds, text_inputs, vision_inputs)
     rows = n * k
     if k > 1:
         cache.batch_repeat_interleave(k)
@@ -377,7 +387,7 @@ class CapturedDecode:
     def __init__(self, model: PreTrainedModel, state: DecodeState, processors: LogitsProcessorList,
                  do_sample: bool, eos_token_id: int, pad_token_id: int, capture: bool, compile_step: bool = False):
         self.state, self.processors = state, processors  # the graph reads their memory: keep them alive
-        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache_arg = _cache_arg(model)
         additive = model.config._attn_implementation == "eager"
 
         def step_with(runner: torch.nn.Module) -> Callable[[], None]:
@@ -520,15 +530,8 @@ def _complete_static(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     n, prompt_len = input_ids.shape
     rows = n * k
     device = input_ids.device
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    prefill_inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids,
-                                                                                         **vision_inputs}
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P), as `complete`
     prefill = DynamicCache(config=model.config)
-    out = model(**prefill_inputs, **text_inputs, attention_mask=attention_mask, position_ids=positions,
-                **{cache_arg: prefill}, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1].float()  # (B, V)
-    del out
+    logits, positions = _prefill(model, prefill, input_ids, attention_mask, inputs_embeds, text_inputs, vision_inputs)
     key = (bucket, capacity, do_sample, sampling, eos_token_id, pad_token_id, tuple(sorted(text_inputs)),
            torch.is_autocast_enabled(device.type), compile_step)
     graphs = _GRAPHS.setdefault(model, OrderedDict()) if capture else OrderedDict()

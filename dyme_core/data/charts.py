@@ -117,6 +117,14 @@ class ChartTable:
                 "rows": [[label, v] for label, v in zip(self.labels, self.values, strict=True)]}
 
 
+def table_from_facts(facts: dict, chart_type: str = "bar") -> ChartTable:
+    """The table a sample's ``visual_facts`` describe (:meth:`ChartTable.facts` read back)."""
+    theme = next((t for t in THEMES if t.title == facts["title"]), None)
+    if theme is None:
+        raise ValueError(f"no readable-chart theme is titled {facts['title']!r}")
+    return ChartTable(theme, chart_type, tuple(r[0] for r in facts["rows"]), tuple(r[1] for r in facts["rows"]))
+
+
 def table_key(table: ChartTable) -> tuple:
     """What makes two charts show the same data (the pretraining stream refuses the dataset's keys)."""
     return (table.theme.title, table.labels, table.values)

@@ -146,6 +146,13 @@ def test_charts_are_drawn_with_the_layout_engine_every_pillow_has() -> None:
     assert (drawn == basic).all()
 
 
+def test_a_samples_facts_give_back_its_table_and_an_unknown_title_is_named() -> None:
+    table = charts.ChartTable(charts.THEMES[2], "bar", ("Oslo", "Rome", "Lima"), (12, 99, 45))
+    assert charts.table_from_facts(table.facts()) == table
+    with pytest.raises(ValueError, match="'Sales'"):
+        charts.table_from_facts({"title": "Sales", "rows": [["a", 1]]})
+
+
 def test_transcription_round_trips() -> None:
     table = charts.ChartTable(charts.THEMES[1], "line", ("Jan", "Feb", "Mar"), (12, 99, 45))
     text = charts.transcription(table)
