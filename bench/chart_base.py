@@ -61,7 +61,21 @@ import torch
 FORBIDDEN_MODULES = ("trl", "datasets", "mlflow", "great_expectations", "kfp", "dvc")
 DATA_SEED = 12  # synth.seed of the dataset; the pretraining stream uses charts.stream_rng (disjoint)
 STREAM_SEED = 0
-MIXTURE = {"transcribe": 0.35, "answer": 0.35, "skill": 0.15, "low_trace": 0.15}
+MIXTURE = {"transcribe": 0.35, "answer": 0.35, "skill": 0.15, "low_trace": 0.15}  # the second base's; --mixture
+
+
+def parse_mixture(text: str) -> dict[str, float]:
+    """``transcribe=0.3,answer=0.4,skill=0.2,low_trace=0.1`` -> the mixture; every kind named, shares summing to 1."""
+    try:
+        pairs = dict(item.split("=", 1) for item in text.split(","))
+        mixture = {k: float(pairs.pop(k)) for k in MIXTURE}
+    except (KeyError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"--mixture needs each of {list(MIXTURE)} as kind=share, got {text!r}") from err
+    if pairs:
+        raise argparse.ArgumentTypeError(f"--mixture: unknown kinds {sorted(pairs)} (known: {list(MIXTURE)})")
+    if min(mixture.values()) < 0 or abs(sum(mixture.values()) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"--mixture shares must be >= 0 and sum to 1, got {text!r}")
+    return mixture
 # Bare answers ask single-step questions three times as often as multi-step ones (the paper's starting point:
 # a base that answers simple questions better than multi-step ones).
 ANSWER_SINGLE_SHARE = 0.75
@@ -151,6 +165,7 @@ class Context:
         self.scale, self.preset = SCALES[args.scale], PRESETS[args.preset]
         self.workers = args.workers if args.workers >= 0 else max(0, (os.cpu_count() or 1) - 2)
         self.low_form = args.low_traces
+        self.mixture = args.mixture
         self.start = time.monotonic()
         self.deadline = self.start + args.deadline_s if args.deadline_s > 0 else math.inf
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -221,8 +236,9 @@ def misread(rng: np.random.Generator, table):
     return dc.replace(table, values=tuple(values))
 
 
-def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple], low_form: str = "conversational"):
-    """One pretraining example: (image, question, target text, kind).
+def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple], low_form: str = "conversational",
+                   mixture: dict[str, float] = MIXTURE):
+    """One pretraining example: (image, question, target text, kind), its kind drawn from ``mixture``.
 
     ``low_form``: the low-quality traces are the charts module's conversational ones (``conversational``, what the
     second base was pretrained with), or the rule-refined form (every row observed, the verified arithmetic) over a
@@ -248,8 +264,8 @@ def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple
         if table_key(table) not in refused:
             break
     u = float(rng.random())
-    edges = np.cumsum(list(MIXTURE.values()))
-    kind = list(MIXTURE)[int(np.searchsorted(edges, u, side="right"))] if u < edges[-1] else "low_trace"
+    edges = np.cumsum(list(mixture.values()))
+    kind = list(mixture)[int(np.searchsorted(edges, u, side="right"))] if u < edges[-1] else "low_trace"
     if kind == "transcribe":
         return image, TRANSCRIBE_QUESTION, transcription(table), kind
     if kind == "answer":
@@ -279,9 +295,11 @@ class ChartStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, processor, batch: int, image_size: int, refused: set[tuple], seed: int = STREAM_SEED,
-                 pixel_dtype: torch.dtype = torch.float32, low_form: str = "conversational"):
+                 pixel_dtype: torch.dtype = torch.float32, low_form: str = "conversational",
+                 mixture: dict[str, float] = MIXTURE):
         self.processor, self.batch, self.image_size = processor, batch, image_size
         self.refused, self.seed, self.pixel_dtype, self.low_form = refused, seed, pixel_dtype, low_form
+        self.mixture = mixture
 
     def __iter__(self):
         from dyme_core.data.charts import stream_rng
@@ -296,7 +314,7 @@ class ChartStream(torch.utils.data.IterableDataset):
     def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         from dyme_core.families import get_family
 
-        examples = [stream_example(rng, self.image_size, self.refused, self.low_form) for _ in range(self.batch)]
+        examples = [stream_example(rng, self.image_size, self.refused, self.low_form, self.mixture) for _ in range(self.batch)]
         images, questions, targets, kinds = zip(*examples, strict=True)
         out = encode_examples(self.processor, get_family("idefics3"), list(images), list(questions),
                               list(targets), list(kinds))
@@ -410,7 +428,8 @@ def piece_pretrain(ctx: Context) -> None:
         f"{lengths} tokens; setup {time.perf_counter() - t_start:.1f}s")
 
     stream = ChartStream(processor, s.batch, ctx.preset["image_size"], dataset_keys(ctx),
-                         pixel_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, low_form=ctx.low_form)
+                         pixel_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, low_form=ctx.low_form,
+                         mixture=ctx.mixture)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=ctx.workers, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if ctx.workers else None, persistent_workers=False,
@@ -428,7 +447,7 @@ def piece_pretrain(ctx: Context) -> None:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     progress = {"preset": ctx.preset_name, "preset_fields": ctx.preset, "scale": ctx.scale_name,
-                "scale_fields": dataclasses.asdict(s), "mixture": MIXTURE, "low_traces": ctx.low_form,
+                "scale_fields": dataclasses.asdict(s), "mixture": ctx.mixture, "low_traces": ctx.low_form,
                 "n_params": n_params, "vocab": len(processor.tokenizer), "refined_target_tokens": lengths,
                 "workers": ctx.workers, "env": environment(), "status": "running", "rows": [], "saved_step": None,
                 "steps_planned": s.steps}
@@ -729,6 +748,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--low-traces", default="conversational", choices=LOW_FORMS,
                         help="Form of the low-quality traces: the charts' conversational ones (the second base), or "
                              "the rule-refined form over a misread table (every row observed, some wrong).")
+    parser.add_argument("--mixture", type=parse_mixture, default=dict(MIXTURE),
+                        help="Shares of the pretraining kinds, e.g. transcribe=0.3,answer=0.4,skill=0.2,low_trace=0.1 "
+                             "(default: the second base's 0.35/0.35/0.15/0.15).")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging

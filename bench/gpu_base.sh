@@ -15,7 +15,8 @@
 # Env: PRESET or PRESETS (full), SCALE (full), WORK (/tmp/dyme-chart-base), DEADLINE_S (560, counted from
 # this script's start), WORKERS (chart-drawing workers per preset; default cores / presets - 2), GPUS
 # (the GPU index per preset, default the visible ones in order; CUDA_VISIBLE_DEVICES is honoured),
-# PART_MB (15), PYTHON (python3), LOW_TRACES (conversational | refined: the form of the low-quality traces).
+# PART_MB (15), PYTHON (python3), LOW_TRACES (conversational | refined: the form of the low-quality traces),
+# MIXTURE (the pretraining kinds' shares, chart_base.py --mixture; default the second base's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,7 @@ DEADLINE_S=${DEADLINE_S:-560}
 WORK=${WORK:-/tmp/dyme-chart-base}
 PART_MB=${PART_MB:-15}
 LOW_TRACES=${LOW_TRACES:-conversational}  # or refined: chart_base.py --low-traces
+MIXTURE=${MIXTURE:-transcribe=0.35,answer=0.35,skill=0.15,low_trace=0.15}  # chart_base.py --mixture
 n=${#presets[@]}
 WORKERS=${WORKERS:-$(( $(nproc) / n - 2 ))}
 [ "$WORKERS" -ge 0 ] || WORKERS=0
@@ -85,6 +87,7 @@ for i in "${!presets[@]}"; do
   [ "$n" -eq 1 ] || out=$OUT_DIR/$p
   (CUDA_VISIBLE_DEVICES=${gpus[$i]} timeout -s TERM -k 10 "$left" "$PYTHON" bench/chart_base.py all \
     --scale "$SCALE" --preset "$p" --out "$out" --work "$WORK/$p" --workers "$WORKERS" --low-traces "$LOW_TRACES" \
+    --mixture "$MIXTURE" \
     --deadline-s "$(( left - 15 ))" 2>&1 | sed -u "s/^/[$p] /" | tee -a "$LOG") &
   pids+=($!)
 done

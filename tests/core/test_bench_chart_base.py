@@ -4,7 +4,9 @@ flow builds a base that the project's loader and DymeTrainer take unchanged."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -53,10 +55,12 @@ def test_a_pretraining_row_is_the_trainers_prompt_then_the_target_and_only_the_t
     assert batch["pixel_values"].shape[:2] == (2, 1)
 
 
-def test_the_stream_mixes_transcription_answers_and_low_traces_and_refuses_dataset_charts() -> None:
+@pytest.mark.parametrize("mixture", [None, "transcribe=0.3,answer=0.4,skill=0.2,low_trace=0.1"])
+def test_the_stream_mixes_transcription_answers_and_low_traces_and_refuses_dataset_charts(mixture) -> None:
     rng = np.random.default_rng(1)
-    kinds = Counter(chart_base.stream_example(rng, 112, set())[3] for _ in range(1500))
-    for kind, share in chart_base.MIXTURE.items():
+    shares = chart_base.parse_mixture(mixture) if mixture else chart_base.MIXTURE
+    kinds = Counter(chart_base.stream_example(rng, 112, set(), mixture=shares)[3] for _ in range(1500))
+    for kind, share in shares.items():
         assert abs(kinds[kind] / 1500 - share) < 0.04, kinds
     # the first chart this generator would draw is refused: the example shows another table
     first, _ = charts.random_chart(np.random.default_rng(7), 112)
@@ -65,6 +69,17 @@ def test_the_stream_mixes_transcription_answers_and_low_traces_and_refuses_datas
     assert charts.table_key(redrawn) == charts.table_key(first)  # same generator, same first table
     if kind == "transcribe":
         assert target != charts.transcription(first)
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("transcribe=0.5,answer=0.5,skill=0", "each of"),  # a kind left out
+    ("transcribe=0.3,answer=0.4,skill=0.2,low_trace=0.1,noise=0", "unknown kinds ['noise']"),
+    ("transcribe=0.3,answer=0.4,skill=0.2,low_trace=0.2", "sum to 1"),
+    ("transcribe=half,answer=0.4,skill=0.2,low_trace=0.1", "each of"),
+])
+def test_a_bad_mixture_is_refused_with_the_reason(text: str, says: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(says)):
+        chart_base.parse_mixture(text)
 
 
 def test_bare_answers_favour_single_step_and_text_skills_give_the_arithmetic_from_the_listed_table() -> None:
