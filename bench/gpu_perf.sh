@@ -23,6 +23,7 @@
 # call killed at its limit still returns the last pack), and $OUT/perf-summary.md is written at the end.
 #
 #   bash bench/gpu_perf.sh                    on the 2-GPU kind, .wheels carried (trl and friends install from it)
+#   PARTS=b BUDGET=330 bash bench/gpu_perf.sh  one part alone (PARTS: any of 0 a b c; b and 0 fit the 1-GPU kind)
 # CPU smoke of the script itself (tiny shapes, torchrun with 2 CPU processes):
 #   SKIP_INSTALL=1 DEVICE=cpu SHAPE=tiny K=4 PROMPTS=4 NEW_TOKENS=16 PY=.venv/bin/python BUDGET=900 SAME_PROCESS=1 \
 #     OUT=/tmp/perf-out RES=/tmp/perf-res bash bench/gpu_perf.sh
@@ -41,6 +42,7 @@ COMPILE_CACHE=${COMPILE_CACHE:-/tmp/dyme-compile-cache}
 TRL_KINDS=${TRL_KINDS:-trl-same-gen}
 DECODE_METHODS=${DECODE_METHODS:-captured,complete}
 MULTI_COMPILE=${MULTI_COMPILE:-off}
+PARTS=${PARTS:-0 a b c}  # the parts to run, e.g. PARTS=b: the update against TRL alone (its compile then starts cold)
 export DYME_BENCH_WORK=${DYME_BENCH_WORK:-/tmp/dyme-bench-work}
 mkdir -p "$OUT" "$RES"
 # a cold plan: nothing compiled by an earlier run of it (KEEP_CACHE=1 keeps the cache dir)
@@ -48,6 +50,7 @@ if [[ -z "${KEEP_CACHE:-}" ]]; then rm -rf "$COMPILE_CACHE"; fi
 
 # seconds left in the plan once `reserve` seconds are kept for later parts
 left() { echo $(( BUDGET - ($(date +%s) - T0) - ${1:-0} )); }
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 skip() { echo "$2" > "$RES/skipped-$1.txt"; echo "part $1 skipped: $2"; }
 pack() { tar czf "$OUT/.perf-results.tgz.tmp" -C "$RES" . 2>/dev/null && mv -f "$OUT/.perf-results.tgz.tmp" \
   "$OUT/perf-results.tgz"; }
@@ -69,10 +72,15 @@ size=(--shape "$SHAPE" --k "$K" --prompts "$PROMPTS" --new-tokens "$NEW_TOKENS" 
 log "plan start: budget $BUDGET s, $NGPU GPUs, device $DEVICE"
 
 # time kept for the parts after each one (what they need at least, on the 256M shape from cold)
-NEED_A=170 NEED_B=100 NEED_C=110
+# (part b: DyME's set-up and compile, then TRL's set-up and warm-up, about 75 s, before any timed round)
+NEED_A=170 NEED_B=160 NEED_C=110
+want a || NEED_A=0
+want b || NEED_B=0
+want c || NEED_C=0
 
 # --- part 0: the decode step (optional: the script may not be in this checkout)
-if [[ -f bench/decode_step.py ]]; then
+if ! want 0; then skip 0-decode "not in PARTS ($PARTS)"
+elif [[ -f bench/decode_step.py ]]; then
   b=$(left $(( NEED_A + NEED_B + NEED_C )))
   (( b > 60 )) && b=60
   if (( b < 30 )); then skip 0-decode "needs about 30 s, $b s left before parts a-c"
@@ -102,6 +110,7 @@ run_a() {
 }
 same=()
 if [[ -n "${SAME_PROCESS:-}" ]]; then same=(--same-process); fi
+if want a; then
 run_a compiled-cold 60 150 --update compiled --cache-dir "$COMPILE_CACHE" "${same[@]}"
 # a warm run measures reuse of what compiled-cold stored: unless that run reached its first step, it would time a
 # cold compile
@@ -116,10 +125,13 @@ if cold_done; then
 else skip a-eager-warm "compiled-cold did not reach its first step, so the cache dir holds nothing to reuse"
 fi
 "$PY" bench/compile_time.py --summarize "$RES" > /dev/null 2>&1 || true
+else skip a "not in PARTS ($PARTS)"
+fi
 
 # --- part b: the skip75 update against TRL, DyME's update compiled (from the cache part a filled)
 b=$(left "$NEED_C")
-if (( b < NEED_B - 20 )); then skip b-update "needs about $(( NEED_B - 20 )) s; $b s left before part c"
+if ! want b; then skip b-update "not in PARTS ($PARTS)"
+elif (( b < NEED_B - 20 )); then skip b-update "needs about $(( NEED_B - 20 )) s; $b s left before part c"
 else
   log "part b: skip75 update vs $TRL_KINDS, budget $b s"
   timeout -k 10 $(( b + 20 )) "$PY" bench/throughput.py --device "$DEVICE" "${size[@]}" --out "$RES" \
@@ -130,7 +142,8 @@ fi
 pack || true
 
 # --- part c: 2-GPU scaling (DyME alone; same per-GPU batch)
-if [[ "$DEVICE" == cuda && "$NGPU" -lt 2 ]]; then skip c-multi "needs 2 GPUs, this machine has $NGPU"
+if ! want c; then skip c-multi "not in PARTS ($PARTS)"
+elif [[ "$DEVICE" == cuda && "$NGPU" -lt 2 ]]; then skip c-multi "needs 2 GPUs, this machine has $NGPU"
 else
   b=$(left 0)
   if (( b < 60 )); then skip c-multi "needs about 60 s; $b s left"
