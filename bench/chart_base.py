@@ -217,7 +217,7 @@ def dataset_keys(ctx: Context) -> set[tuple]:
 
 
 # ------------------------------------------------------------------------------------------ pretrain
-LOW_FORMS = ("conversational", "refined")
+LOW_FORMS = ("conversational", "refined", "consistent")
 
 
 def misread(rng: np.random.Generator, table):
@@ -236,14 +236,32 @@ def misread(rng: np.random.Generator, table):
     return dc.replace(table, values=tuple(values))
 
 
+def misread_answer(rng: np.random.Generator, table, wrong, qtype: str, question: str) -> str:
+    """The answer to ``question`` read off the misread table ``wrong``: ``ask`` with the generator state that asked it
+    about ``table`` (``rng`` as it was before), so the same labels are picked; a count-above question keeps its
+    threshold (``ask`` draws it between the table's own values)."""
+    from dyme_core.data.charts import ask
+
+    qa = ask(rng, wrong, qtype)
+    if qa.question == question:
+        return qa.answer
+    if qtype != "count_above":  # only the threshold depends on the values
+        raise AssertionError(f"{qtype}: the misread table was asked {qa.question!r}, not {question!r}")
+    threshold = int(question.rsplit(" ", 1)[1].rstrip("?"))
+    return str(sum(v > threshold for v in wrong.values))
+
+
 def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple], low_form: str = "conversational",
                    mixture: dict[str, float] = MIXTURE):
     """One pretraining example: (image, question, target text, kind), its kind drawn from ``mixture``.
 
     ``low_form``: the low-quality traces are the charts module's conversational ones (``conversational``, what the
-    second base was pretrained with), or the rule-refined form (every row observed, the verified arithmetic) over a
-    misread table (``refined``): partly ungrounded traces in the form DyME memorises, so a base that writes them
-    only has to learn to ground them.
+    second base was pretrained with), or the rule-refined form (every row observed) over a misread table: partly
+    ungrounded traces in the form DyME memorises, so a base that writes them only has to learn to ground them.
+    ``refined`` (the third base) ends on the reference answer, so where a misread row matters its reasoning states
+    a value the observation does not hold (the base learns that reasoning need not follow the observation);
+    ``consistent`` works the whole trace out on the misread table (the arithmetic always written, the answer the
+    misread table gives, wrong where the misread rows matter): reasoning that follows what was read.
     """
     from dyme_core.data.charts import (
         MULTI_STEP,
@@ -272,7 +290,9 @@ def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple
         pool = SINGLE_STEP if rng.random() < ANSWER_SINGLE_SHARE else MULTI_STEP
         qa = ask(rng, table, pool[int(rng.integers(len(pool)))])
         return image, qa.question, f"{ANSWER_FLAG} {qa.answer}", kind
-    qa = ask(rng, table, QTYPES[int(rng.integers(len(QTYPES)))])
+    qtype = QTYPES[int(rng.integers(len(QTYPES)))]
+    before = copy.deepcopy(rng)  # the consistent form asks the misread table the same question
+    qa = ask(rng, table, qtype)
     if kind == "skill":
         # text skill: the table given as text, the arithmetic that answers the question (what a language
         # model brings); the base never sees it chained to its own reading of a chart
@@ -284,6 +304,13 @@ def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple
         wrong = Sample(id="s", image="", question=qa.question, answer=qa.answer,
                        visual_facts=misread(rng, table).facts())
         return image, qa.question, f"{rule_refine(wrong, observe='all')}\n{ANSWER_FLAG} {qa.answer}", kind
+    if low_form == "consistent":
+        from dyme_core.refiner import rule_refine
+
+        misread_table = misread(rng, table)
+        answer = misread_answer(before, table, misread_table, qtype, qa.question)
+        wrong = Sample(id="s", image="", question=qa.question, answer=answer, visual_facts=misread_table.facts())
+        return image, qa.question, f"{rule_refine(wrong, observe='all')}\n{ANSWER_FLAG} {answer}", kind
     return image, qa.question, f"{qa.traces['low']}\n{ANSWER_FLAG} {qa.answer}", kind
 
 
@@ -746,8 +773,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=-1,
                         help="Chart-drawing DataLoader workers (default: cores - 2).")
     parser.add_argument("--low-traces", default="conversational", choices=LOW_FORMS,
-                        help="Form of the low-quality traces: the charts' conversational ones (the second base), or "
-                             "the rule-refined form over a misread table (every row observed, some wrong).")
+                        help="Form of the low-quality traces: the charts' conversational ones (the second base); the "
+                             "rule-refined form over a misread table (every row observed, some wrong) ending on the "
+                             "reference answer (refined, the third base), or worked out on the misread table "
+                             "(consistent: the reasoning follows the observation, the answer is the misread one).")
     parser.add_argument("--mixture", type=parse_mixture, default=dict(MIXTURE),
                         help="Shares of the pretraining kinds, e.g. transcribe=0.3,answer=0.4,skill=0.2,low_trace=0.1 "
                              "(default: the second base's 0.35/0.35/0.15/0.15).")

@@ -15,7 +15,7 @@
 # Env: PRESET or PRESETS (full), SCALE (full), WORK (/tmp/dyme-chart-base), DEADLINE_S (560, counted from
 # this script's start), WORKERS (chart-drawing workers per preset; default cores / presets - 2), GPUS
 # (the GPU index per preset, default the visible ones in order; CUDA_VISIBLE_DEVICES is honoured),
-# PART_MB (15), PYTHON (python3), LOW_TRACES (conversational | refined: the form of the low-quality traces),
+# PART_MB (15), PYTHON (python3), LOW_TRACES (conversational | refined | consistent: the low-quality traces' form),
 # MIXTURE (the pretraining kinds' shares, chart_base.py --mixture; default the second base's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ PYTHON=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-560}
 WORK=${WORK:-/tmp/dyme-chart-base}
 PART_MB=${PART_MB:-15}
-LOW_TRACES=${LOW_TRACES:-conversational}  # or refined: chart_base.py --low-traces
+LOW_TRACES=${LOW_TRACES:-conversational}  # or refined, consistent: chart_base.py --low-traces
 MIXTURE=${MIXTURE:-transcribe=0.35,answer=0.35,skill=0.15,low_trace=0.15}  # chart_base.py --mixture
 n=${#presets[@]}
 WORKERS=${WORKERS:-$(( $(nproc) / n - 2 ))}

@@ -6,13 +6,15 @@
 #      the memory floor (methods $DECODE_METHODS, default "captured,complete")
 #   a. time to first step and steady step, DyME's update eager vs regionally compiled (train.compile_update),
 #      cold cache then warm cache, 256M shape (bench/compile_time.py), one process each with an empty
-#      TORCHINDUCTOR_CACHE_DIR, so a process reuses only what train.compile_cache_dir ($COMPILE_CACHE) holds:
-#        compiled-cold       first process: compiles the layer (and the decode step) into the empty cache dir;
+#      TORCHINDUCTOR_CACHE_DIR, so a process reuses only what train.compile_cache_dir ($COMPILE_CACHE) holds.
+#      Rollouts decode as the project's default does (the captured step; STATIC_CACHE=on: HF's compiled static
+#      step, whose compile then joins the first step and the cache):
+#        compiled-cold       first process: compiles the layer into the empty cache dir;
 #                            then the same process's update eager (steady); SAME_PROCESS=1: and a second trainer
 #                            in the same process (warm: Dynamo's in-memory cache)
 #        compiled-warm       second process, same cache dir
-#        eager-cold          update eager, no cache dir (the decode step's compile is the only one)
-#        eager-warm          update eager, the cache dir (the decode step from the cache)
+#        eager-cold          update eager, no cache dir
+#        eager-warm          update eager, the cache dir
 #   b. the update with 75% zero-weight groups (mix skip75) against TRL 1.16 GRPOTrainer given the same generation
 #      settings ($TRL_KINDS, default trl-same-gen), DyME's update compiled from the cache dir part a filled
 #      (bench/throughput.py: 2 warm-up + 3 timed rounds; DyME's first step is reported apart)
@@ -42,6 +44,7 @@ COMPILE_CACHE=${COMPILE_CACHE:-/tmp/dyme-compile-cache}
 TRL_KINDS=${TRL_KINDS:-trl-same-gen}
 DECODE_METHODS=${DECODE_METHODS:-captured,complete}
 MULTI_COMPILE=${MULTI_COMPILE:-off}
+STATIC_CACHE=${STATIC_CACHE:-off}  # part a's rollouts: off = the default captured decode step, on = HF's compiled one
 PARTS=${PARTS:-0 a b c}  # the parts to run, e.g. PARTS=b: the update against TRL alone (its compile then starts cold)
 export DYME_BENCH_WORK=${DYME_BENCH_WORK:-/tmp/dyme-bench-work}
 mkdir -p "$OUT" "$RES"
@@ -104,7 +107,8 @@ run_a() {
   (( cap > b )) && cap=$b
   log "part a: $label (cap $cap s)"
   TORCHINDUCTOR_CACHE_DIR=$(mktemp -d /tmp/inductor-XXXXXX) timeout -k 5 "$cap" "$PY" bench/compile_time.py \
-    --device "$DEVICE" "${size[@]}" --label "$label" --out "$RES" --steps 3 --budget-s $(( cap - 10 )) "$@" \
+    --device "$DEVICE" "${size[@]}" --label "$label" --out "$RES" --steps 3 --budget-s $(( cap - 10 )) \
+    --static-cache "$STATIC_CACHE" "$@" \
     > "$RES/compile-$label.log" 2>&1 || log "part a: $label ended with rc $? (see compile-$label.log)"
   pack || true
 }

@@ -5,6 +5,7 @@ flow builds a base that the project's loader and DymeTrainer take unchanged."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import sys
@@ -20,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 from bench import chart_base  # noqa: E402
 from dyme_core.config import InitModelConfig, ModelConfig, load_config  # noqa: E402
 from dyme_core.data import charts  # noqa: E402
+from dyme_core.data.schema import Sample  # noqa: E402
+from dyme_core.refiner import derivation, rule_refine  # noqa: E402
 from dyme_core.families import get_family  # noqa: E402
 from dyme_core.models import build_prompt, init_tiny_model, load_processor  # noqa: E402
 
@@ -113,6 +116,53 @@ def test_refined_form_low_traces_misread_one_or_two_rows_and_keep_the_answer() -
         lines = target.splitlines()
         assert lines[0].startswith("Goal: ") and lines[1].startswith("Observation: ") and " shows " in lines[1]
         assert lines[-1].startswith("Answer: ") and lines[-2] == f"Conclusion: The answer is {lines[-1][8:]}."
+
+
+def _observed_sample(question: str, trace: str) -> tuple[Sample, str]:
+    """The trace's own observation as a table, with the trace's answer: what its reasoning should follow."""
+    lines = trace.splitlines()
+    title, listing = re.match(r"Observation: The chart '(.*)' shows (.*)\.$", lines[1]).groups()
+    rows = [[label, int(v)] for label, v in (item.split(" = ") for item in listing.split("; "))]
+    answer = lines[-1].removeprefix("Answer: ")
+    facts = {"title": title, "columns": ["label", "value"], "rows": rows}
+    return Sample(id="s", image="", question=question, answer=answer, visual_facts=facts), "\n".join(lines[:-1])
+
+
+def test_consistent_low_traces_reason_from_what_they_observe_where_refined_ones_do_not() -> None:
+    def lows(form: str) -> list[tuple[str, str]]:
+        rng = np.random.default_rng(9)
+        return [(q, t) for _, q, t, kind in (chart_base.stream_example(rng, 112, set(), form) for _ in range(1500))
+                if kind == "low_trace"]
+
+    consistent = lows("consistent")
+    assert len(consistent) > 150
+    for question, trace in consistent:  # the whole trace is the rule refiner's over the misread table it observed
+        smp, body = _observed_sample(question, trace)
+        assert body == rule_refine(smp, observe="all") and derivation(smp) is not None, trace
+    # the third base's form ends on the true answer: where a misread row matters, its reasoning does not follow
+    unfollowed = [t for q, t in lows("refined") if derivation(_observed_sample(q, t)[0]) is None]
+    assert len(unfollowed) > 20
+
+
+@pytest.mark.parametrize("qtype", charts.QTYPES)
+def test_the_misread_answer_is_what_the_misread_table_gives(qtype: str) -> None:
+    rng = np.random.default_rng(4)
+    wrong_answers = 0
+    for _ in range(60):
+        table, _ = charts.random_chart(rng, 112)
+        before = copy.deepcopy(rng)
+        qa = charts.ask(rng, table, qtype)
+        assert chart_base.misread_answer(copy.deepcopy(before), table, table, qtype, qa.question) == qa.answer
+        wrong = chart_base.misread(rng, table)
+        answer = chart_base.misread_answer(before, table, wrong, qtype, qa.question)
+        if qtype == "value_lookup":
+            assert answer == str(wrong.value(qa.question.rsplit(" ", 1)[1].rstrip("?")))
+        if qtype == "count_above":
+            threshold = int(qa.question.rsplit(" ", 1)[1].rstrip("?"))
+            assert answer == str(sum(v > threshold for v in wrong.values))
+        wrong_answers += answer != qa.answer
+    # a misread row changes some answers (never the number of bars)
+    assert (wrong_answers == 0) if qtype == "count" else (wrong_answers > 0)
 
 
 @pytest.mark.parametrize(("figures", "failing"), [
