@@ -163,6 +163,11 @@ class Context:
         self.work = Path(args.work)
         self.scale_name, self.preset_name = args.scale, args.preset
         self.scale, self.preset = SCALES[args.scale], PRESETS[args.preset]
+        overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v}
+        if overrides:
+            steps = overrides.get("steps", self.scale.steps)
+            self.scale = dataclasses.replace(self.scale, **overrides, warmup=min(self.scale.warmup, max(1, steps // 10)))
+        self.init_from = Path(args.init_from) if args.init_from else None
         self.workers = args.workers if args.workers >= 0 else max(0, (os.cpu_count() or 1) - 2)
         self.low_form = args.low_traces
         self.mixture = args.mixture
@@ -445,8 +450,15 @@ def piece_pretrain(ctx: Context) -> None:
     s, dev = ctx.scale, ctx.device
     t_start = time.perf_counter()
     texts, train = tokenizer_corpus(ctx)
-    init_dir = ctx.work / "init"
-    init_tiny_model(InitModelConfig(family="idefics3", out_dir=str(init_dir), seed=0, **ctx.preset), texts)
+    init_dir = ctx.init_from or ctx.work / "init"
+    if ctx.init_from is None:
+        init_tiny_model(InitModelConfig(family="idefics3", out_dir=str(init_dir), seed=0, **ctx.preset), texts)
+    elif not (init_dir / "config.json").is_file():
+        raise SystemExit(f"--init-from {init_dir}: no config.json there (expected a base this script saved)")
+    elif (size := json.loads((init_dir / "config.json").read_text()).get("vision_config", {}).get("image_size")) \
+            != ctx.preset["image_size"]:
+        raise SystemExit(f"--init-from {init_dir}: its images are {size} px, preset {ctx.preset_name}'s "
+                         f"{ctx.preset['image_size']} px")
     processor = load_processor(ModelConfig(name_or_path=str(init_dir)))
     lengths = refined_target_lengths(processor.tokenizer, train)
     model = load_model(ModelConfig(name_or_path=str(init_dir), dtype="float32", freeze_vision=False), dev)
@@ -477,6 +489,7 @@ def piece_pretrain(ctx: Context) -> None:
                 "scale_fields": dataclasses.asdict(s), "mixture": ctx.mixture, "low_traces": ctx.low_form,
                 "n_params": n_params, "vocab": len(processor.tokenizer), "refined_target_tokens": lengths,
                 "workers": ctx.workers, "env": environment(), "status": "running", "rows": [], "saved_step": None,
+                "init_from": str(ctx.init_from) if ctx.init_from else None,
                 "steps_planned": s.steps}
     write_json(ctx.out / "progress.json", progress)
     autocast = dev.type == "cuda"
@@ -777,6 +790,11 @@ def main(argv: list[str] | None = None) -> int:
                              "rule-refined form over a misread table (every row observed, some wrong) ending on the "
                              "reference answer (refined, the third base), or worked out on the misread table "
                              "(consistent: the reasoning follows the observation, the answer is the misread one).")
+    parser.add_argument("--init-from", default="",
+                        help="Continue from a base this script saved (its weights and tokenizer) instead of a random "
+                             "model; --preset must be the one it was built with.")
+    parser.add_argument("--steps", type=int, default=0, help="Pretraining steps (default: the scale's).")
+    parser.add_argument("--lr", type=float, default=0.0, help="Peak learning rate (default: the scale's).")
     parser.add_argument("--mixture", type=parse_mixture, default=dict(MIXTURE),
                         help="Shares of the pretraining kinds, e.g. transcribe=0.3,answer=0.4,skill=0.2,low_trace=0.1 "
                              "(default: the second base's 0.35/0.35/0.15/0.15).")

@@ -8,6 +8,7 @@ import argparse
 import copy
 import json
 import re
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -224,6 +225,19 @@ def test_smoke_flow_builds_a_base_that_loads_and_trains_with_the_project_trainer
     metrics = train(cfg, open_dataset(work / "data"))
     assert "loss" in metrics and np.isfinite(metrics["loss"])
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    # continued pretraining from that base (--init-from): its tokenizer and weights, a new low-trace form
+    more_out, more_work = tmp_path / "more-out", tmp_path / "more-work"
+    shutil.copytree(work / "data", more_work / "data")
+    shutil.copy(work / "data_spec.json", more_work / "data_spec.json")
+    assert chart_base.main(["pretrain", "--scale", "smoke", "--preset", "smoke", "--out", str(more_out), "--work",
+                            str(more_work), "--workers", "0", "--init-from", str(work / "base"), "--steps", "10",
+                            "--low-traces", "consistent"]) == 0
+    more = json.loads((more_out / "progress.json").read_text())
+    assert more["init_from"] == str(work / "base") and more["steps_done"] == 10 and more["vocab"] == progress["vocab"]
+    assert more["rows"][0]["loss"] < rows[0]["loss"]  # it starts where the base ended, not from random weights
+    with pytest.raises(SystemExit, match="112 px, preset full's 224 px"):
+        chart_base.main(["pretrain", "--scale", "smoke", "--preset", "full", "--out", str(more_out), "--work",
+                         str(more_work), "--workers", "0", "--init-from", str(work / "base"), "--steps", "2"])
 
 
 @pytest.mark.slow
