@@ -70,7 +70,8 @@ def parse_mixture(text: str) -> dict[str, float]:
         pairs = dict(item.split("=", 1) for item in text.split(","))
         mixture = {k: float(pairs.pop(k)) for k in MIXTURE}
     except (KeyError, ValueError) as err:
-        raise argparse.ArgumentTypeError(f"--mixture needs each of {list(MIXTURE)} as kind=share, got {text!r}") from err
+        raise argparse.ArgumentTypeError(
+            f"--mixture needs each of {list(MIXTURE)} as kind=share, got {text!r}") from err
     if pairs:
         raise argparse.ArgumentTypeError(f"--mixture: unknown kinds {sorted(pairs)} (known: {list(MIXTURE)})")
     if min(mixture.values()) < 0 or abs(sum(mixture.values()) - 1) > 1e-6:
@@ -166,7 +167,8 @@ class Context:
         overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v}
         if overrides:
             steps = overrides.get("steps", self.scale.steps)
-            self.scale = dataclasses.replace(self.scale, **overrides, warmup=min(self.scale.warmup, max(1, steps // 10)))
+            self.scale = dataclasses.replace(self.scale, **overrides,
+                                             warmup=min(self.scale.warmup, max(1, steps // 10)))
         self.init_from = Path(args.init_from) if args.init_from else None
         self.workers = args.workers if args.workers >= 0 else max(0, (os.cpu_count() or 1) - 2)
         self.low_form = args.low_traces
@@ -346,7 +348,8 @@ class ChartStream(torch.utils.data.IterableDataset):
     def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         from dyme_core.families import get_family
 
-        examples = [stream_example(rng, self.image_size, self.refused, self.low_form, self.mixture) for _ in range(self.batch)]
+        examples = [stream_example(rng, self.image_size, self.refused, self.low_form, self.mixture)
+                    for _ in range(self.batch)]
         images, questions, targets, kinds = zip(*examples, strict=True)
         out = encode_examples(self.processor, get_family("idefics3"), list(images), list(questions),
                               list(targets), list(kinds))

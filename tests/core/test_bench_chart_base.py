@@ -23,9 +23,9 @@ from bench import chart_base  # noqa: E402
 from dyme_core.config import InitModelConfig, ModelConfig, load_config  # noqa: E402
 from dyme_core.data import charts  # noqa: E402
 from dyme_core.data.schema import Sample  # noqa: E402
-from dyme_core.refiner import derivation, rule_refine  # noqa: E402
 from dyme_core.families import get_family  # noqa: E402
 from dyme_core.models import build_prompt, init_tiny_model, load_processor  # noqa: E402
+from dyme_core.refiner import derivation, rule_refine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
