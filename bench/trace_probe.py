@@ -6,13 +6,13 @@ For val questions of the miniature (``bench/chart_base.py``'s dataset), greedy d
 (``refine.observe=all``) after the reasoning prompt:
 
 1. ``transcribe``: the transcription prompt alone; share of the chart's cells read exactly;
-2. ``observe``: prefix ``Goal: ...\\nObservation: The chart '<title>' shows `` -> the cells the model
+2. ``observe``: prefix ``Goal: ...\\nObservation: The chart '<title>' shows`` -> the cells the model
    then states (read in the trace, as the memorised target asks);
-3. ``derive``: the true Goal and Observation, then ``Reasoning: <operation>: `` -> the continuation
+3. ``derive``: the true Goal and Observation, then ``Reasoning: <operation>:`` -> the continuation
    equals the refiner's derivation (the arithmetic) exactly;
 4. ``derive_text``: the pretraining text skill's own prompt (the table as text + the question) -> the
    derivation, exactly (what the base learnt);
-5. ``chain``: prefix up to ``shows `` and free decoding to the answer line -> relaxed accuracy;
+5. ``chain``: prefix up to ``shows`` and free decoding to the answer line -> relaxed accuracy;
 6. ``bare``: the plain reasoning prompt -> relaxed accuracy (what the gate and the table measure).
 
 Run (CPU, a few minutes for the small base)::
@@ -55,6 +55,18 @@ def sections(trace: str) -> dict[str, str]:
     return {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in trace.splitlines() if ":" in line}
 
 
+def forced_prefixes(trace: str) -> dict[str, str]:
+    """The forced starts of the ``observe`` and ``derive`` probes, cut from the rule-refined ``trace``.
+
+    Each ends on a word, never on a space: the tokenizer attaches a space to the word after it, so a prefix
+    ending in a space ends on a lone-space token that training never shows, and the continuation derails.
+    """
+    t = sections(trace)
+    head = t["Reasoning"].split(": ", 1)[0]
+    return {"observe": f"Goal: {t['Goal']}\nObservation: {t['Observation'].split(' shows ')[0]} shows",
+            "derive": f"Goal: {t['Goal']}\nObservation: {t['Observation']}\nReasoning: {head}:"}
+
+
 def cells_read(text: str, rows: list) -> tuple[int, int]:
     got = parse_transcription(text.split("\n")[0].rstrip("."))
     return sum(got.get(str(label)) == str(v) for label, v in rows), len(rows)
@@ -80,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     for start in range(0, len(val), args.batch):
         chunk = val[start: start + args.batch]
         images = [ds.load_image(s) for s in chunk]
-        traces = [sections(rule_refine(s, observe="all")) for s in chunk]
-        shows = [f"Goal: {t['Goal']}\nObservation: {t['Observation'].split(' shows ')[0]} shows " for t in traces]
-        reason_heads = [t["Reasoning"].split(": ", 1)[0] + ": " for t in traces]
+        forced = [forced_prefixes(rule_refine(s, observe="all")) for s in chunk]
+        shows = [f["observe"] for f in forced]
         derivs = [derivation(s) for s in chunk]
         tables = [transcription(table_from_facts(s.visual_facts)) for s in chunk]
         outs = {
@@ -90,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                        64),
             "observe": greedy_after(model, processor, images, [s.question for s in chunk], shows, 64),
             "derive": greedy_after(model, processor, images, [s.question for s in chunk],
-                                   [f"Goal: {t['Goal']}\nObservation: {t['Observation']}\nReasoning: {h}"
-                                    for t, h in zip(traces, reason_heads, strict=True)], 48),
+                                   [f["derive"] for f in forced], 48),
             "derive_text": greedy_after(model, processor, images,
                                         [f"{tb}. {s.question}" for tb, s in zip(tables, chunk, strict=True)],
                                         [""] * len(chunk), 48),

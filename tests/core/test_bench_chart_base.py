@@ -211,6 +211,19 @@ def test_smoke_flow_builds_a_base_that_loads_and_trains_with_the_project_trainer
     assert probe["summary"]["transcribe"] == pytest.approx(gate["figures"]["transcription_cells"], abs=1e-4)
     read_by_gate = [e["read"] for e in gate["examples"]["transcription"]]
     assert [e["transcribe"] for e in probe["examples"][: len(read_by_gate)]] == read_by_gate  # the same tokens
+    # the forced prefixes end on a token boundary of the full trace (a trailing space would end on a lone-space
+    # token that training never shows)
+    from dyme_core.data.ingest import open_dataset as _open
+    from dyme_core.models import load_processor
+
+    tok = load_processor(ModelConfig(name_or_path=str(work / "base"))).tokenizer
+    for smp in _open(work / "data").split("val"):
+        trace = rule_refine(smp, observe="all")
+        full = tok(trace, add_special_tokens=False)["input_ids"]
+        for prefix in trace_probe.forced_prefixes(trace).values():
+            assert trace.startswith(prefix) and not prefix[-1].isspace()
+            ids = tok(prefix, add_special_tokens=False)["input_ids"]
+            assert full[: len(ids)] == ids, prefix
     # the base: bf16 safetensors that the project's trainer takes as it is
     assert (work / "base" / "model.safetensors").is_file()
     assert not list((work / "base").glob("*.bin")) and not list((work / "base").glob("*.pt"))
