@@ -12,8 +12,8 @@
 #   the parts are joined and unpacked into $WORK/base-unpacked. DATA: a materialised dataset folder; when
 #   unset, gpu_base.sh's $CHART_WORK/<preset>/data on a machine still warm from it, else
 #   bench/chart_base.py regenerates it (deterministic) into $WORK/chart/data.
-# Env: SCALE (full), WORK (/tmp/dyme-method-table-$SCALE), PRESET (the base's chart_base preset: from the
-# unpacked folder, else full), CHART_WORK (/tmp/dyme-chart-base), PARALLEL (16), DEADLINE_S (560, counted from
+# Env: SCALE (full), WORK (/tmp/dyme-method-table-$SCALE), PRESET (the base's chart_base preset, which also picks
+# it among the unpacked ones: default the first unpacked, else full), CHART_WORK (/tmp/dyme-chart-base), PARALLEL (16), DEADLINE_S (560, counted from
 # this script's start; runs that cannot finish are not started, stragglers stopped at the end), SET (extra
 # `--set FIELD=VALUE ...`), METHODS (comma list, default all), PYTHON (python3).
 set -euo pipefail
@@ -67,8 +67,11 @@ else
     cat "${parts[@]}" | tar -x -C "$WORK/base-unpacked"
     echo "$digest" > "$WORK/base.digest"
   fi
-  # gpu_base.sh packs <preset>/base for each preset it trained: the first in name order (full before small)
-  BASE_DIR=$(dirname "$(find "$WORK/base-unpacked" -name model.safetensors | sort | head -n1)")
+  # gpu_base.sh packs <preset>/base for each preset it trained: PRESET's, else the first in name order (full
+  # before small)
+  found=$(find "$WORK/base-unpacked" -path "*/${PRESET:-*}/base/model.safetensors" | sort | head -n1)
+  [ -n "$found" ] || { echo "BASE=$BASE holds no ${PRESET:-<preset>}/base/model.safetensors" >&2; exit 2; }
+  BASE_DIR=$(dirname "$found")
   PRESET=${PRESET:-$(basename "$(dirname "$BASE_DIR")")}
   for gate in "$BASE/gate.json" "$BASE/$PRESET/gate.json"; do
     [ -f "$gate" ] && cp "$gate" "$BASE_DIR/gate.json" && break
