@@ -77,6 +77,8 @@ def parse_mixture(text: str) -> dict[str, float]:
     if min(mixture.values()) < 0 or abs(sum(mixture.values()) - 1) > 1e-6:
         raise argparse.ArgumentTypeError(f"--mixture shares must be >= 0 and sum to 1, got {text!r}")
     return mixture
+
+
 # Bare answers ask single-step questions three times as often as multi-step ones (the paper's starting point:
 # a base that answers simple questions better than multi-step ones).
 ANSWER_SINGLE_SHARE = 0.75
@@ -243,10 +245,10 @@ def misread(rng: np.random.Generator, table):
     return dc.replace(table, values=tuple(values))
 
 
-def misread_answer(rng: np.random.Generator, table, wrong, qtype: str, question: str) -> str:
+def misread_answer(rng: np.random.Generator, wrong, qtype: str, question: str) -> str:
     """The answer to ``question`` read off the misread table ``wrong``: ``ask`` with the generator state that asked it
-    about ``table`` (``rng`` as it was before), so the same labels are picked; a count-above question keeps its
-    threshold (``ask`` draws it between the table's own values)."""
+    about the true table (``rng`` as it was before), so the same labels are picked; a count-above question keeps its
+    threshold (``ask`` draws it between the true table's values)."""
     from dyme_core.data.charts import ask
 
     qa = ask(rng, wrong, qtype)
@@ -315,7 +317,7 @@ def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple
         from dyme_core.refiner import rule_refine
 
         misread_table = misread(rng, table)
-        answer = misread_answer(before, table, misread_table, qtype, qa.question)
+        answer = misread_answer(before, misread_table, qtype, qa.question)
         wrong = Sample(id="s", image="", question=qa.question, answer=answer, visual_facts=misread_table.facts())
         return image, qa.question, f"{rule_refine(wrong, observe='all')}\n{ANSWER_FLAG} {answer}", kind
     return image, qa.question, f"{qa.traces['low']}\n{ANSWER_FLAG} {qa.answer}", kind
