@@ -300,25 +300,20 @@ def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple
         qa = ask(rng, table, pool[int(rng.integers(len(pool)))])
         return image, qa.question, f"{ANSWER_FLAG} {qa.answer}", kind
     qtype = QTYPES[int(rng.integers(len(QTYPES)))]
-    before = copy.deepcopy(rng)  # the consistent form asks the misread table the same question
+    # the consistent form asks the misread table the same question: the generator as it was before asking
+    before = copy.deepcopy(rng) if kind == "low_trace" and low_form == "consistent" else None
     qa = ask(rng, table, qtype)
     if kind == "skill":
         # text skill: the table given as text, the arithmetic that answers the question (what a language
         # model brings); the base never sees it chained to its own reading of a chart
         smp = Sample(id="s", image="", question=qa.question, answer=qa.answer, visual_facts=table.facts())
         return image, f"{transcription(table)}. {qa.question}", derivation(smp) or qa.answer, kind
-    if low_form == "refined":
+    if low_form in ("refined", "consistent"):
         from dyme_core.refiner import rule_refine
 
-        wrong = Sample(id="s", image="", question=qa.question, answer=qa.answer,
-                       visual_facts=misread(rng, table).facts())
-        return image, qa.question, f"{rule_refine(wrong, observe='all')}\n{ANSWER_FLAG} {qa.answer}", kind
-    if low_form == "consistent":
-        from dyme_core.refiner import rule_refine
-
-        misread_table = misread(rng, table)
-        answer = misread_answer(before, misread_table, qtype, qa.question)
-        wrong = Sample(id="s", image="", question=qa.question, answer=answer, visual_facts=misread_table.facts())
+        wrong_table = misread(rng, table)
+        answer = qa.answer if before is None else misread_answer(before, wrong_table, qtype, qa.question)
+        wrong = Sample(id="s", image="", question=qa.question, answer=answer, visual_facts=wrong_table.facts())
         return image, qa.question, f"{rule_refine(wrong, observe='all')}\n{ANSWER_FLAG} {answer}", kind
     return image, qa.question, f"{qa.traces['low']}\n{ANSWER_FLAG} {qa.answer}", kind
 

@@ -13,9 +13,10 @@
 #   unset, gpu_base.sh's $CHART_WORK/<preset>/data on a machine still warm from it, else
 #   bench/chart_base.py regenerates it (deterministic) into $WORK/chart/data.
 # Env: SCALE (full), WORK (/tmp/dyme-method-table-$SCALE), PRESET (the base's chart_base preset, which also picks
-# it among the unpacked ones: default the first unpacked, else full), CHART_WORK (/tmp/dyme-chart-base), PARALLEL (16), DEADLINE_S (560, counted from
-# this script's start; runs that cannot finish are not started, stragglers stopped at the end), SET (extra
-# `--set FIELD=VALUE ...`), METHODS (comma list, default all), PYTHON (python3).
+# it among the unpacked ones: default the first unpacked, else full), CHART_WORK (/tmp/dyme-chart-base),
+# PARALLEL (16), DEADLINE_S (560, counted from this script's start; runs that cannot finish are not started,
+# stragglers stopped at the end), SET (extra `--set FIELD=VALUE ...`), METHODS (comma list, default all), PYTHON
+# (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -28,4 +28,3 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_overrides: l
     ds = load_dataset(DataConfig(path=str(data_dir)))
     model_dir = steps.init_model(load_config(None, [*tiny_model_overrides, f"init_model.out_dir={root / 'model'}"]), ds)
     return {"root": root, "data": data_dir, "model": model_dir, "dataset": ds}
-
