@@ -175,6 +175,7 @@ class Context:
         self.workers = args.workers if args.workers >= 0 else max(0, (os.cpu_count() or 1) - 2)
         self.low_form = args.low_traces
         self.mixture = args.mixture
+        self.text_steps, self.text_batch = args.text_steps, args.text_batch
         self.start = time.monotonic()
         self.deadline = self.start + args.deadline_s if args.deadline_s > 0 else math.inf
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -360,6 +361,55 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers draw and preprocess; the main process owns the cores' BLAS
 
 
+def text_example(rng: np.random.Generator, refused: set[tuple]) -> tuple[str, str, int]:
+    """One example of the language-model stage: (question, target, question-type index). The ``skill`` kind
+    without the image: a table given as text and a question about it -> the arithmetic that answers it."""
+    from dyme_core.data.charts import CHART_TYPES, QTYPES, ask, draw_table, table_key, transcription
+    from dyme_core.data.schema import Sample
+    from dyme_core.refiner import derivation
+
+    while True:
+        table = draw_table(rng, CHART_TYPES[int(rng.integers(len(CHART_TYPES)))])  # the text only: nothing drawn
+        if table_key(table) not in refused:
+            break
+    q = int(rng.integers(len(QTYPES)))
+    qa = ask(rng, table, QTYPES[q])
+    smp = Sample(id="s", image="", question=qa.question, answer=qa.answer, visual_facts=table.facts())
+    return f"{transcription(table)}. {qa.question}", derivation(smp) or qa.answer, q
+
+
+class TextStream(torch.utils.data.IterableDataset):
+    """Endless text-only batches for the language-model stage (``--text-steps``): the reasoning prompt without
+    its image, so the text model learns to read its own context (copy a row, compare, subtract) before it
+    learns to see, as a real VLM's language model does before its vision is attached. Another seed stream than
+    the charts'; tables of the dataset are refused."""
+
+    def __init__(self, processor, batch: int, refused: set[tuple], seed: int = STREAM_SEED + 7):
+        self.processor, self.batch, self.refused, self.seed = processor, batch, refused, seed
+
+    def __iter__(self):
+        from dyme_core.data.charts import stream_rng
+
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        i = 0
+        while True:
+            yield self.make_batch(stream_rng(self.seed, worker, i))
+            i += 1
+
+    def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        from dyme_core.families import get_family
+
+        family, tok = get_family("idefics3"), self.processor.tokenizer
+        questions, targets, qtypes = zip(*(text_example(rng, self.refused) for _ in range(self.batch)), strict=True)
+        # the trainer's prompt, its image placeholder left out (the processor adds no special tokens either)
+        prompts = [family.prompt(self.processor, q, "reason").replace("<image>", "") for q in questions]
+        rows = [(torch.tensor(tok(p, add_special_tokens=False)["input_ids"]),
+                 torch.tensor([*tok(t, add_special_tokens=False)["input_ids"], tok.eos_token_id]))
+                for p, t in zip(prompts, targets, strict=True)]
+        return {**pad_rows(rows, tok.pad_token_id), "kinds": torch.tensor(qtypes)}
+
+
 def encode_examples(processor, family, images, questions, targets, kinds) -> dict[str, torch.Tensor]:
     """Prompt (the adapter's reasoning prompt, as the trainer builds it) + target + eos, right-padded;
     labels are -100 on the prompt and the padding, so the loss covers the target tokens only."""
@@ -370,8 +420,14 @@ def encode_examples(processor, family, images, questions, targets, kinds) -> dic
         # as the trainer encodes a memorised reference: the text's tokens, then eos
         t = torch.tensor([*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id], dtype=torch.long)
         rows.append((p, t))
+    kind_ids = torch.tensor([list(MIXTURE).index(k) for k in kinds])
+    return {**pad_rows(rows, tok.pad_token_id), "kinds": kind_ids, **batch.vision}
+
+
+def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, target ids) rows -> right-padded input_ids, attention_mask and labels (-100 but on the target)."""
     width = max(len(p) + len(t) for p, t in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (p, t) in enumerate(rows):
@@ -379,8 +435,7 @@ def encode_examples(processor, family, images, questions, targets, kinds) -> dic
         ids[i, :n] = torch.cat([p, t])
         labels[i, len(p):n] = t
         attn[i, :n] = 1
-    kind_ids = torch.tensor([list(MIXTURE).index(k) for k in kinds])
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "kinds": kind_ids, **batch.vision}
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
 def tokenizer_corpus(ctx: Context) -> tuple[list[str], list]:
@@ -443,6 +498,73 @@ def save_base(model, processor, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def target_nll(model, batch: dict[str, torch.Tensor], autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level NLL of the target tokens, (B, L-1), and their mask: kept per row so the log can say how each
+    kind of target fares."""
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                            ignore_index=-100, reduction="none")
+    return nll, labels != -100
+
+
+def pretrain_text(ctx: Context, model, processor, progress: dict[str, Any]) -> None:
+    """The language-model stage (``--text-steps``): text-only batches of the text skill, AdamW at the scale's peak
+    LR with its own warmup and cosine to 0, before the chart mixture starts on fresh optimizer state. Loss per
+    question type goes to progress.json's ``text_rows``. It stops early, leaving the chart stage at least
+    two minutes before the gate's reserve."""
+    from dyme_core.data.charts import QTYPES
+
+    s, dev = ctx.scale, ctx.device
+    steps = ctx.text_steps
+    warmup = max(1, min(100, steps // 10))
+    loader = torch.utils.data.DataLoader(
+        TextStream(processor, ctx.text_batch, dataset_keys(ctx)), batch_size=None, num_workers=ctx.workers,
+        pin_memory=dev.type == "cuda", prefetch_factor=4 if ctx.workers else None, worker_init_fn=_worker_init)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.01,
+                            fused=dev.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (i + 1) / warmup if i < warmup else 0.5 * (
+        1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, steps - warmup)))))
+    progress["text_rows"] = []
+    t0 = time.perf_counter()
+    window = {"t": t0, "ex": 0, "loss": np.zeros(len(QTYPES)), "n": np.zeros(len(QTYPES))}
+    step = 0
+    for batch in loader:
+        qtypes = batch.pop("kinds")
+        nll, mask = target_nll(model, {k: v.to(dev, non_blocking=True) for k, v in batch.items()},
+                               dev.type == "cuda")
+        loss = nll.sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        with torch.no_grad():
+            per_row = (nll.sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
+        np.add.at(window["loss"], qtypes.numpy(), per_row)
+        np.add.at(window["n"], qtypes.numpy(), 1)
+        window["ex"] += len(qtypes)
+        stopping = step >= steps or ctx.time_left() < s.gate_reserve_s + 120
+        if step % s.log_every == 0 or stopping:
+            now = time.perf_counter()
+            per_q = window["loss"] / np.maximum(1, window["n"])
+            row = {"step": step, "loss": round(float(window["loss"].sum() / max(1, window["n"].sum())), 4),
+                   "examples_per_s": round(window["ex"] / (now - window["t"]), 1), "elapsed_s": round(now - t0, 1),
+                   "lr": float(f"{sched.get_last_lr()[0]:.3g}"),
+                   **{f"loss/{q}": round(float(v), 4) for q, v in zip(QTYPES, per_q, strict=True)}}
+            progress["text_rows"].append(row)
+            write_json(ctx.out / "progress.json", progress)
+            log(f"text step {step}/{steps} loss {row['loss']:.3f} {row['examples_per_s']:.0f} ex/s")
+            window.update(t=now, ex=0, loss=np.zeros(len(QTYPES)), n=np.zeros(len(QTYPES)))
+        if stopping:
+            break
+    progress.update(text_steps_done=step, text_train_s=round(time.perf_counter() - t0, 1))
+    write_json(ctx.out / "progress.json", progress)
+    log(f"text stage: {step} steps in {progress['text_train_s']}s")
+
+
 def piece_pretrain(ctx: Context) -> None:
     from dyme_core.config import InitModelConfig, ModelConfig
     from dyme_core.models import init_tiny_model, load_model, load_processor
@@ -485,7 +607,8 @@ def piece_pretrain(ctx: Context) -> None:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - s.warmup) / max(1, plan["steps"] - s.warmup))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    progress = {"preset": ctx.preset_name, "preset_fields": ctx.preset, "scale": ctx.scale_name,
+    progress = {"text_steps_planned": ctx.text_steps, "text_batch": ctx.text_batch,
+                "preset": ctx.preset_name, "preset_fields": ctx.preset, "scale": ctx.scale_name,
                 "scale_fields": dataclasses.asdict(s), "mixture": ctx.mixture, "low_traces": ctx.low_form,
                 "n_params": n_params, "vocab": len(processor.tokenizer), "refined_target_tokens": lengths,
                 "workers": ctx.workers, "env": environment(), "status": "running", "rows": [], "saved_step": None,
@@ -494,6 +617,8 @@ def piece_pretrain(ctx: Context) -> None:
     write_json(ctx.out / "progress.json", progress)
     autocast = dev.type == "cuda"
     model.train()
+    if ctx.text_steps:
+        pretrain_text(ctx, model, processor, progress)
     t0 = time.perf_counter()
     window = {"loss": 0.0, "n": 0, "t": t0, "ex": 0, "kinds": np.zeros(len(MIXTURE)), "kind_n": np.zeros(len(MIXTURE))}
     step, stop_reason = 0, "done"
@@ -503,13 +628,7 @@ def piece_pretrain(ctx: Context) -> None:
         kinds = batch.pop("kinds")
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(torch.float32)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        # token-level loss, kept per row so the log can say how each kind of target fares
-        labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                                                ignore_index=-100, reduction="none")  # (B, L-1)
-        mask = labels != -100
+        nll, mask = target_nll(model, batch, autocast)
         loss = nll.sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -798,7 +917,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixture", type=parse_mixture, default=dict(MIXTURE),
                         help="Shares of the pretraining kinds, e.g. transcribe=0.3,answer=0.4,skill=0.2,low_trace=0.1 "
                              "(default: the second base's 0.35/0.35/0.15/0.15).")
+    parser.add_argument("--text-steps", type=int, default=0,
+                        help="Steps of a language-model stage before the chart mixture: text-only batches of the "
+                             "text skill (the table as text + the question -> the arithmetic), so the text model can "
+                             "read its own context before it learns to see (0 = none, the first three bases).")
+    parser.add_argument("--text-batch", type=int, default=256, help="Examples per step of the language-model stage.")
     args = parser.parse_args(argv)
+    if args.text_steps < 0 or args.text_batch < 1:
+        parser.error(f"--text-steps must be >= 0 and --text-batch >= 1, got {args.text_steps} and {args.text_batch}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 

@@ -16,7 +16,11 @@
 # this script's start), WORKERS (chart-drawing workers per preset; default cores / presets - 2), GPUS
 # (the GPU index per preset, default the visible ones in order; CUDA_VISIBLE_DEVICES is honoured),
 # PART_MB (15), PYTHON (python3), LOW_TRACES (conversational | refined | consistent: the low-quality traces' form),
-# MIXTURE (the pretraining kinds' shares, chart_base.py --mixture; default the second base's).
+# MIXTURE (the pretraining kinds' shares, chart_base.py --mixture; default the second base's), TEXT_STEPS and
+# TEXT_BATCH (a language-model stage first, chart_base.py --text-steps/--text-batch; default 0 = none), PROBE_N
+# (val questions bench/trace_probe.py probes each saved base on, on its GPU; its summary goes to log.txt, the
+# file with examples to $WORK/<preset>/probe.json, since a call returns at most 8 files; default 0 = no probe;
+# PROBE_S, default 45, is the time kept for it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +33,10 @@ WORK=${WORK:-/tmp/dyme-chart-base}
 PART_MB=${PART_MB:-15}
 LOW_TRACES=${LOW_TRACES:-conversational}  # or refined, consistent: chart_base.py --low-traces
 MIXTURE=${MIXTURE:-transcribe=0.35,answer=0.35,skill=0.15,low_trace=0.15}  # chart_base.py --mixture
+TEXT_STEPS=${TEXT_STEPS:-0} TEXT_BATCH=${TEXT_BATCH:-256}  # chart_base.py --text-steps/--text-batch
+PROBE_N=${PROBE_N:-0}
+PROBE_S=${PROBE_S:-45}
+[ "$PROBE_N" -gt 0 ] || PROBE_S=0
 n=${#presets[@]}
 WORKERS=${WORKERS:-$(( $(nproc) / n - 2 ))}
 [ "$WORKERS" -ge 0 ] || WORKERS=0
@@ -79,7 +87,7 @@ fi
 [ ${#gpus[@]} -ge "$n" ] || { echo "need $n GPUs for presets ${presets[*]}, see ${#gpus[@]}" | tee -a "$LOG"; exit 2; }
 
 # Python stops its pretraining in time for the gate; the timeout is the safety net before packing.
-left=$(( DEADLINE_S - SECONDS - 20 ))
+left=$(( DEADLINE_S - SECONDS - 20 - PROBE_S ))
 pids=()
 for i in "${!presets[@]}"; do
   p=${presets[$i]}
@@ -87,8 +95,13 @@ for i in "${!presets[@]}"; do
   [ "$n" -eq 1 ] || out=$OUT_DIR/$p
   (CUDA_VISIBLE_DEVICES=${gpus[$i]} timeout -s TERM -k 10 "$left" "$PYTHON" bench/chart_base.py all \
     --scale "$SCALE" --preset "$p" --out "$out" --work "$WORK/$p" --workers "$WORKERS" --low-traces "$LOW_TRACES" \
-    --mixture "$MIXTURE" \
-    --deadline-s "$(( left - 15 ))" 2>&1 | sed -u "s/^/[$p] /" | tee -a "$LOG") &
+    --mixture "$MIXTURE" --text-steps "$TEXT_STEPS" --text-batch "$TEXT_BATCH" \
+    --deadline-s "$(( left - 15 ))" 2>&1 | sed -u "s/^/[$p] /" | tee -a "$LOG"
+   if [ "$PROBE_N" -gt 0 ] && [ -f "$WORK/$p/base/model.safetensors" ]; then
+     CUDA_VISIBLE_DEVICES=${gpus[$i]} timeout -s TERM -k 5 "$PROBE_S" "$PYTHON" bench/trace_probe.py \
+       --model "$WORK/$p/base" --data "$WORK/$p/data" --n "$PROBE_N" --out "$WORK/$p/probe.json" 2>&1 \
+       | sed -u "s/^/[$p probe] /" | tee -a "$LOG"
+   fi) &
   pids+=($!)
 done
 status=0

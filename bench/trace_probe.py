@@ -79,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=120, help="val questions")
     ap.add_argument("--batch", type=int, default=40)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     processor, model = load_processor(ModelConfig(name_or_path=args.model)), load_model(
-        ModelConfig(name_or_path=args.model, dtype="float32"), torch.device("cpu"))
+        ModelConfig(name_or_path=args.model, dtype="float32"), torch.device(args.device))
     ds = open_dataset(args.data)
     val = ds.split("val")[: args.n]
     tally: dict[str, list[float]] = {k: [0, 0] for k in ("transcribe", "observe", "derive", "derive_text", "chain",

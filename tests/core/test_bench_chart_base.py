@@ -75,6 +75,37 @@ def test_the_stream_mixes_transcription_answers_and_low_traces_and_refuses_datas
         assert target != charts.transcription(first)
 
 
+def test_the_language_model_stage_is_the_text_skill_without_the_image_and_scores_only_the_target(processor) -> None:
+    n = 24
+    batch = chart_base.TextStream(processor, n, set()).make_batch(np.random.default_rng(4))
+    expected = [chart_base.text_example(rng, set()) for rng in [np.random.default_rng(4)] for _ in range(n)]
+    tok = processor.tokenizer
+    assert "pixel_values" not in batch
+    lookups = 0
+    for i, (question, target, qtype) in enumerate(expected):
+        ids = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+        labels = batch["labels"][i]
+        scored = labels[labels != -100]
+        # the trainer's reasoning prompt with the image placeholder left out, then the target and eos
+        assert tok.decode(ids[: len(ids) - len(scored)]) == build_prompt(processor, question, "reason").replace(
+            "<image>", "")
+        assert tok.decode(scored[:-1]) == target and scored[-1] == tok.eos_token_id
+        assert batch["kinds"][i] == qtype
+        listing = charts.parse_transcription(question.split(". ")[0])
+        assert 3 <= len(listing) <= 5  # the table given as text
+        if charts.QTYPES[qtype] == "value_lookup":  # the target reads the asked row off the listed table
+            label = question.rsplit(" for ", 1)[1].rstrip("?")
+            assert target == f"The value for {label} is {listing[label]}."
+            lookups += 1
+    assert lookups and len({q for _, _, q in expected}) >= 5
+    # a table of the dataset is refused: the stage never shows the RL, val or test tables
+    rng = np.random.default_rng(9)
+    first = charts.draw_table(rng, charts.CHART_TYPES[int(rng.integers(len(charts.CHART_TYPES)))])
+    assert chart_base.text_example(np.random.default_rng(9), set())[0].startswith(charts.transcription(first))
+    assert not chart_base.text_example(np.random.default_rng(9), {charts.table_key(first)})[0].startswith(
+        charts.transcription(first))
+
+
 @pytest.mark.parametrize(("text", "says"), [
     ("transcribe=0.5,answer=0.5,skill=0", "each of"),  # a kind left out
     ("transcribe=0.3,answer=0.4,skill=0.2,low_trace=0.1,noise=0", "unknown kinds ['noise']"),
@@ -244,9 +275,11 @@ def test_smoke_flow_builds_a_base_that_loads_and_trains_with_the_project_trainer
     shutil.copy(work / "data_spec.json", more_work / "data_spec.json")
     assert chart_base.main(["pretrain", "--scale", "smoke", "--preset", "smoke", "--out", str(more_out), "--work",
                             str(more_work), "--workers", "0", "--init-from", str(work / "base"), "--steps", "10",
-                            "--low-traces", "consistent"]) == 0
+                            "--low-traces", "consistent", "--text-steps", "3", "--text-batch", "4"]) == 0
     more = json.loads((more_out / "progress.json").read_text())
     assert more["init_from"] == str(work / "base") and more["steps_done"] == 10 and more["vocab"] == progress["vocab"]
+    assert more["text_steps_done"] == 3 and more["text_rows"][-1]["step"] == 3  # the language-model stage ran first
+    assert set(more["text_rows"][-1]) >= {f"loss/{q}" for q in charts.QTYPES}
     assert more["rows"][0]["loss"] < rows[0]["loss"]  # it starts where the base ended, not from random weights
     with pytest.raises(SystemExit, match="112 px, preset full's 224 px"):
         chart_base.main(["pretrain", "--scale", "smoke", "--preset", "full", "--out", str(more_out), "--work",
