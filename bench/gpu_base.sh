@@ -20,7 +20,9 @@
 # TEXT_BATCH (a language-model stage first, chart_base.py --text-steps/--text-batch; default 0 = none), PROBE_N
 # (val questions bench/trace_probe.py probes each saved base on, on its GPU; its summary goes to log.txt, the
 # file with examples to $WORK/<preset>/probe.json, since a call returns at most 8 files; default 0 = no probe;
-# PROBE_S, default 45, is the time kept for it).
+# PROBE_S, default 45, is the time kept for it), INIT_FROM (a folder holding <preset>/base from an earlier call's
+# unpacked parts: each preset continues from its base, chart_base.py --init-from), STEPS and LR (chart_base.py
+# --steps/--lr; default the scale's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +37,8 @@ LOW_TRACES=${LOW_TRACES:-conversational}  # or refined, consistent: chart_base.p
 MIXTURE=${MIXTURE:-transcribe=0.35,answer=0.35,skill=0.15,low_trace=0.15}  # chart_base.py --mixture
 TEXT_STEPS=${TEXT_STEPS:-0} TEXT_BATCH=${TEXT_BATCH:-256}  # chart_base.py --text-steps/--text-batch
 PROBE_N=${PROBE_N:-0}
+INIT_FROM=${INIT_FROM:-}
+STEPS=${STEPS:-0} LR=${LR:-0}
 PROBE_S=${PROBE_S:-45}
 [ "$PROBE_N" -gt 0 ] || PROBE_S=0
 n=${#presets[@]}
@@ -93,9 +97,11 @@ for i in "${!presets[@]}"; do
   p=${presets[$i]}
   out=$OUT_DIR
   [ "$n" -eq 1 ] || out=$OUT_DIR/$p
+  init=()
+  [ -z "$INIT_FROM" ] || init=(--init-from "$INIT_FROM/$p/base")
   (CUDA_VISIBLE_DEVICES=${gpus[$i]} timeout -s TERM -k 10 "$left" "$PYTHON" bench/chart_base.py all \
     --scale "$SCALE" --preset "$p" --out "$out" --work "$WORK/$p" --workers "$WORKERS" --low-traces "$LOW_TRACES" \
-    --mixture "$MIXTURE" --text-steps "$TEXT_STEPS" --text-batch "$TEXT_BATCH" \
+    --mixture "$MIXTURE" --text-steps "$TEXT_STEPS" --text-batch "$TEXT_BATCH" --steps "$STEPS" --lr "$LR" "${init[@]}" \
     --deadline-s "$(( left - 15 ))" 2>&1 | sed -u "s/^/[$p] /" | tee -a "$LOG"
    if [ "$PROBE_N" -gt 0 ] && [ -f "$WORK/$p/base/model.safetensors" ]; then
      CUDA_VISIBLE_DEVICES=${gpus[$i]} timeout -s TERM -k 5 "$PROBE_S" "$PYTHON" bench/trace_probe.py \

@@ -14,6 +14,15 @@ One process builds a random Idefics3 model of `--shape` (bench/common.py) and a 
                 update eager by default; --compile-update on: train.compile_update, the regional compile of one
                 decoder layer (its one-time compile is reported apart; the whole-model compile it replaced took
                 about 200 s cold on an H200); --compile-cache-dir: torch's compile artifacts kept across runs.
+  dyme-full     DyME as a user runs it: MEMORIZE groups memorise the online rule refiner's traces, the rule visual
+                checker scores the thinking, and the format and thinking rewards are computed from the completions'
+                text (DymeTrainer._score); only the accuracy stays the controlled one below, so the mode mix is
+                that of the other trainers, and the total is recombined with train.reward_weights.
+  dyme-switch   mode switching alone: MEMORIZE groups memorise the raw hint (train.use_refiner=false), no checker,
+                constant format and thinking rewards. dyme-full / dyme-switch (`x_full_vs_switch`) is what the
+                refiner, the checker and the text rewards add to a step (target <= 1.15).
+  All DyME trainers are one DymeTrainer whose method, MEMORIZE target, checker and scoring are set before every
+  step (`DYME_VARIANTS`), so no step inherits the settings of the one before.
 
 Equal in all: the weights (loaded by dyme_core.models.load_model: bf16 weights on a GPU; TRL adds bf16
 autocast, DyME needs none for bf16 weights; vision tower frozen), prompts and images, K, prompts per step,
@@ -74,6 +83,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `bench` and `dyme_core`
 
 from bench.common import SHAPES, build_model, count_params  # noqa: E402
+from dyme_core.checker import VisualChecker  # noqa: E402
 from dyme_core.config import DataConfig, ModelConfig, SynthConfig, load_config  # noqa: E402
 from dyme_core.data.loaders import Dataset, load_dataset  # noqa: E402
 from dyme_core.data.schema import Sample  # noqa: E402
@@ -85,7 +95,8 @@ from dyme_core.trainer import Batch, DymeTrainer, Row  # noqa: E402
 # (all-wrong, all-right, mixed) fractions of the prompt groups of every batch
 MIXES = {"explore": (0.0, 0.0, 1.0), "skip75": (0.0, 0.75, 0.25), "memorize75": (0.75, 0.0, 0.25),
          "mixed": (1 / 3, 1 / 3, 1 / 3)}
-TRAINERS = ("trl-default", "trl-same-gen", "dyme", "grpo")
+TRAINERS = ("trl-default", "trl-same-gen", "dyme", "grpo", "dyme-full", "dyme-switch")
+DEFAULT_TRAINERS = ("trl-default", "trl-same-gen", "dyme", "grpo")  # the trainers of BENCHMARKS.md's tables
 PHASES = ("generation_s", "reward_s", "update_s", "other_s")
 
 
@@ -112,20 +123,48 @@ def mix_accuracy(mix: str, n_groups: int, k: int) -> list[float]:
     return out
 
 
+@dataclass(frozen=True)
+class DymeVariant:
+    """What one DyME trainer of the bench sets before each of its steps."""
+
+    method: str  # train.method: dyme | grpo
+    use_refiner: bool  # MEMORIZE target: the online rule refiner's trace (True) or the raw hint
+    checker: str  # visual checker backend scoring the thinking: rule | none
+    text_rewards: bool  # format and thinking computed from the completions' text (else constant 1 and 0)
+
+
+DYME_VARIANTS = {
+    "dyme": DymeVariant("dyme", use_refiner=True, checker="none", text_rewards=False),
+    "grpo": DymeVariant("grpo", use_refiner=True, checker="none", text_rewards=False),
+    "dyme-full": DymeVariant("dyme", use_refiner=True, checker="rule", text_rewards=True),
+    "dyme-switch": DymeVariant("dyme", use_refiner=False, checker="none", text_rewards=False),
+}
+
+
 class BenchDymeTrainer(DymeTrainer):
     """DymeTrainer scored by the controlled mix, eos suppressed (every completion has max_new_tokens),
-    counting the tokens its update forwards with grad (for MFU)."""
+    counting the tokens its update forwards with grad (for MFU).
+
+    The accuracy is always the controlled `mix_accuracy`. With `text_rewards` the other rewards are the trainer's
+    own (`DymeTrainer._score`: format from the text, thinking from the visual checker) and the total is recombined
+    by `DymeTrainer._total`; without, format is 1, thinking 0 and the total the accuracy."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.suppress = sorted(set(self.suppress) | {self.eos_id})
         self.update_tokens = 0
+        self.text_rewards = False
 
     def _score(self, samples: list[Sample], texts: list[str]) -> dict[str, torch.Tensor]:
         k = self.t.num_generations
         acc = torch.tensor(mix_accuracy(MixState.mix, len(samples), k)).view(-1, k)
-        return {"format": torch.ones_like(acc), "accuracy": acc, "thinking": torch.zeros_like(acc),
-                "total": acc.clone()}
+        if not self.text_rewards:
+            return {"format": torch.ones_like(acc), "accuracy": acc, "thinking": torch.zeros_like(acc),
+                    "total": acc.clone()}
+        out = super()._score(samples, texts)
+        out["accuracy"] = acc
+        out["total"] = self._total(out)
+        return out
 
     def _token_logps(self, model: torch.nn.Module, batch: Batch, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
         if model.training and torch.is_grad_enabled():
@@ -226,23 +265,34 @@ def dyme_trainer(args: argparse.Namespace, work: Work, device: torch.device) -> 
 
 
 # ------------------------------------------------------------------------------------------ DyME steps
+def dyme_variants(trainers: list[str]) -> list[str]:
+    """The DyME trainers among `trainers`, in the order a round steps them."""
+    return [t for t in DYME_VARIANTS if t in trainers]
+
+
 class DymeRunner:
-    """Steps one BenchDymeTrainer as 'dyme' or 'grpo' and returns one record per step."""
+    """Steps one BenchDymeTrainer as any of DYME_VARIANTS and returns one record per step."""
 
     def __init__(self, args: argparse.Namespace, work: Work, device: torch.device):
         self.device = device
         before = mem_allocated(device)
         self.trainer = dyme_trainer(args, work, device)
+        self.checkers = {name: VisualChecker(name) for name in ("rule", "none")}
         self.params = count_params(self.trainer.model)
         self.world = self.trainer.world
         self.warmup_s: list[float] = []
-        for _ in range(args.warmup):
-            self.warmup_s.append(self.step("dyme", args.mix[0])["step_s"])
+        # warm-up as 'dyme' whenever dyme or grpo is measured (as the earlier tables were); else each variant in turn
+        variants = dyme_variants(args.trainers)
+        warm = ["dyme"] if {"dyme", "grpo"} & set(variants) else variants
+        for i in range(args.warmup):
+            self.warmup_s.append(self.step(warm[i % len(warm)], args.mix[0])["step_s"])
         self.resident = mem_allocated(device) - before
 
-    def step(self, method: str, mix: str) -> dict[str, Any]:
+    def step(self, trainer: str, mix: str) -> dict[str, Any]:
         tr = self.trainer
-        tr.t.method = method
+        v = DYME_VARIANTS[trainer]  # every setting a variant differs in, set before each step
+        tr.t.method, tr.t.use_refiner, tr.text_rewards = v.method, v.use_refiner, v.text_rewards
+        tr.checker = self.checkers[v.checker]
         MixState.mix = mix
         tr.update_tokens = 0
         sync(self.device)
@@ -252,12 +302,14 @@ class DymeRunner:
         m = tr.train_step()
         sync(self.device)
         step_s = time.perf_counter() - t0
-        rec = {"trainer": method, "mix": mix, "step_s": step_s, "generation_s": m["time/generation_s"],
+        rec = {"trainer": trainer, "mix": mix, "step_s": step_s, "generation_s": m["time/generation_s"],
                "reward_s": m["time/reward_s"], "update_s": m["time/update_s"],
                "samples": tr.t.batch_size * tr.t.num_generations * self.world, "gen_tokens": m["tokens"],
                "update_tokens": tr.update_tokens, "rows_kept": m["rows/kept"], "rows_total": m["rows/total"],
                "completion_len": m["completion/mean_length"], "transient_bytes": mem_peak(self.device) - alloc0,
-               "k": tr.t.num_generations, "prompts": tr.t.batch_size, "new_tokens": tr.t.max_new_tokens}
+               "k": tr.t.num_generations, "prompts": tr.t.batch_size, "new_tokens": tr.t.max_new_tokens,
+               "modes": {mode: m[f"mode/{mode}"] for mode in ("memorize", "explore", "skip")},
+               "rewards": {key.removeprefix("reward/"): x for key, x in m.items() if key.startswith("reward/")}}
         rec["other_s"] = step_s - rec["generation_s"] - rec["reward_s"] - rec["update_s"]
         return rec
 
@@ -400,8 +452,8 @@ class Interleave(TrainerCallback):
             self.records.append(rec)
             t_round = time.perf_counter()
             if self.dyme is not None:
-                for method in [t for t in ("dyme", "grpo") if t in self.args.trainers]:
-                    r = self.dyme.step(method, mix)
+                for trainer in dyme_variants(self.args.trainers):
+                    r = self.dyme.step(trainer, mix)
                     r["phase"] = self.kind
                     self.records.append(r)
             self.round_s = step_s + time.perf_counter() - t_round
@@ -517,7 +569,7 @@ def summarize(records: list[dict], args: argparse.Namespace, meta: dict, peak_fl
                    "decode_ms": median([r["generation_s"] / r["new_tokens"] * 1e3 for r in recs]),
                    "peak_gb": (residents.get(name, residents.get("dyme", 0))
                                + max(r["transient_bytes"] for r in recs)) / 1e9}
-            if name in ("dyme", "grpo"):
+            if name in DYME_VARIANTS:
                 tokens = median([r["update_tokens"] for r in recs])
                 n_train = meta["trainers"]["dyme"]["params"]["trainable"]
                 row["update_tokens"] = tokens
@@ -531,6 +583,10 @@ def summarize(records: list[dict], args: argparse.Namespace, meta: dict, peak_fl
                             [r["step_s"] for r in mine])
                         row[f"x_update_vs_{trl}"] = median([r["update_s"] for r in base]) / median(
                             [r["update_s"] for r in mine])
+            if name == "dyme-full":  # what the refiner, the checker and the text rewards add to a step
+                switch = [r["step_s"] for r in records if r["mix"] == mix and r["trainer"] == "dyme-switch"]
+                if switch:
+                    row["x_full_vs_switch"] = step / median(switch)
             rows.append(row)
     return rows
 
@@ -547,6 +603,11 @@ def targets(rows: list[dict], floor: dict | None = None) -> list[str]:
         if "x_step_vs_trl-same-gen" in r:
             out.append(f"{r['mix']}: dyme step {r['x_step_vs_trl-same-gen']:.2f}x trl-same-gen (target >= 5): "
                        f"{'PASS' if r['x_step_vs_trl-same-gen'] >= 5 else 'FAIL'}")
+    for r in rows:
+        if "x_full_vs_switch" in r:
+            x = r["x_full_vs_switch"]
+            out.append(f"{r['mix']}: dyme-full step {x:.3f}x dyme-switch's (target <= 1.15): "
+                       f"{'PASS' if x <= 1.15 else 'FAIL'}")
     explore = {r["trainer"]: r for r in rows if r["mix"] == "explore"}
     for r in rows:
         if r["mix"] == "skip75" and r["trainer"] in ("dyme", "grpo"):
@@ -580,7 +641,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             ("update_s", "update s"), ("other_s", "other s"), ("decode_ms", "ms/decode step"),
             ("rows_kept", "rows fwd/bwd"), ("peak_gb", "peak GB"),
             ("x_step_vs_trl-default", "x step vs trl-default"), ("x_step_vs_trl-same-gen", "x step vs trl-same-gen"),
-            ("x_update_vs_trl-same-gen", "x update vs trl-same-gen"), ("update_mfu", "update MFU")]
+            ("x_update_vs_trl-same-gen", "x update vs trl-same-gen"), ("x_full_vs_switch", "x full vs switch"),
+            ("update_mfu", "update MFU")]
     lines = [f"Throughput, {meta['shape']} ({meta['params_m']:.1f}M params, {meta['trainable_m']:.1f}M trainable), "
              f"K={meta['k']}, {meta['prompts']} prompts, {meta['new_tokens']} new tokens, {meta['device_name']}, "
              f"{meta['date']}. Medians of timed steps.", "",
@@ -716,7 +778,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="Untimed warm-up steps per trainer (compilation included).")
     ap.add_argument("--mix", default="explore,skip75,memorize75",
                     help=f"Comma list of reward mixes: {', '.join(MIXES)}.")
-    ap.add_argument("--trainers", default=",".join(TRAINERS), help="Comma list from: " + ", ".join(TRAINERS))
+    ap.add_argument("--trainers", default=",".join(DEFAULT_TRAINERS),
+                    help="Comma list from: " + ", ".join(TRAINERS) + " (default: the first four).")
     ap.add_argument("--trl", default="on", choices=("on", "off"), help="off: DyME only (no trl needed).")
     ap.add_argument("--static-cache", default="auto", choices=("auto", "on", "off"),
                     help="Static KV cache for dyme/grpo and trl-same-gen (auto: on for cuda).")
@@ -816,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["max_cache_len"] = -(-(meta["max_prompt_len"] + args.new_tokens) // 128) * 128
     records: list[dict] = []
     dyme = None
-    if "dyme" in args.trainers or "grpo" in args.trainers:
+    if dyme_variants(args.trainers):
         dyme = DymeRunner(args, work, device)
         meta["trainers"]["dyme"] = {"warmup_s": dyme.warmup_s, "resident_bytes": dyme.resident, "params": dyme.params}
     ref_model = dyme.trainer.model if dyme else load_model(ModelConfig(name_or_path=str(work.model_dir)), "cpu")
@@ -848,8 +911,8 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.steps):
                 if out_of_time(time.perf_counter() + 5 > deadline):
                     break
-                for method in [t for t in ("dyme", "grpo") if t in args.trainers]:
-                    records.append(dyme.step(method, mix))
+                for trainer in dyme_variants(args.trainers):
+                    records.append(dyme.step(trainer, mix))
                 write()  # after every round: a run killed at its limit keeps what it measured
     rows = write()
     if world > 1 or args.ddp_baseline:

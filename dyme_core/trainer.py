@@ -353,9 +353,13 @@ class DymeTrainer:
         ctx = RewardContext(self.t.prompt_style, self.t.min_thinking_chars, self.checker)
         out = {name: torch.tensor(REWARDS[name](texts, owners, ctx), dtype=torch.float32).view(-1, k)
                for name in self._reward_names()}
-        out["total"] = sum((float(w) * out[name] for name, w in self.t.reward_weights.items()),
-                           torch.zeros(len(samples), k))
+        out["total"] = self._total(out)
         return out
+
+    def _total(self, rewards: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reward the advantages are computed from, (B, K): sum(train.reward_weights[name] * rewards[name])."""
+        return sum((float(w) * rewards[name] for name, w in self.t.reward_weights.items()),
+                   torch.zeros_like(rewards["accuracy"]))
 
     # ---------------------------------------------------------------- update
     def _token_logps(self, model: PreTrainedModel, batch: Batch, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
