@@ -18,10 +18,12 @@ This script builds that starting point with the project's own code:
    prompt (``Answer: <gt>``; single-step questions 3 times as often as multi-step ones), 15% text skills
    (the table as text + the question -> the arithmetic the rule refiner writes, e.g. ``45 - 23 = 22.``:
    what a language model brings, never chained to the model's own reading), 15% low-quality, partly
-   ungrounded traces + ``Answer: <gt>``. AdamW, linear
-   warmup, cosine to 0, bf16 autocast on a GPU. The model is saved (bf16 safetensors, processor and
-   tokenizer) to ``<work>/base`` every ``save_every`` steps and at the end or the deadline; progress
-   (step, loss, examples/s) is rewritten to ``<out>/progress.json`` as it goes.
+   ungrounded traces + ``Answer: <gt>``. AdamW, linear warmup, cosine to 0, bf16 autocast on a GPU.
+   With ``--text-steps`` a language-model stage comes first: text-only batches of the text skill (no
+   image), so the text model learns to copy and compute from its own context before it learns to see
+   (the fourth base; without it the step after reading stayed near 25%). The model is saved (bf16
+   safetensors, processor and tokenizer) to ``<work>/base`` every ``save_every`` steps and at the end or
+   the deadline; progress (step, loss, examples/s) is rewritten to ``<out>/progress.json`` as it goes.
 3. ``gate``: issue 12's go/no-go criteria (``GATE``, fixed before any method runs) on val and the RL set,
    written to ``<out>/gate.json`` pass or fail.
 
@@ -319,7 +321,27 @@ def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple
     return image, qa.question, f"{qa.traces['low']}\n{ANSWER_FLAG} {qa.answer}", kind
 
 
-class ChartStream(torch.utils.data.IterableDataset):
+class SeededStream(torch.utils.data.IterableDataset):
+    """Endless batches: worker ``w`` makes its ``i``-th batch from ``charts.stream_rng(self.seed, w, i)``, so the
+    stream is deterministic for a given worker count. Subclasses set ``seed`` and define ``make_batch(rng)``."""
+
+    seed: int
+
+    def __iter__(self):
+        from dyme_core.data.charts import stream_rng
+
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        i = 0
+        while True:
+            yield self.make_batch(stream_rng(self.seed, worker, i))
+            i += 1
+
+    def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class ChartStream(SeededStream):
     """Endless batches of freshly drawn charts, tokenised and preprocessed in the worker that drew them.
 
     Worker ``w`` draws its ``i``-th batch from ``charts.stream_rng(seed, w, i)``: deterministic for a
@@ -332,16 +354,6 @@ class ChartStream(torch.utils.data.IterableDataset):
         self.processor, self.batch, self.image_size = processor, batch, image_size
         self.refused, self.seed, self.pixel_dtype, self.low_form = refused, seed, pixel_dtype, low_form
         self.mixture = mixture
-
-    def __iter__(self):
-        from dyme_core.data.charts import stream_rng
-
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
-        i = 0
-        while True:
-            yield self.make_batch(stream_rng(self.seed, worker, i))
-            i += 1
 
     def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         from dyme_core.families import get_family
@@ -378,7 +390,7 @@ def text_example(rng: np.random.Generator, refused: set[tuple]) -> tuple[str, st
     return f"{transcription(table)}. {qa.question}", derivation(smp) or qa.answer, q
 
 
-class TextStream(torch.utils.data.IterableDataset):
+class TextStream(SeededStream):
     """Endless text-only batches for the language-model stage (``--text-steps``): the reasoning prompt without
     its image, so the text model learns to read its own context (copy a row, compare, subtract) before it
     learns to see, as a real VLM's language model does before its vision is attached. Another seed stream than
@@ -386,16 +398,6 @@ class TextStream(torch.utils.data.IterableDataset):
 
     def __init__(self, processor, batch: int, refused: set[tuple], seed: int = STREAM_SEED + 7):
         self.processor, self.batch, self.refused, self.seed = processor, batch, refused, seed
-
-    def __iter__(self):
-        from dyme_core.data.charts import stream_rng
-
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
-        i = 0
-        while True:
-            yield self.make_batch(stream_rng(self.seed, worker, i))
-            i += 1
 
     def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         from dyme_core.families import get_family
