@@ -6,7 +6,7 @@
 #                                tokens; about 2.5 minutes from a cold machine (budget 480 s, hard timeout 560 s)
 #
 # Needs torch, transformers, matplotlib and pillow (the GPU image has them) and tenacity (installed from .wheels/,
-# carried); not trl. Results (decode-<label>.json and .md) go to $OUT (default bench/out/decode) and are rewritten
+# carried; bench/gpu_wheels.sh, which also takes PIN_TRANSFORMERS=1); not trl. Results (decode-<label>.json and .md) go to $OUT (default bench/out/decode) and are rewritten
 # after every method, so the hard timeout loses nothing measured. Measured from cold on an H200: 145 s.
 # Local check of the script: DEVICE=cpu SHAPE=tiny EXTRA="--new-tokens 16 --repeats 1" \
 #   PY=.venv/bin/python bash bench/gpu_decode.sh
@@ -19,14 +19,10 @@ SHAPE=${SHAPE:-smolvlm-256m}
 BUDGET=${BUDGET:-480}
 read -r -a extra <<< "${EXTRA:-}"
 mkdir -p "$OUT"
-# dyme_core.llm imports tenacity, which the GPU image lacks: install it from the wheels carried in .wheels/
+# dyme_core.llm imports tenacity, which the GPU image lacks: gpu_wheels.sh installs what is missing from the wheels
+# carried in .wheels/ (PIN_TRANSFORMERS=1: and the transformers constraints.txt pins, from .wheels/pin/)
 SITE=${SITE:-/tmp/dyme-site-decode}
-if ! "$PY" -c "import tenacity" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .wheels/tenacity-[0-9]*.whl
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source bench/gpu_wheels.sh
 export DYME_BENCH_WORK=${DYME_BENCH_WORK:-/tmp/dyme-bench-work}
 T0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true; } | tee "$OUT/gpu.txt"
