@@ -780,12 +780,13 @@ def piece_gate(ctx: Context) -> dict:
             fmt.append(format_reward(text, min_thinking))
             if len(examples["sampled"]) < 4:
                 examples["sampled"].append({"id": x.id, "question": x.question, "completion": text})
-    groups = []
+    groups, group_types = [], []
     for chunk in _chunks(rl, max(1, s.eval_batch // s.gate_k)):
         images = [ds.load_image(x) for x in chunk]
         for x, texts in zip(chunk, sample_completions(model, processor, images, [x.question for x in chunk],
                                                       s.gate_k, train_budget), strict=True):
             groups.append(sum(accuracy_reward(t, x.references()) for t in texts))
+            group_types.append(x.qtype)
 
     def acc(rows: list[dict]) -> float | None:
         return round(sum(r["correct"] for r in rows) / len(rows), 4) if rows else None
@@ -812,7 +813,11 @@ def piece_gate(ctx: Context) -> dict:
                     "greedy_qa_by_type": {q: acc([r for r in qa_rows if r["qtype"] == q])
                                           for q in sorted({r["qtype"] for r in qa_rows})},
                     "rl_groups_all_right": round(sum(c == k for c in groups) / max(1, len(groups)), 4),
-                    "rl_correct_per_group_histogram": [sum(c == j for c in groups) for j in range(k + 1)]},
+                    "rl_correct_per_group_histogram": [sum(c == j for c in groups) for j in range(k + 1)],
+                    # where the never-solved prompts are: the question mix decides how often DyME can memorise
+                    "rl_groups_none_right_by_type": {
+                        q: round(sum(c == 0 for c, t in zip(groups, group_types, strict=True) if t == q)
+                                 / group_types.count(q), 4) for q in sorted(set(group_types))}},
         "setup": {"val_questions": len(val), "val_cells": n_cells, "rl_prompts": len(rl), "k": k,
                   "train_max_new_tokens": train_budget, "eval_max_new_tokens": eval_budget,
                   "sampling": {"temperature": TrainConfig().temperature, "top_p": TrainConfig().top_p,

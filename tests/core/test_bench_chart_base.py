@@ -230,6 +230,14 @@ def test_smoke_flow_builds_a_base_that_loads_and_trains_with_the_project_trainer
         assert 0.0 <= gate["criteria"][name]["value"] <= 1.0
     assert gate["pass"] == all(c["pass"] for c in gate["criteria"].values())
     assert sum(gate["figures"]["rl_correct_per_group_histogram"]) == gate["setup"]["rl_prompts"]
+    # the never-solved share per question type averages, weighted by each type's prompts, to the overall one
+    from dyme_core.data.ingest import open_dataset as _open_rl
+
+    rl_types = Counter(x.qtype for x in _open_rl(work / "data").split("train")[: gate["setup"]["rl_prompts"]])
+    by_type = gate["figures"]["rl_groups_none_right_by_type"]
+    assert set(by_type) == set(rl_types)
+    assert sum(by_type[q] * n for q, n in rl_types.items()) / sum(rl_types.values()) == pytest.approx(
+        gate["criteria"]["rl_groups_none_right"]["value"], abs=1e-3)
     # the trace probe measures transcription as the gate does (the same val charts, greedy, 64 tokens)
     from bench import trace_probe
 
