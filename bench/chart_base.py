@@ -178,6 +178,7 @@ class Context:
         self.low_form = args.low_traces
         self.mixture = args.mixture
         self.text_steps, self.text_batch = args.text_steps, args.text_batch
+        self.rl_qtypes = args.rl_qtypes
         self.start = time.monotonic()
         self.deadline = self.start + args.deadline_s if args.deadline_s > 0 else math.inf
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -203,6 +204,8 @@ def piece_data(ctx: Context) -> None:
     s = ctx.scale
     spec = {"seed": DATA_SEED, "train": s.n_train, "val": s.n_val, "test": s.n_test,
             "image_size": ctx.preset["image_size"], "style": "readable"}
+    if ctx.rl_qtypes:  # absent otherwise, so the earlier bases' datasets stay current
+        spec["train_qtypes"] = ctx.rl_qtypes
     marker = ctx.work / "data_spec.json"
     if marker.is_file() and json.loads(marker.read_text()) == spec and (ctx.data_dir / "manifest.json").is_file():
         log(f"data: {ctx.data_dir} is current")
@@ -213,6 +216,7 @@ def piece_data(ctx: Context) -> None:
         "synth.style=readable", "synth.chart_types=[bar, line]", f"synth.seed={DATA_SEED}",
         f"synth.n_train={s.n_train}", f"synth.n_val={s.n_val}", f"synth.n_test={s.n_test}",
         f"synth.image_size={ctx.preset['image_size']}", "synth.trace_quality=medium",
+        f"synth.train_qtypes=[{', '.join(ctx.rl_qtypes)}]",
     ])
     report = ingest(cfg)
     write_json(marker, spec)
@@ -261,6 +265,16 @@ def misread_answer(rng: np.random.Generator, wrong, qtype: str, question: str) -
         raise AssertionError(f"{qtype}: the misread table was asked {qa.question!r}, not {question!r}")
     threshold = int(question.rsplit(" ", 1)[1].rstrip("?"))
     return str(sum(v > threshold for v in wrong.values))
+
+
+def parse_qtypes(text: str) -> list[str]:
+    """``difference,difference,value_lookup`` -> that list; an unknown type is refused with the known ones."""
+    from dyme_core.data.charts import QTYPES
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if unknown := sorted(set(names) - set(QTYPES)):
+        raise argparse.ArgumentTypeError(f"--rl-qtypes: unknown question types {unknown} (known: {', '.join(QTYPES)})")
+    return names
 
 
 def stream_example(rng: np.random.Generator, image_size: int, refused: set[tuple], low_form: str = "conversational",
@@ -929,6 +943,10 @@ def main(argv: list[str] | None = None) -> int:
                              "text skill (the table as text + the question -> the arithmetic), so the text model can "
                              "read its own context before it learns to see (0 = none, the first three bases).")
     parser.add_argument("--text-batch", type=int, default=256, help="Examples per step of the language-model stage.")
+    parser.add_argument("--rl-qtypes", type=parse_qtypes, default=[],
+                        help="Question types of the RL/SFT set, one drawn per question, a repeated type weighing more "
+                             "(synth.train_qtypes), e.g. difference,difference,value_lookup; val and test keep every "
+                             "type in turn (default: every type in turn).")
     args = parser.parse_args(argv)
     if args.text_steps < 0 or args.text_batch < 1:
         parser.error(f"--text-steps must be >= 0 and --text-batch >= 1, got {args.text_steps} and {args.text_batch}")

@@ -49,6 +49,9 @@ class SynthConfig:
                     "readable (PIL; bar and line, 3-5 short labels, integer values 10-99 printed at each mark in "
                     "a font legible at the model's resolution; dyme_core/data/charts.py).",
                     choices=("classic", "readable"))
+    train_qtypes: list = _f([], "Question types of the train split, one drawn per sample from this list, so a "
+                            "repeated type weighs more (e.g. [difference, difference, value_lookup]: two thirds "
+                            "difference); empty = every type in turn, as val and test always are.")
 
 
 @dataclass

@@ -334,13 +334,30 @@ def usable_chart_types(chart_types: list[str] | tuple[str, ...], image_size: int
     return usable
 
 
+def pick_qtype(cfg: SynthConfig, split: str, index: int, qtypes: tuple[str, ...]) -> str:
+    """The question type of sample ``index`` of ``split``: every type of ``qtypes`` in turn, or in the train split
+    with ``synth.train_qtypes`` set, one drawn from that list by a generator of its own (the chart drawn is the
+    same either way)."""
+    if split != "train" or not cfg.train_qtypes:
+        return qtypes[index % len(qtypes)]
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index, 1])
+    return cfg.train_qtypes[int(rng.integers(len(cfg.train_qtypes)))]
+
+
+def check_train_qtypes(cfg: SynthConfig, qtypes: tuple[str, ...]) -> None:
+    """One line naming what is wrong when ``synth.train_qtypes`` names a type this style does not ask."""
+    if unknown := sorted(set(cfg.train_qtypes) - set(qtypes)):
+        raise ValueError(f"synth.train_qtypes names {unknown}, which synth.style={cfg.style} does not ask "
+                         f"(known: {', '.join(qtypes)})")
+
+
 def make_sample(cfg: SynthConfig, split: str, index: int, images: Path,
                 chart_types: tuple[str, ...] = CHART_TYPES) -> Sample:
     """Sample ``index`` of ``split``: draws, writes ``images/<id>.png`` and returns the row."""
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
     # 7 question types against 1 or 2 chart types (coprime): every pair within 14 samples
     chart_type = chart_types[index % len(chart_types)]
-    qtype = QTYPES[index % len(QTYPES)]
+    qtype = pick_qtype(cfg, split, index, QTYPES)
     table = draw_table(rng, chart_type)
     image = render(table, cfg.image_size, color_index=int(rng.integers(len(_COLORS))))
     qa = ask(rng, table, qtype)

@@ -302,7 +302,7 @@ def _make_sample(cfg: SynthConfig, split: str, index: int, images: Path) -> Samp
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
     # cycling (7 question types against at most 4 chart types, coprime) covers every pair in 28 samples
     chart_type = cfg.chart_types[index % len(cfg.chart_types)]
-    qtype = QTYPES[index % len(QTYPES)]
+    qtype = charts.pick_qtype(cfg, split, index, QTYPES)
     table = _draw_table(rng, chart_type)
     qa = _ask(rng, table, chart_type, qtype)
     traces = _traces(rng, table, chart_type, qa)
@@ -324,6 +324,7 @@ def synthesize(cfg: SynthConfig) -> Path:
     if cfg.image_size < 64:
         raise ValueError(f"synth.image_size must be >= 64 px for readable charts, got {cfg.image_size}")
     make = _make_sample
+    charts.check_train_qtypes(cfg, charts.QTYPES if cfg.style == "readable" else QTYPES)
     if cfg.style == "readable":  # PIL charts a small model can read (charts.py)
         usable = charts.usable_chart_types(cfg.chart_types, cfg.image_size)
         make = functools.partial(charts.make_sample, chart_types=usable)

@@ -180,3 +180,31 @@ def test_the_pretraining_stream_never_uses_a_dataset_generator() -> None:
     dataset = np.random.default_rng([0, 0, 0]).integers(1 << 30, size=8)
     stream = charts.stream_rng(0, 0, 0).integers(1 << 30, size=8)
     assert not np.array_equal(dataset, stream)
+
+
+@pytest.mark.parametrize("style", ["readable", "classic"])
+def test_train_question_types_follow_their_weights_and_leave_the_charts_val_and_test_alone(
+        tmp_path: Path, style: str) -> None:
+    def make(name: str, **kw) -> list[Sample]:
+        return _samples(synthesize(SynthConfig(out_dir=str(tmp_path / name), n_train=60, n_val=7, n_test=7,
+                                               image_size=112, style=style, chart_types=["bar", "line"], **kw)))
+
+    plain = make("plain")
+    weighted = make("weighted", train_qtypes=["difference", "difference", "difference", "value_lookup"])
+    train = [s for s in weighted if s.split == "train"]
+    share = sum(s.qtype == "difference" for s in train) / len(train)
+    assert {s.qtype for s in train} == {"difference", "value_lookup"} and 0.6 < share < 0.9  # 3 in 4 drawn
+    # the same chart at every index (only the question differs), and val and test exactly as without the option
+    for a, b in zip(plain, weighted, strict=True):
+        assert a.id == b.id and a.visual_facts == b.visual_facts
+        if a.split != "train":
+            assert a.to_dict() == b.to_dict()
+    # the val and test splits still cycle through every type
+    assert len({s.qtype for s in weighted if s.split == "val"}) == 7
+
+
+def test_a_train_question_type_the_style_does_not_ask_is_named(tmp_path: Path) -> None:
+    cfg = SynthConfig(out_dir=str(tmp_path / "x"), n_train=2, n_val=1, n_test=1, style="readable",
+                      chart_types=["bar"], train_qtypes=["difference", "sum"])
+    with pytest.raises(ValueError, match=r"train_qtypes names \['sum'\], which synth.style=readable does not ask"):
+        synthesize(cfg)
