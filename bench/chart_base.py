@@ -525,6 +525,19 @@ def target_nll(model, batch: dict[str, torch.Tensor], autocast: bool) -> tuple[t
     return nll, labels != -100
 
 
+def optimizer_step(model, opt, sched, batch: dict[str, torch.Tensor], autocast: bool) -> tuple[float, np.ndarray]:
+    """One teacher-forced step on the target tokens (grad-norm clip 1): the batch's loss and each row's mean NLL."""
+    nll, mask = target_nll(model, batch, autocast)
+    loss = nll.sum() / mask.sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        return float(loss.detach()), (nll.sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
+
+
 def pretrain_text(ctx: Context, model, processor, progress: dict[str, Any]) -> None:
     """The language-model stage (``--text-steps``): text-only batches of the text skill, AdamW at the scale's peak
     LR with its own warmup and cosine to 0, before the chart mixture starts on fresh optimizer state. Loss per
@@ -548,17 +561,9 @@ def pretrain_text(ctx: Context, model, processor, progress: dict[str, Any]) -> N
     step = 0
     for batch in loader:
         qtypes = batch.pop("kinds")
-        nll, mask = target_nll(model, {k: v.to(dev, non_blocking=True) for k, v in batch.items()},
-                               dev.type == "cuda")
-        loss = nll.sum() / mask.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _, per_row = optimizer_step(model, opt, sched, {k: v.to(dev, non_blocking=True) for k, v in batch.items()},
+                                    dev.type == "cuda")
         step += 1
-        with torch.no_grad():
-            per_row = (nll.sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
         np.add.at(window["loss"], qtypes.numpy(), per_row)
         np.add.at(window["n"], qtypes.numpy(), 1)
         window["ex"] += len(qtypes)
@@ -644,17 +649,9 @@ def piece_pretrain(ctx: Context) -> None:
         kinds = batch.pop("kinds")
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(torch.float32)
-        nll, mask = target_nll(model, batch, autocast)
-        loss = nll.sum() / mask.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss, per_row = optimizer_step(model, opt, sched, batch, autocast)
         step += 1
-        with torch.no_grad():
-            per_row = (nll.sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
-        window["loss"] += float(loss.detach())
+        window["loss"] += loss
         window["n"] += 1
         window["ex"] += len(kinds)
         np.add.at(window["kinds"], kinds.numpy(), per_row)
