@@ -25,16 +25,17 @@ Results (decode-<label>.json, decode-<label>.md) are rewritten after every measu
 limit keeps what it measured; a method that fails is recorded with its error and the others still run.
 
 --profile: after the timed methods, `PROFILE_STEPS` decode steps under torch.profiler (CUDA and CPU activities on a
-GPU, CPU on the CPU) of (a) the eager static-cache step (`complete_static` uncaptured: the kernels the captured graph
-replays) and (b) the captured step (graph replay; GPU only). Each token is a `decode_step` range
-(`generation.CapturedDecode`); a kernel belongs to the step whose range launched it. Per part: kernels per decode step
-(on the CPU: aten ops), their time per step (CPU: self time) by category (`CATEGORIES`), the top 15 kernels, and the
-share of the decode span the device is busy (GPU: union of the steps' kernels over first kernel start .. last kernel
-end; CPU: op time over the steps' ranges). The eager part runs with ranges around the model's forward and its norm
-layers, so that normalisation and sampling (the step outside the forward) are told apart from other elementwise
-kernels; a graph replay has no such ranges, so its kernels take the eager step's categories by position when the
-two steps have as many kernels, and categories from kernel names otherwise. Where CUPTI reports no kernels inside the
-graph replay, the output says so. Results: decode-profile-<label>.json and .md, rewritten after each part.
+GPU, CPU on the CPU) of (a) the eager static-cache step (`complete_static` uncaptured: the kernels the captured
+graph replays) and (b) the captured step (graph replay; GPU only). Each token is a `decode_step` range (around
+`generation.CapturedDecode.__call__`, added while profiling); a kernel belongs to the step whose range launched it.
+Per part: kernels per decode step (on the CPU: aten ops), their time per step (CPU: self time) by category
+(`CATEGORIES`), the top 15 kernels, and the share of the decode span the device is busy (GPU: union of the steps'
+kernels over first kernel start .. last kernel end; CPU: op time over the steps' ranges). The eager part runs with
+ranges around the model's forward and its norm layers, so that normalisation and sampling (the step outside the
+forward) are told apart from other elementwise kernels; a graph replay has no such ranges, so its kernels take the
+eager step's categories by position when the two steps have as many kernels, and categories from kernel names
+otherwise. Where CUPTI reports no kernels inside the graph replay, the output says so. Results:
+decode-profile-<label>.json and .md, rewritten after each part.
 
 Run (CPU check):  python bench/decode_step.py --device cpu --shape tiny --new-tokens 16 --repeats 1 [--profile]
 Run (GPU plan):   bash bench/gpu_decode.sh   (SmolVLM-256M shape, 8 prompts x K=8 = 64 rows x 128 tokens)
@@ -73,8 +74,8 @@ METHODS = ("complete", "captured", "captured-compiled", "hf-dynamic", "hf-static
 PROFILE_STEPS = 8  # decode steps profiled per part: a handful keeps the trace (about 1,300 kernels a step) small
 CATEGORIES = ("matmul/GEMM", "attention", "normalisation", "elementwise/activation", "sampling", "copies/cache writes",
               "other")
-# profiler ranges: each token's step (dyme_core.generation), and those `labelled_ranges` adds around the model
-STEP_RANGE, MODEL_RANGE, NORM_RANGE = generation.DECODE_STEP_RANGE, "model_forward", "norm"
+# profiler ranges `labelled_ranges` adds: each token's step, the model's forward, each normalisation layer
+STEP_RANGE, MODEL_RANGE, NORM_RANGE = "decode_step", "model_forward", "norm"
 RANGES = (STEP_RANGE, MODEL_RANGE, NORM_RANGE)
 
 
@@ -193,9 +194,16 @@ def categorize(name: str, context: frozenset[str] | None) -> str:
 
 @contextmanager
 def labelled_ranges(model: torch.nn.Module) -> Iterator[None]:
-    """Profiler ranges around the model's forward (MODEL_RANGE) and each normalisation layer's (NORM_RANGE): what
-    tells normalisation (HF's RMSNorm is a few elementwise ops) and sampling apart from other kernels."""
+    """Profiler ranges around each token's step (STEP_RANGE: `generation.CapturedDecode.__call__`, the eager step or
+    the graph replay, wrapped while profiling so the library's decode loop carries no profiler code), the model's
+    forward (MODEL_RANGE) and each normalisation layer's (NORM_RANGE): what tells normalisation (HF's RMSNorm is a
+    few elementwise ops) and sampling apart from other kernels."""
     handles = []
+    step_call = generation.CapturedDecode.__call__
+
+    def ranged_step(self: generation.CapturedDecode) -> None:
+        with torch.profiler.record_function(STEP_RANGE):
+            step_call(self)
 
     def label(module: torch.nn.Module, name: str) -> None:
         open_ranges: list[Any] = []
@@ -212,9 +220,11 @@ def labelled_ranges(model: torch.nn.Module) -> Iterator[None]:
     for module in model.modules():
         if type(module).__name__.endswith(("RMSNorm", "LayerNorm")):
             label(module, NORM_RANGE)
+    generation.CapturedDecode.__call__ = ranged_step
     try:
         yield
     finally:
+        generation.CapturedDecode.__call__ = step_call
         for h in handles:
             h.remove()
 

@@ -259,7 +259,6 @@ def _complete(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: t
 BUCKET_ROWS = 8
 CAPACITY_STEP = 64
 MAX_GRAPHS = 8  # captured graphs kept per model (least recently used dropped): each holds its own KV buffers
-DECODE_STEP_RANGE = "decode_step"  # the profiler range around each token's step (bench/decode_step.py --profile)
 
 
 def bucket_size(rows: int) -> int:
@@ -440,13 +439,11 @@ class CapturedDecode:
                  self.capture_s)
 
     def __call__(self) -> None:
-        # one range per token in a profiler's trace; a few us of host time a step, hidden behind a replay's GPU work
-        with torch.profiler.record_function(DECODE_STEP_RANGE):
-            if self.graph is not None:
-                self.graph.replay()
-                self.replays += 1
-            else:
-                self._step()
+        if self.graph is not None:
+            self.graph.replay()
+            self.replays += 1
+        else:
+            self._step()
 
 
 # captured decodes per model: (bucket, capacity, sampling settings, autocast) -> CapturedDecode
