@@ -273,7 +273,7 @@ def parse_qtypes(text: str) -> list[str]:
 
     names = [t.strip() for t in text.split(",") if t.strip()]
     if unknown := sorted(set(names) - set(QTYPES)):
-        raise argparse.ArgumentTypeError(f"--rl-qtypes: unknown question types {unknown} (known: {', '.join(QTYPES)})")
+        raise argparse.ArgumentTypeError(f"unknown question types {unknown} (known: {', '.join(QTYPES)})")
     return names
 
 
