@@ -26,7 +26,9 @@ limit keeps what it measured; a method that fails is recorded with its error and
 
 --profile: after the timed methods, `PROFILE_STEPS` decode steps under torch.profiler (CUDA and CPU activities on a
 GPU, CPU on the CPU) of (a) the eager static-cache step (`complete_static` uncaptured: the kernels the captured
-graph replays) and (b) the captured step (graph replay; GPU only). Each token is a `decode_step` range (around
+graph replays), (b) the captured step (graph replay; GPU only) and (c) the captured compiled step (`compile_step`;
+GPU only; torch.compile's fused kernels, `triton_*`, count as normalisation when they compute an rsqrt, else as
+elementwise). Each token is a `decode_step` range (around
 `generation.CapturedDecode.__call__`, added while profiling); a kernel belongs to the step whose range launched it.
 Per part: kernels per decode step (on the CPU: aten ops), their time per step (CPU: self time) by category
 (`CATEGORIES`), the top 15 kernels, and the share of the decode span the device is busy (GPU: union of the steps'
@@ -181,6 +183,8 @@ def categorize(name: str, context: frozenset[str] | None) -> str:
         return "copies/cache writes" if _COPY.search(name) else "sampling"
     if MODEL_RANGE in ranges and "softmax" in name.lower():  # eager attention's softmax
         return "attention"
+    if "triton_" in name:  # torch.compile's fused kernels: a norm when it takes a reciprocal square root
+        return "normalisation" if "rsqrt" in name else "elementwise/activation"
     if _COPY.search(name):
         return "copies/cache writes"
     if context is None and _SAMPLING.search(name):
@@ -334,7 +338,8 @@ def profile_markdown(res: dict) -> str:
     lines = [f"# Decode step profile: {meta['shape']}, {meta['rows']} rows, {res['profile_steps']} decode steps a part",
              "", f"{meta['device_name']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}"]
     titles = {"eager": "Eager static-cache step (the kernels the captured graph replays)",
-              "captured": "Captured step (CUDA graph replay)"}
+              "captured": "Captured step (CUDA graph replay)",
+              "compiled": "Captured compiled step (compile_step: CUDA graph replay of the compiled forward)"}
     for part, p in res["parts"].items():
         lines += ["", f"## {titles[part]}", ""]
         if "busy_share_estimate" in p:
@@ -361,15 +366,16 @@ def profile_markdown(res: dict) -> str:
 
 def run_profile(generate: Callable[[int, bool], Any], model: torch.nn.Module, device: torch.device, res: dict,
                 write: Callable[[], None], captured_ms: float | None = None) -> None:
-    """--profile: PROFILE_STEPS decode steps of the eager static step, then of the captured one (GPU), each part
-    written as soon as it is measured. generate(new_tokens, captured) runs `complete_static`; captured_ms: the timed
+    """--profile: PROFILE_STEPS decode steps of the eager static step, then of the captured one and of the captured
+    compiled one (GPU), each part written as soon as it is measured. generate(new_tokens, captured, compiled) runs
+    `complete_static`; captured_ms: the timed
     ms per decode step of the captured method, for a busy share that needs no kernel of the replay (the same kernels
     as the eager step's, whose GPU time the profile has)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     reference = None
-    for part, captured in (("eager", False), ("captured", True)):
+    for part, captured, compiled in (("eager", False, False), ("captured", True, False), ("compiled", True, True)):
         if captured and device.type != "cuda":
             res["parts"][part] = {"status": "skipped: a CUDA graph needs a CUDA device"}
             write()
@@ -377,15 +383,15 @@ def run_profile(generate: Callable[[int, bool], Any], model: torch.nn.Module, de
         try:
             with attention_kernels(GPU_ATTENTION if device.type == "cuda" else None):
                 torch.manual_seed(0)
-                generate(1, captured)  # a graph is captured (or reused) before the profiler starts
+                generate(1, captured, compiled)  # a graph is captured (or reused) before the profiler starts
                 sync(device)
                 with labelled_ranges(model), torch.profiler.profile(activities=activities) as prof:
-                    generate(PROFILE_STEPS, captured)
+                    generate(PROFILE_STEPS, captured, compiled)
                     sync(device)
             res["parts"][part], sequence = profile_summary(prof.events(), device.type == "cuda", reference)
-            reference = reference or sequence or None
+            reference = reference or sequence or None  # the eager step's kernel order (a compiled one differs)
             eager_ms = res["parts"]["eager"].get("time_ms_per_step")
-            if captured and captured_ms and eager_ms:
+            if part == "captured" and captured_ms and eager_ms:
                 res["parts"][part]["busy_share_estimate"] = eager_ms / captured_ms
         except Exception as e:  # recorded; the other part still runs
             message = str(e).splitlines()[0][:200] if str(e) else ""
@@ -530,8 +536,9 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"decode-profile-{args.label}.json").write_text(json.dumps(prof, indent=2))
             (out / f"decode-profile-{args.label}.md").write_text(profile_markdown(prof))
 
-        def static(n_new: int, captured: bool) -> torch.Tensor:
+        def static(n_new: int, captured: bool, compiled: bool) -> torch.Tensor:
             return generation.complete_static(model, ids, attn, k=args.k, capture=captured, do_sample=True,
+                                              compile_step=compiled,
                                               capacity=meta["cache_capacity"], max_new_tokens=n_new, **sampling,
                                               **vision)
 

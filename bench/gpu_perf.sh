@@ -19,7 +19,10 @@
 #        eager-warm          update eager, the cache dir
 #   b. the update with 75% zero-weight groups (mix skip75) against TRL 1.16 GRPOTrainer given the same generation
 #      settings ($TRL_KINDS, default trl-same-gen), DyME's update compiled from the cache dir part a filled
-#      (bench/throughput.py: 2 warm-up + 3 timed rounds; DyME's first step is reported apart)
+#      (bench/throughput.py: 2 warm-up + 3 timed rounds; DyME's first step is reported apart); DyME's rollouts
+#      decode as $DYME_DECODE says (throughput.py --dyme-decode; default auto: HF's compiled static-cache step, as
+#      trl-same-gen; captured or captured-compiled: the project's own decode, train.cuda_graph_decode and
+#      train.compile_decode)
 #   c. 2-GPU scaling: DyME alone on 1 GPU, then torchrun on 2 GPUs, same per-GPU batch: samples/s and efficiency
 #      (update eager unless MULTI_COMPILE=on)
 #   d. (only when PARTS names it) full DyME against mode switching alone: dyme-full (MEMORIZE memorises the online
@@ -51,6 +54,7 @@ SHAPE=${SHAPE:-smolvlm-256m}
 K=${K:-8} PROMPTS=${PROMPTS:-8} NEW_TOKENS=${NEW_TOKENS:-128}
 COMPILE_CACHE=${COMPILE_CACHE:-/tmp/dyme-compile-cache}
 TRL_KINDS=${TRL_KINDS:-trl-same-gen}
+DYME_DECODE=${DYME_DECODE:-auto}
 DECODE_METHODS=${DECODE_METHODS:-captured,complete}
 MULTI_COMPILE=${MULTI_COMPILE:-off}
 STATIC_CACHE=${STATIC_CACHE:-off}  # part a's rollouts: off = the default captured decode step, on = HF's compiled one
@@ -98,6 +102,7 @@ if ! want 0; then skip 0-decode "not in PARTS ($PARTS)"
 elif [[ -f bench/decode_step.py ]]; then
   profile=() cap0=60
   if [[ -n "$PROFILE" ]]; then profile=(--profile) cap0=100; fi  # the profile: about 40 s more
+  cap0=${CAP0:-$cap0}  # e.g. more for captured-compiled (its compile, about 40 s, and its profile part)
   b=$(left $(( NEED_A + NEED_B + NEED_C + NEED_D )))
   (( b > cap0 )) && b=$cap0
   if (( b < 30 )); then skip 0-decode "needs about 30 s, $b s left before parts a-d"
@@ -151,9 +156,9 @@ b=$(left $(( NEED_C + NEED_D )))
 if ! want b; then skip b-update "not in PARTS ($PARTS)"
 elif (( b < NEED_B - 20 )); then skip b-update "needs about $(( NEED_B - 20 )) s; $b s left before parts c-d"
 else
-  log "part b: skip75 update vs $TRL_KINDS, budget $b s"
+  log "part b: skip75 update vs $TRL_KINDS (DyME's decode: $DYME_DECODE), budget $b s"
   timeout -k 10 $(( b + 20 )) "$PY" bench/throughput.py --device "$DEVICE" "${size[@]}" --out "$RES" \
-    --label update-skip75 --trainers "$TRL_KINDS,dyme" --mix skip75 --compile-update on \
+    --label update-skip75 --trainers "$TRL_KINDS,dyme" --mix skip75 --compile-update on --dyme-decode "$DYME_DECODE" \
     --compile-cache-dir "$COMPILE_CACHE" --warmup 2 --steps 3 --peak off --budget-s "$b" \
     > "$RES/update-skip75.log" 2>&1 || log "part b ended with rc $? (see update-skip75.log)"
 fi

@@ -84,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 from bench.common import SHAPES, build_model, count_params  # noqa: E402
 from dyme_core.checker import VisualChecker  # noqa: E402
-from dyme_core.config import DataConfig, ModelConfig, SynthConfig, load_config  # noqa: E402
+from dyme_core.config import Config, DataConfig, ModelConfig, SynthConfig, load_config  # noqa: E402
 from dyme_core.data.loaders import Dataset, load_dataset  # noqa: E402
 from dyme_core.data.schema import Sample  # noqa: E402
 from dyme_core.data.synth import synthesize  # noqa: E402
@@ -97,6 +97,7 @@ MIXES = {"explore": (0.0, 0.0, 1.0), "skip75": (0.0, 0.75, 0.25), "memorize75": 
          "mixed": (1 / 3, 1 / 3, 1 / 3)}
 TRAINERS = ("trl-default", "trl-same-gen", "dyme", "grpo", "dyme-full", "dyme-switch")
 DEFAULT_TRAINERS = ("trl-default", "trl-same-gen", "dyme", "grpo")  # the trainers of BENCHMARKS.md's tables
+DYME_DECODES = ("hf-static", "captured", "captured-compiled", "eager")  # --dyme-decode
 PHASES = ("generation_s", "reward_s", "update_s", "other_s")
 
 
@@ -248,20 +249,26 @@ def prepare_work(args: argparse.Namespace, device: torch.device, rank: int) -> W
     return Work(data_dir, model_dir, load_dataset(DataConfig(path=str(data_dir))))
 
 
-def dyme_trainer(args: argparse.Namespace, work: Work, device: torch.device) -> BenchDymeTrainer:
+def dyme_config(args: argparse.Namespace, work: Work) -> Config:
+    """The DyME trainers' configuration: the bench's work, sizes and --dyme-decode / --compile-update settings."""
     k, b, n = args.k, args.prompts, args.new_tokens
-    cfg = load_config(None, [
+    return load_config(None, [
         f"data.path={work.data_dir}", f"model.name_or_path={work.model_dir}",
         f"train.output_dir={Path(args.work) / 'run-dyme'}", "train.refined=", "train.method=dyme",
         f"train.batch_size={b}", f"train.num_generations={k}", f"train.max_new_tokens={n}",
         f"train.max_target_tokens={n}", f"train.micro_batch_size={args.micro_batch or b * k}",
-        f"train.static_cache={args.static_cache == 'on'}", f"train.compile_update={args.compile_update == 'on'}",
+        f"train.static_cache={args.dyme_decode == 'hf-static'}", f"train.compile_update={args.compile_update == 'on'}",
+        f"train.cuda_graph_decode={args.dyme_decode != 'eager'}",
+        f"train.compile_decode={args.dyme_decode == 'captured-compiled'}",
         "train.max_steps=1000000", "train.report_to=none",
         "train.progress_bar=false", "train.checker=none", f"train.seed={args.seed}",
         # torch's compile artifacts kept across processes (dyme_core/regional.py); absent: torch's temp cache only
         *([f"train.compile_cache_dir={args.compile_cache_dir}"] if getattr(args, "compile_cache_dir", "") else []),
     ])
-    return BenchDymeTrainer(cfg, work.dataset, device=device)
+
+
+def dyme_trainer(args: argparse.Namespace, work: Work, device: torch.device) -> BenchDymeTrainer:
+    return BenchDymeTrainer(dyme_config(args, work), work.dataset, device=device)
 
 
 # ------------------------------------------------------------------------------------------ DyME steps
@@ -645,7 +652,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             ("update_mfu", "update MFU")]
     lines = [f"Throughput, {meta['shape']} ({meta['params_m']:.1f}M params, {meta['trainable_m']:.1f}M trainable), "
              f"K={meta['k']}, {meta['prompts']} prompts, {meta['new_tokens']} new tokens, {meta['device_name']}, "
-             f"{meta['date']}. Medians of timed steps.", "",
+             f"{meta['date']}. Medians of timed steps. DyME's rollout decode: {meta.get('dyme_decode', 'hf-static')}.",
+             "",
              "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     digits = {"update_mfu": 3, "rows_kept": 0}
     for r in rows:
@@ -783,6 +791,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--trl", default="on", choices=("on", "off"), help="off: DyME only (no trl needed).")
     ap.add_argument("--static-cache", default="auto", choices=("auto", "on", "off"),
                     help="Static KV cache for dyme/grpo and trl-same-gen (auto: on for cuda).")
+    ap.add_argument("--dyme-decode", default="auto", choices=("auto", *DYME_DECODES),
+                    help="DyME trainers' rollout decode: hf-static (HF generate with the static cache and its "
+                         "compiled step, what trl-same-gen runs: train.static_cache), captured (the project's "
+                         "default on a GPU: train.cuda_graph_decode), captured-compiled (and train.compile_decode), "
+                         "eager (generation.complete, the CPU's); auto: hf-static with --static-cache on, else "
+                         "captured (eager on the CPU).")
     ap.add_argument("--compile-update", default="off", choices=("auto", "on", "off"),
                     help="dyme/grpo: train.compile_update (the update forward/backward through one compiled "
                          "decoder layer; auto: on for cuda). Off by default, as the tables of BENCHMARKS.md were "
@@ -823,6 +837,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.static_cache = "on" if args.device == "cuda" else "off"
     if args.compile_update == "auto":
         args.compile_update = "on" if args.device == "cuda" else "off"
+    if args.dyme_decode == "auto":
+        args.dyme_decode = "hf-static" if args.static_cache == "on" else "captured"
     args.label = args.label or args.shape
     args.trl_steps = args.warmup + args.steps * len(args.mix)
     return args
@@ -856,7 +872,8 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "shape": args.shape, "k": args.k, "prompts": args.prompts, "new_tokens": args.new_tokens,
         "micro_batch": args.micro_batch or args.k * args.prompts, "mixes": args.mix, "steps": args.steps,
-        "warmup": args.warmup, "static_cache": args.static_cache, "compile_update": args.compile_update,
+        "warmup": args.warmup, "static_cache": args.static_cache, "dyme_decode": args.dyme_decode,
+        "compile_update": args.compile_update,
         "compile_cache_dir": args.compile_cache_dir,
         "world_size": world,
         "threads": torch.get_num_threads(),

@@ -102,11 +102,18 @@ class InitModelConfig:
     hidden_size: int = _f(128, "Text model width.")
     num_layers: int = _f(2, "Text model layers.")
     num_heads: int = _f(4, "Text model attention heads.")
+    num_kv_heads: int = _f(0, "Text model key/value heads (grouped-query attention, as SmolVLM, LLaVA-OneVision "
+                           "and Qwen2-VL have; must divide num_heads); 0 = num_heads.")
     vision_hidden_size: int = _f(64, "Vision tower width.")
     vision_layers: int = _f(2, "Vision tower layers.")
     image_size: int = _f(64, "Image size the vision tower sees.")
     patch_size: int = _f(8, "Vision patch size.")
     scale_factor: int = _f(2, "Pixel-shuffle factor of the connector (Qwen2-VL: spatial merge size).")
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads < 0 or (self.num_kv_heads and self.num_heads % self.num_kv_heads):
+            raise ConfigError(f"init_model.num_kv_heads={self.num_kv_heads} must divide init_model.num_heads="
+                              f"{self.num_heads} (or be 0: as many as num_heads)")
 
 
 @dataclass
@@ -243,6 +250,11 @@ class TrainConfig:
                                  "generation.complete_static), captured once per batch shape; families that "
                                  "prefill once (Idefics3, LLaVA-OneVision). Ignored on the CPU and with "
                                  "static_cache (HF generate).")
+    compile_decode: bool = _f(False, "With cuda_graph_decode: the captured decode step's forward goes through "
+                              "torch.compile first (fused kernels, and attention that reads each KV head once: "
+                              "generation.grouped_sdpa_attention); a one-time compile per batch shape, kept "
+                              "in compile_cache_dir. A compile that fails falls back to the eager step, with "
+                              "a warning.")
     compile_update: bool = _f(False, "Run the update's forward/backward through torch.compile, regionally: one "
                               "compiled decoder layer (dynamic rows and lengths) reused by every layer, so the "
                               "one-time compile is one layer's; generation unchanged. Fused kernels, less launch "

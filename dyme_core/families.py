@@ -210,7 +210,7 @@ class Family:
         return {
             "vocab_size": len(tokenizer), "hidden_size": cfg.hidden_size, "intermediate_size": cfg.hidden_size * 2,
             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-            "num_key_value_heads": cfg.num_heads, "max_position_embeddings": 4096,
+            "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads, "max_position_embeddings": 4096,
             "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "tie_word_embeddings": False,
         }

@@ -41,23 +41,27 @@ step function free of host syncs, replayed as a CUDA graph:
 - "every row finished" is read on the host only every `check_every` tokens; the output is trimmed to the steps a
   row was still live in, so it equals the eager loop's;
 - graphs are captured once per (model, bucket, capacity, sampling settings), kept (LRU, MAX_GRAPHS) and replayed;
-  `captured_decodes(model)` reports their capture seconds. Optionally (`compile_step`) the step's forward goes
-  through torch.compile before the capture.
+  `captured_decodes(model)` reports their capture seconds. Optionally (`compile_step`, `train.compile_decode`) the
+  step's forward goes through torch.compile before the capture, with sdpa attention that reads each KV head once
+  (`grouped_sdpa_attention`: transformers copies the keys and values per query head under torch.compile).
 The same `decode_step` runs uncaptured on the CPU, where tests/core/test_decode_graph.py checks it against this
 loop and `generate`. Qwen2-VL (multimodal RoPE, no `prefill_once`) keeps HF `generate`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
     DynamicCache,
     DynamicLayer,
     LogitsProcessorList,
@@ -67,6 +71,8 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 log = logging.getLogger(__name__)
 _UNCAPTURABLE: weakref.WeakSet = weakref.WeakSet()  # models whose decode could not be captured (warned once)
@@ -154,6 +160,7 @@ def complete(
     inputs_embeds: torch.Tensor | None = None,
     text_inputs: dict[str, torch.Tensor] | None = None,
     cuda_graph: bool = False,
+    compile_step: bool = False,
     **vision_inputs: torch.Tensor,
 ) -> torch.Tensor:
     """New tokens of k completions per prompt: (B*K, T) sample-major, T <= max_new_tokens, pad after eos.
@@ -164,6 +171,7 @@ def complete(
     vision_inputs: the family's image inputs of the B prompts, used by the prefill only.
     cuda_graph: on a CUDA model, decode with `complete_static(capture=True)` (the step replayed as a CUDA graph);
     ignored on the CPU, where the loop below is the faster one (it attends only over the filled cache).
+    compile_step: with cuda_graph, the captured step's forward is compiled first (`complete_static`).
     """
     if cuda_graph and input_ids.device.type == "cuda" and model not in _UNCAPTURABLE:
         if static_decode_supported(model):
@@ -172,7 +180,8 @@ def complete(
                                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, k=k,
                                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                        suppress_tokens=suppress_tokens, inputs_embeds=inputs_embeds,
-                                       text_inputs=text_inputs, capture=True, **vision_inputs)
+                                       text_inputs=text_inputs, capture=True, compile_step=compile_step,
+                                       **vision_inputs)
             except RuntimeError as e:  # a capture that failed (an op that syncs): this model decodes eagerly
                 log.warning("decode not captured (%s: %s); this model decodes eagerly from now on",
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -376,13 +385,56 @@ def decode_step(model: PreTrainedModel, state: DecodeState, processors: LogitsPr
     state.write.add_(1)
 
 
+GROUPED_SDPA = "dyme_grouped_sdpa"
+
+
+def grouped_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, except for a one-token query of a grouped-query model (fewer KV heads than query
+    heads) under a mask shared by the heads: its query heads are grouped per KV head, (rows, H, 1, D) -> (rows, H_kv,
+    H / H_kv, D), and attend to the keys and values as they are, so each KV head is read once. transformers' own sdpa
+    does the same only outside torch.compile; compiled, it copies the keys and values once per query head
+    (`repeat_kv`), which in a decode step is most of the bytes moved. The compiled decode step uses this function
+    (`CapturedDecode` with compile_step). Everything else goes to transformers' sdpa unchanged."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (groups == 1 or query.shape[2] != 1 or kwargs.get("position_bias") is not None
+            or (attention_mask is not None and attention_mask.shape[1] != 1)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows, heads, _, dim = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(rows, heads // groups, groups, dim), key, value, attn_mask=attention_mask, dropout_p=dropout,
+        scale=scaling)  # (rows, H_kv, groups, D_v): query head g*groups + i is row i of group g, as repeat_kv orders
+    return out.reshape(rows, heads, 1, out.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
+AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
+
+
+@contextlib.contextmanager
+def grouped_attention(model: PreTrainedModel) -> Iterator[None]:
+    """While inside, the text decoder's sdpa attention is `grouped_sdpa_attention` (its config's implementation is
+    switched, and switched back on the way out); a decoder on another implementation is left as it is."""
+    config = model.config.get_text_config()
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    config._attn_implementation = GROUPED_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 class CapturedDecode:
     """`decode_step` over one DecodeState, captured in a CUDA graph (replayed per token) or run as is.
 
     compile_step: the model's forward inside the step goes through `torch.compile` (fused kernels: fewer and
-    larger launches inside the graph) before the capture; sampling stays eager, so its draws are unchanged, but
-    the logits may differ from eager ones in the last bits of bf16. A compile that fails falls back to the eager
-    forward with a warning."""
+    larger launches inside the graph) before the capture, with `grouped_sdpa_attention` (no copy of the KV cache
+    per query head); sampling stays eager, so its draws are unchanged, but the logits may differ from eager ones
+    in the last bits of bf16. A compile that fails falls back to the eager forward with a warning."""
 
     def __init__(self, model: PreTrainedModel, state: DecodeState, processors: LogitsProcessorList,
                  do_sample: bool, eos_token_id: int, pad_token_id: int, capture: bool, compile_step: bool = False):
@@ -391,8 +443,13 @@ class CapturedDecode:
         additive = model.config._attn_implementation == "eager"
 
         def step_with(runner: torch.nn.Module) -> Callable[[], None]:
-            return lambda: decode_step(runner, state, processors, do_sample, eos_token_id, pad_token_id, cache_arg,
-                                       additive)
+            def step() -> None:
+                # compiled: traced (and run, when not captured) with the grouped attention; eager transformers
+                # already groups a one-token query's heads itself
+                with grouped_attention(model) if runner is not model else contextlib.nullcontext():
+                    decode_step(runner, state, processors, do_sample, eos_token_id, pad_token_id, cache_arg,
+                                additive)
+            return step
 
         self._step = step_with(torch.compile(model, dynamic=False) if compile_step else model)
         self.compiled = compile_step

@@ -324,7 +324,8 @@ class DymeTrainer:
                 else:
                     text = {name: kwargs.pop(name) for name in self.family.text_keys if name in kwargs}
                     out = generation.complete(self.model, ids, attn.to(self.device), k=k, text_inputs=text,
-                                              cuda_graph=self.t.cuda_graph_decode, **kwargs, **sampling)
+                                              cuda_graph=self.t.cuda_graph_decode,
+                                              compile_step=self.t.compile_decode, **kwargs, **sampling)
             for seq in out.cpu():
                 eos = (seq == self.eos_id).nonzero()
                 completions.append(seq[: int(eos[0]) + 1] if len(eos) else seq)

@@ -42,6 +42,23 @@ def test_the_default_trainers_are_still_the_four_of_the_earlier_tables() -> None
         tp.parse_args(["--trainers", "dyme-fast"])
 
 
+def test_dyme_decode_picks_the_trainers_rollout_decode(runner: tp.DymeRunner, bench_work: tp.Work) -> None:
+    """auto keeps the earlier tables' decode (HF's static cache wherever trl-same-gen has it); the trainer gets the
+    settings that the chosen decode names."""
+    assert tp.parse_args(["--device", "cuda"]).dyme_decode == "hf-static"
+    assert tp.parse_args(["--device", "cuda", "--static-cache", "off"]).dyme_decode == "captured"
+    assert tp.parse_args(["--device", "cpu"]).dyme_decode == "captured"
+    with pytest.raises(SystemExit):
+        tp.parse_args(["--dyme-decode", "compiled"])
+    t = runner.trainer.t  # built with --device cpu: auto -> captured
+    assert (t.static_cache, t.cuda_graph_decode, t.compile_decode) == (False, True, False)
+    for decode, settings in (("hf-static", (True, True, False)), ("captured-compiled", (False, True, True)),
+                             ("eager", (False, False, False))):
+        args = tp.parse_args(["--device", "cpu", "--dyme-decode", decode])
+        cfg = tp.dyme_config(args, bench_work)
+        assert (cfg.train.static_cache, cfg.train.cuda_graph_decode, cfg.train.compile_decode) == settings, decode
+
+
 def test_each_step_refines_and_checks_exactly_as_its_variant_says(
     runner: tp.DymeRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -53,6 +53,7 @@ def test_default_chain_ingest_to_evaluate(tmp_path: Path) -> None:
     (["ingest", "data.path=./nowhere/data"], "dataset not found"),  # a path, not a hub id: no network
     (["validate", "data.out_dir=nowhere/data"], "dataset not found"),
     (["evaluate", "data.out_dir=./nowhere/data"], "dataset not found"),
+    (["init-model", "init_model.num_kv_heads=3"], "init_model.num_kv_heads=3 must divide init_model.num_heads=4"),
 ])
 def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     proc = run(*args, cwd=tmp_path)

@@ -10,10 +10,13 @@ max_new_tokens with the finished-check only every few tokens. Qwen2-VL keeps HF 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_trainers import LogitsRecorder, family_trainer
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AttentionInterface
 
 from dyme_core import generation
 from dyme_core.trainer import Batch, DymeTrainer
@@ -253,3 +256,60 @@ def test_compiled_step_keeps_the_greedy_tokens(trainer: DymeTrainer) -> None:
     eager = generation.complete(trainer.model, ids, attn, k=2, **settings, **vision)
     compiled = generation.complete_static(trainer.model, ids, attn, k=2, compile_step=True, **settings, **vision)
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_grouped_attention_equals_attention_over_repeated_heads(groups: int) -> None:
+    """`grouped_sdpa_attention` on a one-token query under a per-row mask gives what attention over the KV heads
+    repeated per query head gives (`repeat_kv`, transformers' compiled path), query head h reading KV head
+    h // groups; other queries go to transformers' sdpa unchanged."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = groups, True
+    gen = torch.Generator().manual_seed(0)
+    rows, kv_heads, slots, dim = 4, 2, 10, 8
+    k, v = (torch.randn(rows, kv_heads, slots, dim, generator=gen) for _ in range(2))
+    mask = torch.rand(rows, 1, 1, slots, generator=gen) > 0.4
+    mask[..., 0] = True  # every row attends to some slot
+    for q_len in (1, 5):
+        q = torch.randn(rows, kv_heads * groups, q_len, dim, generator=gen)
+        m = mask.expand(rows, 1, q_len, slots)
+        out, _ = generation.grouped_sdpa_attention(module, q, k, v, m, scaling=0.5)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=m, scale=0.5).transpose(1, 2)
+        assert out.shape == (rows, q_len, kv_heads * groups, dim)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(out, sdpa_attention_forward(module, q, k, v, m, scaling=0.5)[0])
+
+
+@pytest.mark.slow
+def test_compiled_step_groups_query_heads_and_keeps_tokens(tiny_setup: dict, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a grouped-query model (4 query heads over 2 KV heads, as SmolVLM and LLaVA-OneVision have), the compiled
+    step traces its attention through `grouped_sdpa_attention`'s grouped branch (no KV copy per query head),
+    decodes the same greedy tokens and sampled draws as the eager loop, and leaves the model on sdpa after."""
+    trainer = family_trainer("idefics3", tiny_setup, tmp_path, num_heads=4, num_kv_heads=2)
+    model = trainer.model.eval()
+    assert model.config.get_text_config().num_key_value_heads == 2
+    grouped_calls = []
+    original = generation.grouped_sdpa_attention
+
+    def recording(module, query, key, value, attention_mask, **kwargs):  # noqa: ANN001, ANN202
+        if query.shape[2] == 1:
+            grouped_calls.append((query.shape[1], key.shape[1]))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, generation.GROUPED_SDPA, recording)
+    batch = _batch(trainer)
+    ids, attn, vision = _inputs(trainer, batch, [0, 1, 2])
+    for sampling in ({"do_sample": False}, {"do_sample": True}):
+        settings = _settings(trainer, trainer.eos_id, **sampling)
+        torch.manual_seed(0)
+        eager = generation.complete(model, ids, attn, k=2, **settings, **vision)
+        torch.manual_seed(0)
+        compiled = generation.complete_static(model, ids, attn, k=2, bucket=6, compile_step=True, **settings,
+                                              **vision)
+        assert torch.equal(compiled, eager), sampling
+    assert grouped_calls and set(grouped_calls) == {(4, 2)}, "the compiled step attends per KV head"
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
