@@ -62,6 +62,8 @@ import json
 import math
 import os
 import platform
+import random
+import re
 import shutil
 import signal
 import statistics
@@ -172,6 +174,9 @@ class Scale:
     beta: float = 0.0
     min_thinking_chars: int = 10
     sft_fraction: float = 0.5  # two_stage: share of the steps spent on SFT
+    # share of the refined training traces given one wrong value in their Observation (`misstate_observations`):
+    # a refiner that sometimes misreads the chart, as an LLM refiner may; 0 = the rule refiner's exact traces
+    refined_noise: float = 0.0
     curve_points: int = 60  # training-curve rows kept per run
     n_boot: int = 2000  # bootstrap resamples in aggregate
 
@@ -525,21 +530,52 @@ class Context:
         return {"name": self.scale_name, "overrides": self.overrides, **dataclasses.asdict(self.scale)}
 
 
+_OBSERVED_VALUE = re.compile(r"= (\d+)")
+
+
+def misstate_observations(path: Path, share: float, seed: int = 0) -> int:
+    """Rewrite refined targets so that round(share * n) of them (a seeded choice) state one wrong value: one
+    `label = N` of the Observation line gets another integer of 10-99. The reasoning and the conclusion keep the
+    true values, as a refiner that misreads one bar but is given the answer writes. Returns how many changed."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"refined_noise must be in [0, 1], got {share}")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rng = random.Random(seed)
+    candidates = [i for i, r in enumerate(records) if any(
+        line.startswith("Observation:") and _OBSERVED_VALUE.search(line) for line in r["trace"].splitlines())]
+    chosen = sorted(rng.sample(candidates, min(len(candidates), round(share * len(records)))))
+    for i in chosen:
+        lines = records[i]["trace"].splitlines()
+        at = next(j for j, line in enumerate(lines) if line.startswith("Observation:") and _OBSERVED_VALUE.search(line))
+        values = list(_OBSERVED_VALUE.finditer(lines[at]))
+        hit = rng.choice(values)
+        wrong = rng.choice([v for v in range(10, 100) if v != int(hit.group(1))])
+        lines[at] = lines[at][: hit.start(1)] + str(wrong) + lines[at][hit.end(1):]
+        records[i]["trace"] = "\n".join(lines)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return len(chosen)
+
+
 def ensure_refined(ctx: Context) -> Path:
-    """Offline refined targets (rule refiner) for the training split: what DyME and SFT memorise."""
+    """Offline refined targets (rule refiner) for the training split: what DyME and SFT memorise; with
+    `refined_noise`, a share of them misstate one observed value (`misstate_observations`)."""
     from dyme_core import steps
     from dyme_core.config import load_config
 
     out = ctx.work / "refined" / "targets.jsonl"
     stamp = out.with_name("data.txt")
-    if not (out.is_file() and stamp.is_file() and stamp.read_text() == str(ctx.data.resolve())):
+    made_from = f"{ctx.data.resolve()} noise={ctx.scale.refined_noise:g}"
+    if not (out.is_file() and stamp.is_file() and stamp.read_text() == made_from):
         # the base's tokenizer and the run budget: refine warns when the targets do not fit the budget
         cfg = load_config(None, [*common_overrides(ctx.data), f"model.name_or_path={ctx.base}",
                                  f"train.max_new_tokens={ctx.scale.max_new_tokens}", f"refine.out={out}",
                                  f"refine.template_pool={out.parent / 'templates.json'}",
                                  f"refine.cache_dir={ctx.work / 'refine_cache'}", "refine.splits=[train]"])
         stats = steps.refine(cfg)
-        stamp.write_text(str(ctx.data.resolve()))
+        if ctx.scale.refined_noise:
+            wrong = misstate_observations(out, ctx.scale.refined_noise)
+            log(f"refined_noise {ctx.scale.refined_noise:g}: {wrong} of {stats['n']} targets state one wrong value")
+        stamp.write_text(made_from)
         log(f"refined {stats['n']} training targets: {stats['target_tokens_p50']} / {stats['target_tokens_p95']} / "
             f"{stats['target_tokens_max']} {stats['target_tokens_unit']} (p50 / p95 / max; budget "
             f"{ctx.scale.max_new_tokens})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -147,3 +148,35 @@ def test_smoke_runs_aggregate_and_resume(tmp_path: Path) -> None:
     assert set(res["tuned"]["methods"]) == {"base", "dyme", "grpo", "sft", "sft_low"}
     assert mt.main(args) == 0
     assert (tmp_path / "o" / "runs.jsonl").read_text().splitlines() == lines
+
+
+def test_misstated_observations_change_one_observed_value_of_the_chosen_share(tmp_path: Path) -> None:
+    """refined_noise: round(share * n) targets, a seeded choice, state one wrong value in their Observation; the
+    reasoning and conclusion keep the true values; the same seed chooses the same targets and values."""
+    traces = [
+        "Goal: Find the Votes value for Navy.\nObservation: The chart 'Votes' shows Navy = 67.\n"
+        "Reasoning: Read the value: this gives 67.\nConclusion: The answer is 67.",
+        "Goal: Find the difference.\nObservation: The chart 'Votes' shows Gold = 45; Red = 23.\n"
+        "Reasoning: Subtract: 45 - 23 = 22.\nConclusion: The answer is 22.",
+    ] * 5
+    original = [{"id": f"s{i}", "backend": "rule", "trace": t} for i, t in enumerate(traces)]
+    path = tmp_path / "targets.jsonl"
+    outputs = []
+    for _ in range(2):
+        path.write_text("".join(json.dumps(r) + "\n" for r in original))
+        assert mt.misstate_observations(path, 0.3, seed=1) == 3
+        outputs.append(path.read_text())
+    assert outputs[0] == outputs[1]
+    changed = 0
+    for before, after in zip(original, map(json.loads, outputs[0].splitlines()), strict=True):
+        old, new = before["trace"].splitlines(), after["trace"].splitlines()
+        assert old[0] == new[0] and old[2:] == new[2:]  # goal, reasoning, conclusion untouched
+        if old[1] != new[1]:
+            changed += 1
+            old_values, new_values = re.findall(r"= (\d+)", old[1]), re.findall(r"= (\d+)", new[1])
+            assert len(new_values) == len(old_values)
+            diff = [(a, b) for a, b in zip(old_values, new_values, strict=True) if a != b]
+            assert len(diff) == 1 and 10 <= int(diff[0][1]) <= 99
+    assert changed == 3
+    with pytest.raises(ValueError, match="refined_noise must be in"):
+        mt.misstate_observations(path, 1.5)
