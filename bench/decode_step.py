@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     # a rough cost of each method, to skip what would not fit the budget (seconds: cold warm-up + timed runs)
     cost = {"complete": 40, "captured": 40, "captured-compiled": 150, "hf-dynamic": 60, "hf-static": 120} \
         if device.type == "cuda" else {}
-    greedy_ref: torch.Tensor | None = None
+    greedy_of: dict[str, torch.Tensor] = {}  # each method's greedy tokens, compared with complete's once it has run
     for method in args.methods:
         name = method.replace("captured", "static-cpu") if not capture else method
         rec: dict[str, Any] = {"status": "running"}
@@ -514,11 +514,11 @@ def main(argv: list[str] | None = None) -> int:
                 rec["status"] = "ok"
                 write()
                 try:  # a side check: its failure leaves the timing standing
-                    greedy = run(method, args.new_tokens, do_sample=False)
-                    if greedy_ref is None and method == "complete":
-                        greedy_ref = greedy
-                    if greedy_ref is not None:
-                        rec["greedy_agree"] = float((greedy == greedy_ref).float().mean())
+                    greedy_of[name] = run(method, args.new_tokens, do_sample=False)
+                    if "complete" in greedy_of:  # this method, or every one before complete once it comes
+                        for other, greedy in greedy_of.items():
+                            res["methods"][other]["greedy_agree"] = float(
+                                (greedy == greedy_of["complete"]).float().mean())
                 except Exception as e:
                     rec["greedy_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         except Exception as e:  # recorded, and the other methods still run
