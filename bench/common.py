@@ -12,6 +12,13 @@ Shapes (layer counts and widths of the published configs; the weights are random
   12 layers, 12 heads, MLP 3072), pixel-shuffle factor 4 -> 64 image tokens per 512 px image.
 - `smolvlm-500m`: SmolVLM-500M-Instruct: SmolLM2-360M text model (hidden 960, 32 layers, 15 heads,
   5 KV heads, MLP 2560) + the same vision tower.
+- `tiny-llava-ov`: the tiny shape in the LLaVA-OneVision family, grouped-query (4 heads over 2 KV heads): CPU checks.
+- `llava-ov-0.5b`: llava-onevision-qwen2-0.5b-ov: a `LlavaOnevisionForConditionalGeneration` (the project's
+  LLaVA-OneVision family, `dyme_core.models.init_tiny_model`) with the Qwen2-0.5B text model (hidden 896,
+  24 layers, 14 heads, 2 KV heads, MLP 4864, an embedding and untied head of 151,936 rows, the published
+  vocabulary padded as Qwen2's is; the tokenizer covers its first ids) and a SigLIP-so400m-sized vision tower
+  (hidden 1152, 26 layers, MLP 4304, 384 px, patch 14: 729 image tokens per tile; 36 heads of 32, where the
+  published tower has 16 of 72), anyres with one 384 px tile beside the base image.
 
 Used by bench/throughput.py and bench/method_table.py; keep this module small and its API stable.
 """
@@ -51,6 +58,7 @@ class Shape:
     patch: int  # vision patch size (px)
     image: int  # image side the vision tower sees (px)
     scale_factor: int  # connector pixel shuffle
+    family: str = "idefics3"  # dyme_core.families name
 
     @property
     def image_seq_len(self) -> int:
@@ -67,6 +75,12 @@ SHAPES: dict[str, Shape] = {
     "smolvlm-500m": Shape(hidden=960, layers=32, heads=15, kv_heads=5, intermediate=2560, vocab=49280,
                           vision_hidden=768, vision_layers=12, vision_heads=12, vision_intermediate=3072,
                           patch=16, image=512, scale_factor=4),
+    "tiny-llava-ov": Shape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=1024, vision_hidden=64,
+                           vision_layers=2, vision_heads=2, vision_intermediate=128, patch=8, image=64, scale_factor=1,
+                           family="llava_onevision"),
+    "llava-ov-0.5b": Shape(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
+                           vision_hidden=1152, vision_layers=26, vision_heads=36, vision_intermediate=4304,
+                           patch=14, image=384, scale_factor=1, family="llava_onevision"),
 }
 
 
@@ -85,6 +99,8 @@ def build_model(shape: str | Shape, out_dir: str | Path, texts: list[str], seed:
     initialised on `device` (fast on a GPU) and saved in `dtype`.
     """
     s = SHAPES[shape] if isinstance(shape, str) else shape
+    if s.family != "idefics3":
+        return _build_family_model(s, out_dir, texts, seed, device, dtype)
     torch.manual_seed(seed)
     corpus = sorted(set(texts)) + [REASON_INSTRUCTION, DIRECT_INSTRUCTION, ANSWER_FLAG, "User:", "Assistant:"]
     if s.vocab > 4096:  # the dataset's text alone cannot fill a large vocabulary
@@ -126,3 +142,21 @@ def count_params(model: torch.nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     vision = sum(p.numel() for n, p in model.named_parameters() if "vision_model" in n)
     return {"total": total, "trainable": trainable, "vision": vision}
+
+
+def _build_family_model(s: Shape, out_dir: str | Path, texts: list[str], seed: int, device: str | torch.device,
+                        dtype: torch.dtype) -> Path:
+    """A shape of another family through the project's own builder (`init_tiny_model`), at the shape's sizes; the
+    model's embedding has the shape's vocabulary even where the tokenizer trained here has fewer tokens."""
+    from dyme_core.config import InitModelConfig
+    from dyme_core.models import init_tiny_model
+
+    if s.vision_heads != max(1, s.vision_hidden // 32):
+        raise ValueError(f"{s.family} shapes take vision heads of 32 (the family builder's), not {s.vision_heads}")
+    cfg = InitModelConfig(family=s.family, out_dir=str(out_dir), seed=seed, vocab_size=s.vocab, hidden_size=s.hidden,
+                          num_layers=s.layers, num_heads=s.heads, num_kv_heads=s.kv_heads,
+                          intermediate_size=s.intermediate, vision_hidden_size=s.vision_hidden,
+                          vision_layers=s.vision_layers, vision_intermediate_size=s.vision_intermediate,
+                          image_size=s.image, patch_size=s.patch, scale_factor=s.scale_factor)
+    return init_tiny_model(cfg, sorted(set(texts)) + _filler_words(60_000, seed), device=device, dtype=dtype,
+                           vocab_rows=s.vocab)

@@ -104,7 +104,9 @@ class InitModelConfig:
     num_heads: int = _f(4, "Text model attention heads.")
     num_kv_heads: int = _f(0, "Text model key/value heads (grouped-query attention, as SmolVLM, LLaVA-OneVision "
                            "and Qwen2-VL have; must divide num_heads); 0 = num_heads.")
+    intermediate_size: int = _f(0, "Text model MLP width; 0 = 2 x hidden_size.")
     vision_hidden_size: int = _f(64, "Vision tower width.")
+    vision_intermediate_size: int = _f(0, "Vision tower MLP width; 0 = 2 x vision_hidden_size.")
     vision_layers: int = _f(2, "Vision tower layers.")
     image_size: int = _f(64, "Image size the vision tower sees.")
     patch_size: int = _f(8, "Vision patch size.")

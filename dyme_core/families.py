@@ -208,7 +208,8 @@ class Family:
 
     def _text_config(self, cfg: InitModelConfig, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
         return {
-            "vocab_size": len(tokenizer), "hidden_size": cfg.hidden_size, "intermediate_size": cfg.hidden_size * 2,
+            "vocab_size": len(tokenizer), "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size or cfg.hidden_size * 2,
             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
             "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads, "max_position_embeddings": 4096,
             "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
@@ -217,6 +218,9 @@ class Family:
 
     def _vision_heads(self, cfg: InitModelConfig) -> int:
         return max(1, cfg.vision_hidden_size // 32)
+
+    def _vision_mlp(self, cfg: InitModelConfig) -> int:
+        return cfg.vision_intermediate_size or cfg.vision_hidden_size * 2
 
 
 class Idefics3Family(Family):
@@ -282,7 +286,7 @@ class Idefics3Family(Family):
                                       chat_template=self.chat_template)
         text = LlamaConfig(**{**self._text_config(cfg, tokenizer), "tie_word_embeddings": False})
         vision = {
-            "hidden_size": cfg.vision_hidden_size, "intermediate_size": cfg.vision_hidden_size * 2,
+            "hidden_size": cfg.vision_hidden_size, "intermediate_size": self._vision_mlp(cfg),
             "num_hidden_layers": cfg.vision_layers, "num_attention_heads": self._vision_heads(cfg),
             "image_size": cfg.image_size, "patch_size": cfg.patch_size,
         }
@@ -314,7 +318,7 @@ class LlavaOnevisionFamily(Family):
         text = {**self._text_config(cfg, tokenizer), "model_type": "qwen2"}
         vision = {
             "model_type": "siglip_vision_model", "hidden_size": cfg.vision_hidden_size,
-            "intermediate_size": cfg.vision_hidden_size * 2, "num_hidden_layers": cfg.vision_layers,
+            "intermediate_size": self._vision_mlp(cfg), "num_hidden_layers": cfg.vision_layers,
             "num_attention_heads": self._vision_heads(cfg), "image_size": s, "patch_size": cfg.patch_size,
         }
         config = LlavaOnevisionConfig(
@@ -365,7 +369,8 @@ class Qwen2VLFamily(Family):
         from transformers import Qwen2VLForConditionalGeneration
 
         vision = {"depth": cfg.vision_layers, "embed_dim": cfg.vision_hidden_size, "hidden_size": cfg.hidden_size,
-                  "num_heads": self._vision_heads(cfg), "mlp_ratio": 2, "patch_size": cfg.patch_size,
+                  "num_heads": self._vision_heads(cfg), "mlp_ratio": self._vision_mlp(cfg) / cfg.vision_hidden_size,
+                  "patch_size": cfg.patch_size,
                   "spatial_merge_size": cfg.scale_factor, "temporal_patch_size": 2}
         config = Qwen2VLConfig(vision_config=vision, **self._config_kwargs(cfg, tokenizer))
         return self._processor(cfg, tokenizer), Qwen2VLForConditionalGeneration(config)
@@ -383,7 +388,7 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):  # noqa: N801 (mirrors the transformers c
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         vision = {"depth": cfg.vision_layers, "hidden_size": cfg.vision_hidden_size,
-                  "intermediate_size": cfg.vision_hidden_size * 2, "out_hidden_size": cfg.hidden_size,
+                  "intermediate_size": self._vision_mlp(cfg), "out_hidden_size": cfg.hidden_size,
                   "num_heads": self._vision_heads(cfg), "patch_size": cfg.patch_size,
                   "spatial_merge_size": cfg.scale_factor, "temporal_patch_size": 2,
                   # windows of 2x2 merged patches; the last block attends over the whole image

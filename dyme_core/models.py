@@ -159,15 +159,22 @@ def train_tokenizer(texts: list[str], vocab_size: int, family: str = "idefics3")
     )
 
 
-def init_tiny_model(cfg: InitModelConfig, texts: list[str]) -> Path:
-    """Build, save and return the directory of a tiny random model of family `cfg.family`."""
+def init_tiny_model(cfg: InitModelConfig, texts: list[str], device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, vocab_rows: int = 0) -> Path:
+    """Build, save and return the directory of a random model of family `cfg.family` (tiny by default; the
+    benchmarks build published shapes with it, initialised on `device` and saved in `dtype`). vocab_rows: rows of
+    the embedding and head when more than the trained tokenizer has (a published vocabulary's size)."""
     from dyme_core.families import get_family
 
     family = get_family(cfg.family)
     torch.manual_seed(cfg.seed)
     prompt_texts = [REASON_INSTRUCTION, DIRECT_INSTRUCTION, ANSWER_FLAG, "User:", "Assistant:", "user", "assistant"]
     tokenizer = train_tokenizer(sorted(set(texts)) + prompt_texts, cfg.vocab_size, family.name)
-    processor, model = family.build_tiny(cfg, tokenizer)
+    with torch.device(device):
+        processor, model = family.build_tiny(cfg, tokenizer)
+        if vocab_rows > len(tokenizer):
+            model.resize_token_embeddings(vocab_rows, mean_resizing=False)
+    model.to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
