@@ -288,7 +288,8 @@ def test_compiled_step_groups_query_heads_and_keeps_tokens(tiny_setup: dict, tmp
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """On a grouped-query model (4 query heads over 2 KV heads, as SmolVLM and LLaVA-OneVision have), the compiled
     step traces its attention through `grouped_sdpa_attention`'s grouped branch (no KV copy per query head),
-    decodes the same greedy tokens and sampled draws as the eager loop, and leaves the model on sdpa after."""
+    decodes the same greedy tokens and sampled draws as the eager loop with the same per-step log-probs (up to
+    float rounding), and leaves the model on sdpa after."""
     trainer = family_trainer("idefics3", tiny_setup, tmp_path, num_heads=4, num_kv_heads=2)
     model = trainer.model.eval()
     assert model.config.get_text_config().num_key_value_heads == 2
@@ -306,10 +307,13 @@ def test_compiled_step_groups_query_heads_and_keeps_tokens(tiny_setup: dict, tmp
     for sampling in ({"do_sample": False}, {"do_sample": True}):
         settings = _settings(trainer, trainer.eos_id, **sampling)
         torch.manual_seed(0)
-        eager = generation.complete(model, ids, attn, k=2, **settings, **vision)
+        with LogitsRecorder(model) as eager_rec:
+            eager = generation.complete(model, ids, attn, k=2, **settings, **vision)
         torch.manual_seed(0)
-        compiled = generation.complete_static(model, ids, attn, k=2, bucket=6, compile_step=True, **settings,
-                                              **vision)
+        with LogitsRecorder(model) as compiled_rec:
+            compiled = generation.complete_static(model, ids, attn, k=2, bucket=6, compile_step=True, **settings,
+                                                  **vision)
         assert torch.equal(compiled, eager), sampling
+        _assert_same_steps(compiled_rec.calls, eager_rec.calls, 6, compiled.shape[1])
     assert grouped_calls and set(grouped_calls) == {(4, 2)}, "the compiled step attends per KV head"
     assert model.config.get_text_config()._attn_implementation == "sdpa"
