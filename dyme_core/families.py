@@ -368,9 +368,12 @@ class Qwen2VLFamily(Family):
     def build_tiny(self, cfg, tokenizer):
         from transformers import Qwen2VLForConditionalGeneration
 
+        ratio, rest = divmod(self._vision_mlp(cfg), cfg.vision_hidden_size)
+        if rest:  # Qwen2-VL's vision config takes an integer MLP ratio
+            raise ValueError(f"qwen2_vl: init_model.vision_intermediate_size={cfg.vision_intermediate_size} must be "
+                             f"a multiple of init_model.vision_hidden_size={cfg.vision_hidden_size}")
         vision = {"depth": cfg.vision_layers, "embed_dim": cfg.vision_hidden_size, "hidden_size": cfg.hidden_size,
-                  "num_heads": self._vision_heads(cfg), "mlp_ratio": self._vision_mlp(cfg) / cfg.vision_hidden_size,
-                  "patch_size": cfg.patch_size,
+                  "num_heads": self._vision_heads(cfg), "mlp_ratio": ratio, "patch_size": cfg.patch_size,
                   "spatial_merge_size": cfg.scale_factor, "temporal_patch_size": 2}
         config = Qwen2VLConfig(vision_config=vision, **self._config_kwargs(cfg, tokenizer))
         return self._processor(cfg, tokenizer), Qwen2VLForConditionalGeneration(config)

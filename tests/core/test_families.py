@@ -167,3 +167,10 @@ def test_dyme_init_model_builds_the_configured_family(tiny_setup: dict, tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLImageTextProcessor",
                                    "Qwen2VLImageProcessorPil"]
+
+
+def test_qwen2_vl_refuses_a_vision_mlp_its_config_cannot_hold() -> None:
+    """Qwen2-VL's vision config takes an integer MLP ratio: a width that is not a multiple is named in one line."""
+    cfg = InitModelConfig(family="qwen2_vl", vision_hidden_size=32, vision_intermediate_size=100)
+    with pytest.raises(ValueError, match="vision_intermediate_size=100 must be a multiple of .*vision_hidden_size=32"):
+        get_family("qwen2_vl").build_tiny(cfg, tokenizer=None)
