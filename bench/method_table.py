@@ -541,12 +541,13 @@ def misstate_observations(path: Path, share: float, seed: int = 0) -> int:
         raise ValueError(f"refined_noise must be in [0, 1], got {share}")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rng = random.Random(seed)
-    candidates = [i for i, r in enumerate(records) if any(
-        line.startswith("Observation:") and _OBSERVED_VALUE.search(line) for line in r["trace"].splitlines())]
+    # per record, the first Observation line that states a value (None: nothing to misstate)
+    observed = [next((j for j, line in enumerate(r["trace"].splitlines())
+                      if line.startswith("Observation:") and _OBSERVED_VALUE.search(line)), None) for r in records]
+    candidates = [i for i, at in enumerate(observed) if at is not None]
     chosen = sorted(rng.sample(candidates, min(len(candidates), round(share * len(records)))))
     for i in chosen:
-        lines = records[i]["trace"].splitlines()
-        at = next(j for j, line in enumerate(lines) if line.startswith("Observation:") and _OBSERVED_VALUE.search(line))
+        lines, at = records[i]["trace"].splitlines(), observed[i]
         values = list(_OBSERVED_VALUE.finditer(lines[at]))
         hit = rng.choice(values)
         wrong = rng.choice([v for v in range(10, 100) if v != int(hit.group(1))])
