@@ -15,8 +15,14 @@ temporary folder that the next save removes. Only the last `keep` checkpoints st
 
 Reading: nothing is unpickled (safetensors and JSON only), and a checkpoint is used only after every
 file its manifest lists matches its size and sha256; files the manifest does not list (for example a
-``trainer_state.pt`` someone planted) are never opened. `choose_checkpoint` takes the newest intact
-checkpoint and, when a newer one is broken, falls back with a warning naming the broken file.
+``trainer_state.pt`` someone planted) are never opened. A manifest proves only that the files were not
+changed after it was written, so what they hold is validated too before anything is loaded: each
+safetensors header (its size, JSON, dtypes, and offsets that cover the data exactly, what the
+safetensors library checks only as it loads), the model's tensor names and shapes against the model,
+the optimizer's state against its trainable parameters, ``trainer_state.json`` against `state_schema`
+(every tensor it references present) and ``templates.json`` against `TEMPLATES_SCHEMA`. Any failure is
+a broken checkpoint (:class:`CheckpointError` naming the file): `choose_checkpoint` falls back past it
+to the one before with a warning; an explicit path fails in one line.
 
 Runs: a training run writes into a staging folder beside ``output_dir`` (``.<name>.staging``) and is
 published by renaming it into place only when it succeeds, so a failed or killed run never touches a
@@ -30,14 +36,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 log = logging.getLogger(__name__)
@@ -185,9 +195,233 @@ def write_checkpoint(root: Path, step: int, model: torch.nn.Module, state: dict[
     return final
 
 
+# ---------------------------------------------------------------- validate what the files hold
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+# safetensors dtype -> bytes per element
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_TENSOR_ENTRY = {
+    "type": "object", "required": ["dtype", "shape", "data_offsets"], "additionalProperties": False,
+    "properties": {"dtype": {"enum": sorted(DTYPE_BYTES)},
+                   "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                   "data_offsets": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                    "minItems": 2, "maxItems": 2}},
+}
+_TENSOR = {"type": "object", "required": ["tensor", "shape"]}  # a tensor in the JSON view of a state
+_COUNT = {"type": "integer", "minimum": 0}
+TEMPLATES_SCHEMA = {
+    "type": "object", "required": ["best", "templates"],
+    "properties": {"best": {"type": "integer"},
+                   "templates": {"type": "array", "minItems": 1, "items": {
+                       "type": "object", "required": ["version", "text", "score"],
+                       "properties": {"version": {"type": "integer"}, "text": {"type": "string"},
+                                      "score": {"type": "number"}}}}},
+}
+
+
+def state_schema() -> dict[str, Any]:
+    """JSON Schema of a trainer state (the JSON view of `read_checkpoint`'s result: tensors as
+    {"tensor": dtype, "shape": [...]}, keys as strings): what the trainer reads back on resume."""
+    from dyme_core.refiner import RefinerStats
+
+    return {
+        "type": "object",
+        "required": ["step", "history", "optimizer", "scheduler", "rng", "config", "refiner_stats", "checker_stats"],
+        "properties": {
+            "step": _COUNT,
+            "history": {"type": "array", "items": {"type": "object", "required": ["step"],
+                                                    "properties": {"step": {"type": "number"}}}},
+            "optimizer": {"type": "object", "required": ["state", "param_groups"], "properties": {
+                "state": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+                          "additionalProperties": {"type": "object"}},
+                "param_groups": {"type": "array", "items": {
+                    "type": "object", "required": ["params"],
+                    "properties": {"params": {"type": "array", "items": _COUNT}}}}}},
+            "scheduler": {"type": "object"},
+            "rng": {"type": "object", "required": ["cpu"], "properties": {"cpu": {
+                **_TENSOR, "properties": {"tensor": {"const": "U8"},
+                                          "shape": {"const": list(torch.get_rng_state().shape)}}}}},
+            "config": {"type": "object", "additionalProperties": {"type": "object"}},
+            "refiner_stats": {"type": "object", "propertyNames": {"enum": list(RefinerStats().as_dict())},
+                              "additionalProperties": _COUNT},
+            "checker_stats": {"type": "object", "required": ["calls", "fallbacks"], "additionalProperties": False,
+                              "properties": {"calls": _COUNT, "fallbacks": _COUNT}},
+            "switch_buffer": {"type": "array", "items": {"type": "integer"}},
+        },
+    }
+
+
+def _schema_error(path: Path, doc: Any, schema: dict[str, Any]) -> CheckpointError | None:
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(doc))
+    if error is None:
+        return None
+    where = "".join(f"[{p!r}]" for p in error.absolute_path) or "the top level"
+    return CheckpointError(f"{path} does not match its schema at {where}: {error.validator} "
+                           f"{json.dumps(error.validator_value)[:80]}")
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of a safetensors file, after checking its header as a loader would need it:
+    a header size within the file and MAX_HEADER_BYTES, JSON of the right structure, known dtypes, and
+    tensors whose byte ranges have the size of their shape and tile the data section exactly."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if n < 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"{path} is not a safetensors file: its header size ({n} bytes) is too large for "
+                                  f"the file ({size} bytes, limit {MAX_HEADER_BYTES})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: the safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: the safetensors __metadata__ is not a mapping of strings")
+    error = _schema_error(path, header, {"type": "object", "additionalProperties": _TENSOR_ENTRY})
+    if error:
+        raise error
+    spans = []
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        nbytes = math.prod(entry["shape"]) * DTYPE_BYTES[entry["dtype"]]
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} of shape {entry['shape']} and dtype {entry['dtype']} "
+                                  f"needs {nbytes} bytes, its offsets span {end - begin}")
+        spans.append((begin, end, name))
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin} of the data, expected {covered} "
+                                  "(overlapping or gap in the offsets)")
+        covered = end
+    if covered != size - 8 - n:
+        raise CheckpointError(f"{path}: the tensors cover {covered} bytes of a data section of {size - 8 - n}")
+    return {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
+
+
+def _check_model(path: Path, stored: dict[str, tuple[str, tuple[int, ...]]], model: torch.nn.Module) -> None:
+    """The stored tensors are the model's: every name known, every shape equal, every tensor (or one of the
+    names a tied tensor goes by: safetensors stores it once) present."""
+    state = model.state_dict()
+    for name, (_, shape) in stored.items():
+        if name not in state:
+            raise CheckpointError(f"{path}: tensor {name!r} is not in the model")
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(shape)}, the model's is "
+                                  f"{list(state[name].shape)}")
+    aliases: dict[tuple[int, int], list[str]] = {}
+    for name, tensor in state.items():
+        aliases.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset()), []).append(name)
+    for names in aliases.values():
+        if not any(n in stored for n in names):
+            raise CheckpointError(f"{path} lacks the model's tensor {names[0]!r}")
+
+
+def _json_view(obj: Any) -> Any:
+    """A JSON-able view of an unflattened state whose tensors are placeholders (dtype, shape)."""
+    if isinstance(obj, _Placeholder):
+        return {"tensor": obj.dtype, "shape": list(obj.shape)}
+    if isinstance(obj, dict):
+        return {str(k): _json_view(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_view(v) for v in obj]
+    return obj
+
+
+class _Placeholder:
+    def __init__(self, dtype: str, shape: tuple[int, ...]) -> None:
+        self.dtype, self.shape = dtype, shape
+
+
+def _check_structure(path: Path, node: Any, tensors: dict[str, Any]) -> None:
+    """`node` is what `flatten_state` writes: scalars, lists, and the three tagged objects, every tensor
+    reference naming a tensor of the state file."""
+    if isinstance(node, list):
+        for item in node:
+            _check_structure(path, item, tensors)
+    elif isinstance(node, dict):
+        if set(node) == {"__tensor__"} and isinstance(node["__tensor__"], str):
+            if node["__tensor__"] not in tensors:
+                raise CheckpointError(f"{path} refers to tensor {node['__tensor__']!r}, which {STATE_TENSORS} "
+                                      "does not hold")
+        elif set(node) == {"__tuple__"} and isinstance(node["__tuple__"], list):
+            _check_structure(path, node["__tuple__"], tensors)
+        elif set(node) == {"__dict__"} and isinstance(node["__dict__"], list) and all(
+                isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str | int | float | bool)
+                for pair in node["__dict__"]):
+            for _, value in node["__dict__"]:
+                _check_structure(path, value, tensors)
+        else:
+            raise CheckpointError(f"{path}: unexpected object with keys {sorted(node)[:5]} in the stored state")
+    elif not (node is None or isinstance(node, bool | int | float | str)):
+        raise CheckpointError(f"{path}: unexpected value in the stored state")
+
+
+def _check_optimizer(path: Path, view: dict[str, Any], model: torch.nn.Module) -> None:
+    """One optimizer entry per trainable parameter; an entry's per-parameter tensors (Adam's moments) all have
+    one shape, and those shapes are the trainable parameters' shapes (as a multiset: the optimizer's index
+    order is the trainer's grouping, which this module does not know)."""
+    trainable = Counter(tuple(p.shape) for p in model.parameters() if p.requires_grad)
+    indices = sorted(i for group in view["optimizer"]["param_groups"] for i in group["params"])
+    if indices != list(range(trainable.total())):
+        raise CheckpointError(f"{path}: the optimizer's parameter groups list {len(indices)} parameters, the model "
+                              f"trains {trainable.total()}")
+    shapes: Counter[tuple[int, ...]] = Counter()
+    for index, entry in view["optimizer"]["state"].items():
+        per_param = {tuple(t["shape"]) for t in entry.values() if isinstance(t, dict) and t.get("shape")}
+        if len(per_param) > 1 or int(index) >= trainable.total():
+            raise CheckpointError(f"{path}: optimizer state {index} does not belong to one trainable parameter")
+        shapes.update(per_param)
+    if shapes - trainable:
+        wrong = sorted(shapes - trainable)[0]
+        raise CheckpointError(f"{path}: the optimizer holds state of shape {list(wrong)}, which no trainable "
+                              "parameter of the model has")
+
+
+def validate_contents(ckpt: Path, model: torch.nn.Module | None = None) -> None:
+    """What a checkpoint's files hold is loadable and, given `model`, belongs to it (module docstring)."""
+    model_header = read_header(ckpt / MODEL_FILE)
+    if model is not None:
+        _check_model(ckpt / MODEL_FILE, model_header, model)
+    state_header = read_header(ckpt / STATE_TENSORS)
+    path = ckpt / STATE_JSON
+    try:
+        doc = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "state" not in doc:
+        raise CheckpointError(f"{path} is not a trainer state of format {FORMAT}")
+    _check_structure(path, doc["state"], state_header)
+    placeholders = {name: _Placeholder(dtype, shape) for name, (dtype, shape) in state_header.items()}
+    view = _json_view(unflatten_state(doc["state"], placeholders))
+    error = _schema_error(path, view, state_schema())
+    if error:
+        raise error
+    if model is not None:
+        _check_optimizer(path, view, model)
+    templates = ckpt / "templates.json"
+    if templates.is_file():
+        try:
+            pool = json.loads(templates.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise CheckpointError(f"{templates} is not JSON") from None
+        error = _schema_error(templates, pool, TEMPLATES_SCHEMA)
+        if error:
+            raise error
+        if pool["best"] not in [t["version"] for t in pool["templates"]]:
+            raise CheckpointError(f"{templates}: best={pool['best']} names no template")
+
+
 # ---------------------------------------------------------------- read
-def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """The manifest of an intact checkpoint; CheckpointError naming the first bad file otherwise."""
+def verify_checkpoint(ckpt: Path, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """The manifest of an intact checkpoint; CheckpointError naming the first bad file otherwise.
+
+    Intact: every file the manifest lists has its size and sha256, and what they hold passes
+    `validate_contents` (against `model` when given)."""
     manifest_path = ckpt / MANIFEST
     if not ckpt.is_dir():
         raise CheckpointError(f"no checkpoint folder at {ckpt}")
@@ -214,18 +448,19 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path} has {size} bytes, the manifest says {meta.get('size')}")
         if _sha256(path) != meta.get("sha256"):
             raise CheckpointError(f"{path} does not match its sha256 in the manifest")
+    validate_contents(ckpt, model)
     return manifest
 
 
-def choose_checkpoint(root: Path) -> Path | None:
-    """The newest intact checkpoint under `root` (None if there is none).
+def choose_checkpoint(root: Path, model: torch.nn.Module | None = None) -> Path | None:
+    """The newest intact checkpoint under `root` (None if there is none), checked against `model` if given.
 
     A newer checkpoint that fails verification is skipped with a warning that names the broken file.
     """
     broken = 0
     for ckpt in list_checkpoints(root):
         try:
-            verify_checkpoint(ckpt)
+            verify_checkpoint(ckpt, model)
         except CheckpointError as e:
             broken += 1
             log.warning("skipping checkpoint %s: %s; falling back to the one before", ckpt.name, e)
@@ -237,11 +472,18 @@ def choose_checkpoint(root: Path) -> Path | None:
 
 
 def read_checkpoint(ckpt: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Verify `ckpt`, load its weights into `model` (strict) and return the rest of its state."""
-    verify_checkpoint(ckpt)
+    """Verify `ckpt` against `model`, load its weights into `model` (strict) and return the rest of its state.
+
+    Everything is checked before the first weight is copied, so a broken checkpoint leaves `model` as it was.
+    """
+    verify_checkpoint(ckpt, model)
     device = next(model.parameters()).device
-    load_model(model, ckpt / MODEL_FILE, strict=True, device=str(device))
-    tensors = load_file(ckpt / STATE_TENSORS)
+    try:
+        load_model(model, ckpt / MODEL_FILE, strict=True, device=str(device))
+        tensors = load_file(ckpt / STATE_TENSORS)
+    except (SafetensorError, RuntimeError, ValueError) as e:  # what validation cannot foresee: one line still
+        raise CheckpointError(f"{ckpt}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
     doc = json.loads((ckpt / STATE_JSON).read_text())
     return unflatten_state(doc["state"], tensors)
 

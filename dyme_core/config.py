@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote
 
 import yaml
 
@@ -71,6 +71,13 @@ class DataConfig:
                           "Our field -> HF column (ChartQA's names by default).")
     task: str = _f("chart", "Task for samples that do not say: chart (relaxed accuracy) | vqa.")
     human_only: bool = _f(False, "Keep only rows whose human_or_machine says human (ChartQA's human split).")
+    hint_quality: str = _f("", "Which reference trace becomes each row's hint when a source holds the same "
+                           "questions with traces of three qualities: a DyME JSON folder (or one file of it) "
+                           "with <split>_high.json, <split>_medium.json and <split>_low.json, read side by side "
+                           "and matched row by row, or rows whose meta.traces has high/medium/low (the synthetic "
+                           "set). Every quality's trace stays in meta.traces. '' = the hint the source gives (the "
+                           "file data.path names; a folder of quality files needs a choice).",
+                           choices=("", "high", "medium", "low"))
     val_fraction: float = _f(0.1, "Fraction of train carved out as val when the source has no val split.")
     test_fraction: float = _f(0.1, "Fraction of train carved out as test when the source has no test split.")
     split_seed: int = _f(0, "Seed of the deterministic val/test carve.")
@@ -178,6 +185,14 @@ class RefineConfig:
                       choices=("relevant", "all"))
     max_trace_chars: int = _f(2000, "Longest refined trace accepted from the LLM; a longer one (or one that "
                               "does not state the answer) falls back to the rule refiner and is counted.")
+    facts_from: str = _f("none", "Visual facts for rows with neither facts nor a hint (a Hugging Face ChartQA "
+                         "folder): none (their traces only restate the question and the answer) | vlm (the "
+                         "image and question go to refine.llm's endpoint, model refine.facts_model, which "
+                         "transcribes the chart's data as a table; cached by image hash under cache_dir; the "
+                         "facts are written into the targets, where training's checker reads them).",
+                         choices=("none", "vlm"))
+    facts_model: str = _f("Qwen/Qwen2.5-VL-7B-Instruct", "Vision model name sent to refine.llm's endpoint when "
+                          "facts_from=vlm (the k8s/overlays/gpu-vlm server serves this one).")
     llm: LLMConfig = field(default_factory=LLMConfig, metadata={"help": "LLM refiner endpoint."})
 
     def __post_init__(self) -> None:
@@ -269,7 +284,33 @@ class TrainConfig:
                                 "point it only at your own storage (a file anyone may write, or another user's, "
                                 "is not loaded).")
     progress_bar: bool = _f(True, "Show a progress bar on the main process.")
+    switch: str = _f("binary", "method dyme's switching strategy (the paper's Table 1): binary (DyME: memorise a "
+                     "group iff no rollout is correct) | threshold (correct = mean of accuracy, format and thinking "
+                     "> switch_threshold) | anneal (every group GRPO, plus its reference trace at advantage "
+                     "0.5*(1+cos(pi*step/switch_anneal_steps))) | budget (failed groups' references are buffered; "
+                     "one pure-SFT step on them once switch_budget train steps' prompts are buffered).",
+                     choices=("binary", "threshold", "anneal", "budget"))
+    switch_threshold: float = _f(0.9, "threshold switch: a rollout is correct when the mean of its accuracy, "
+                                 "format and thinking rewards exceeds this (official: 0.9).")
+    switch_anneal_steps: int = _f(0, "anneal switch: train steps over which the reference's advantage falls from "
+                                  "1 to 0 on a cosine, then stays 0 (0 = max_steps).")
+    switch_budget: int = _f(3, "budget switch: the SFT step comes when the buffer holds switch_budget x "
+                            "batch_size x grad_accum_steps x processes failed prompts (official 3 x 8 x 8 = 192).")
+    ignore_eos: bool = _f(False, "Sample every rollout to max_new_tokens (eos suppressed), as throughput "
+                          "benchmarks of vLLM and TRL do; never for a real run.")
     llm: LLMConfig = field(default_factory=LLMConfig, metadata={"help": "LLM judge/refiner endpoint."})
+
+    def __post_init__(self) -> None:
+        if self.switch != "binary" and self.method != "dyme":
+            raise ConfigError(f"train.switch={self.switch} applies to train.method=dyme only, got {self.method!r}")
+        if not math.isfinite(self.switch_threshold):
+            raise ConfigError(f"train.switch_threshold must be a finite number, got {self.switch_threshold}")
+        if not 0 <= self.switch_threshold < 1:
+            raise ConfigError(f"train.switch_threshold must be in [0, 1), got {self.switch_threshold}")
+        if self.switch_anneal_steps < 0:
+            raise ConfigError(f"train.switch_anneal_steps must be >= 0 (0 = max_steps), got {self.switch_anneal_steps}")
+        if self.switch_budget < 1:
+            raise ConfigError(f"train.switch_budget must be >= 1, got {self.switch_budget}")
 
 
 @dataclass
@@ -397,14 +438,37 @@ def _check_finite(cfg: Config) -> None:
             raise ConfigError(f"{key} must be a finite number, got {value}")
 
 
-# query parameters that carry credentials (api_key=, access_token=, X-Amz-Signature=, password=...)
-_SECRET_QUERY = re.compile(r"key|token|secret|passw|signature|credential", re.IGNORECASE)
+# Credentials a URL may carry, with or without a scheme: `user:password@` or `token@` after `//`, `user:password@`
+# at the start of a value or of a path segment (`user:pw@host/v1`), and parameters of the query or fragment whose
+# name looks secret (api_key=, access_token=, X-Amz-Signature=, sig=, password=...). An e-mail address
+# (`alice@example.com`) is not one. One home for detecting and redacting them: `credential_spans`.
+_USERINFO = re.compile(r"(?<=//)[^/?#@\s]+@|(?:^|(?<=/))[^/?#@\s:]+:[^/?#@\s]*@")
+_PARAM = re.compile(r"(?<=[?#&;])([^=&;#?\s]+)=([^&;#\s]+)")
+_SECRET_NAME = re.compile(r"key|token|secret|passw|pwd|signature|credential|auth|^sig$", re.IGNORECASE)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def credential_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, what) of every credential in `text` (see above); `what` names the form, never the value."""
+    spans = [(m.start(), m.end(), "user:password@ before the host") for m in _USERINFO.finditer(text)]
+    for m in _PARAM.finditer(text):
+        name = unquote(m.group(1))
+        if _SECRET_NAME.search(name):
+            part = "fragment" if "#" in text[:m.start()] else "query"
+            spans.append((m.start(2), m.end(2), f"{name}= in the {part}"))
+    return sorted(spans)
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with every user:password@ removed and every secret parameter's value replaced by ***."""
+    for start, end, what in reversed(credential_spans(text)):
+        text = text[:start] + ("" if what.startswith("user:") else "***") + text[end:]
+    return text
 
 
 def _check_secrets(cfg: Config) -> None:
     """No credentials in any config value: the config is written to config.yaml, MLflow params and
-    dvc.lock. A URL with user:password@ or a token in its query is refused (the message names the key,
+    dvc.lock. A value carrying one (`credential_spans`) is refused (the message names the key and the form,
     never the value); `*.api_key_env` must name an environment variable, not hold the key."""
     for key, value in _leaves(cfg):
         if isinstance(value, str):
@@ -412,26 +476,21 @@ def _check_secrets(cfg: Config) -> None:
 
 
 def _check_secret(key: str, obj: str) -> None:
-    """One string value: `*.api_key_env` names a variable; a URL carries no user:password@ or token."""
+    """One string value: `*.api_key_env` names a variable; no value carries a credential."""
     if key.endswith(".api_key_env") and obj and not _ENV_NAME.fullmatch(obj):
         raise ConfigError(f"{key} must be the NAME of an environment variable holding the API key "
                           "(letters, digits, _), not the key itself")
-    if "://" not in obj:
+    found = credential_spans(obj)
+    if not found:
         return
-    try:
-        url = urlsplit(obj.strip())
-        userinfo = url.username is not None or url.password is not None
-    except ValueError:
-        return  # not a URL
-    if userinfo or any(_SECRET_QUERY.search(name) for name, _ in parse_qsl(url.query)):
-        if key.endswith("llm.base_url"):
-            where = f"put the API key in the environment variable named by {key[:-len('base_url')]}api_key_env"
-        elif key.endswith("tracking_uri"):  # also filled from MLFLOW_TRACKING_URI by the CLI
-            where = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
-        else:
-            where = "pass credentials through the environment"
-        raise ConfigError(f"{key} must not carry credentials (user:password@host or a token in the "
-                          f"query): {where}")
+    if key.endswith("llm.base_url"):
+        where = f"put the API key in the environment variable named by {key[:-len('base_url')]}api_key_env"
+    elif key.endswith("tracking_uri"):  # also filled from MLFLOW_TRACKING_URI by the CLI
+        where = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+    else:
+        where = "pass credentials through the environment"
+    forms = "; ".join(dict.fromkeys(what for _, _, what in found))
+    raise ConfigError(f"{key} must not carry credentials (found {forms}): {where}")
 
 
 def _check_choices(obj: Any, prefix: str) -> None:

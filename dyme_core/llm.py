@@ -22,6 +22,7 @@ Tested against loopback fake servers: ``tests/core/test_llm.py`` and ``tests/rel
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import json
 import logging
@@ -30,12 +31,11 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import tenacity
 
-from dyme_core.config import LLMConfig
+from dyme_core.config import LLMConfig, redact_credentials
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +117,14 @@ def _one_line(text: str, limit: int = 200) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL without user:password@ (what may be shown in a message or a log)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host  # IPv6
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL without user:password@ (with or without a scheme) and with *** for the value of every secret
+    query or fragment parameter: what may be shown in a message or a log (config.credential_spans)."""
+    return redact_credentials(url)
+
+
+def image_part(data: bytes, mime: str) -> dict:
+    """An OpenAI ``image_url`` content part carrying ``data`` inline as a base64 data URL."""
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -167,8 +167,14 @@ class ChatClient:
         self._breaker_opened = 0  # how often it opened (the first time is a warning, later ones info)
 
     # ------------------------------------------------------------------ public
-    def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.0) -> str:
+    def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.0,
+             model: str | None = None) -> str:
         """Send one chat completion request and return ``choices[0].message.content``.
+
+        A message's ``content`` is a string or a list of OpenAI content parts (``{"type": "text", ...}``,
+        ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``: see
+        :func:`image_part`); ``model`` replaces ``cfg.model`` for this request (a vision model served by
+        the same endpoint).
 
         Up to ``1 + cfg.max_retries`` attempts, each bounded by ``cfg.timeout_s`` in total; connection
         errors, deadlines, 429 and 5xx are retried after an exponential backoff with jitter (or the
@@ -177,7 +183,7 @@ class ChatClient:
         without calling while the circuit breaker is open.
         """
         self._before_call()
-        payload = {"model": self.cfg.model, "messages": messages,
+        payload = {"model": model or self.cfg.model, "messages": messages,
                    "max_tokens": max_tokens, "temperature": temperature}
         try:
             content = self._run(payload)

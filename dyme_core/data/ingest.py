@@ -12,7 +12,11 @@ evaluate read only that folder, through :func:`open_dataset`. Sources (``data.fo
   when present, becomes the question (our steps add their own prompt). An answer written as an SFT
   label (``<reasoning> Answer: <answer>``) is split: the answer after the last flag, the reasoning as
   the hint when the row has none. Absolute image paths (the official files store them) are read only
-  inside an explicit ``data.image_root``.
+  inside an explicit ``data.image_root``. DyME's data layout, the same questions with traces of three
+  qualities (``train_high.json``, ``train_medium.json``, ``train_low.json``), is read side by side from
+  the folder (or from one of its files) and matched row by row: ``data.hint_quality`` picks the file whose
+  traces become the hints, and every quality's trace is kept in ``meta.traces`` (tests:
+  ``tests/core/test_hint_quality.py``).
 - ``hf``: a Hugging Face dataset by hub id, a local folder in the hub layout (``data/<split>-*.parquet``
   or ``.arrow``), or a ``save_to_disk`` folder. ``data.hf_columns`` maps our fields to columns
   (ChartQA's ``query``/``label``/``image``), ``data.hf_split_map`` our splits to theirs; other columns
@@ -113,6 +117,8 @@ def detect_format(path: str) -> str:
     if p.is_dir():
         if (p / "samples.jsonl").is_file() or (p / "samples.parquet").is_file():
             return "project"
+        if quality_files(p):
+            return "dyme_json"  # DyME's layout: train_high.json, train_medium.json, train_low.json
         return "hf"  # save_to_disk output, the hub layout, or a folder of data files
     if p.is_file():
         if p.suffix in (".jsonl", ".parquet"):
@@ -136,14 +142,12 @@ def _read_project(cfg: DataConfig) -> _Source:
     return _Source("project", root, listed, [])
 
 
-def _read_dyme_json(cfg: DataConfig) -> _Source:
-    p = Path(cfg.path)
-    if not p.is_file():
-        raise DataError(f"dataset not found: {cfg.path}")
-    listed = []
+def _dyme_rows(p: Path, id_stem: str) -> list[dict[str, Any]]:
+    """The rows of one DyME JSON file in our field names (ids ``<id_stem>-<i>`` where a row has none)."""
+    rows = []
     for i, raw in enumerate(read_json_list(p)):
         row = {k: v for k, v in raw.items() if k in DYME_KEYS}
-        row.setdefault("id", f"{p.stem}-{i}")
+        row.setdefault("id", f"{id_stem}-{i}")
         # the official files' extra fields (question_wo_prompt, human_or_machine, visual_fact, ...)
         meta = {k: v for k, v in raw.items() if k not in DYME_KEYS}
         # official `question` is the full training prompt; our steps add their own prompt to the pure one
@@ -161,9 +165,85 @@ def _read_dyme_json(cfg: DataConfig) -> _Source:
             if parsed.thinking and not row.get("hint"):
                 row["hint"] = parsed.thinking
         row["meta"] = meta
-        listed.append((f"{cfg.path} row {i}", row))
-    root = Path(cfg.image_root) if cfg.image_root else p.parent
-    return _Source("dyme_json", root, listed, [])
+        rows.append(row)
+    return rows
+
+
+QUALITIES = ("high", "medium", "low")
+_QUALITY_FILE = re.compile(r"^(?P<stem>.+)_(?P<quality>high|medium|low)\.json$")
+
+
+def quality_files(folder: Path) -> dict[str, dict[str, Path]]:
+    """``{stem: {quality: file}}`` of a folder's ``<stem>_high|medium|low.json`` files (DyME's data layout)."""
+    groups: dict[str, dict[str, Path]] = {}
+    for f in sorted(folder.glob("*.json")):
+        if (m := _QUALITY_FILE.match(f.name)) and f.is_file():
+            groups.setdefault(m["stem"], {})[m["quality"]] = f
+    return groups
+
+
+def _quality_group(stem: str, files: dict[str, Path], chosen: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of one question set given at several trace qualities, matched row by row (by id where the rows
+    have ids, else by position): the `chosen` file's row, every quality's hint in ``meta.traces``."""
+    if chosen not in files:
+        raise DataError(f"data.hint_quality={chosen}: there is no {stem}_{chosen}.json beside "
+                        f"{', '.join(f.name for f in files.values())}")
+    read = {q: _dyme_rows(f, stem) for q, f in files.items()}
+    base = read[chosen]
+    listed = []
+    for q, rows in read.items():
+        if len(rows) != len(base):
+            raise DataError(f"{files[q]} has {len(rows)} rows, {files[chosen]} has {len(base)}: the quality files must "
+                            "hold the same questions")
+    by_id = {q: {str(r["id"]): r for r in rows} for q, rows in read.items()}
+    for i, row in enumerate(base):
+        traces = {}
+        for q in QUALITIES:
+            if q not in read:
+                continue
+            other = by_id[q].get(str(row["id"]))
+            same = other is not None and all(other.get(k) == row.get(k) for k in ("question", "answer"))
+            if not same:
+                raise DataError(f"{files[q]}: no row matches {files[chosen]} row {i} (id {row['id']!r}) by id, "
+                                "question and answer; the quality files must hold the same questions")
+            traces[q] = other.get("hint")
+        row["meta"]["traces"] = traces
+        row.setdefault("split", stem if stem in SPLITS else None)
+        listed.append((f"{files[chosen]} row {i}", row))
+    return listed
+
+
+def _read_dyme_json(cfg: DataConfig) -> _Source:
+    """One DyME JSON file; or, where data.path is a folder of ``<split>_<quality>.json`` files or one of them
+    with siblings, every question set read side by side (:func:`_quality_group`)."""
+    p = Path(cfg.path)
+    notes = []
+    if p.is_dir():
+        groups = quality_files(p)
+        if not groups:
+            raise DataError(f"{p}: no DyME JSON files named <split>_high.json, <split>_medium.json, <split>_low.json")
+        if not cfg.hint_quality:
+            raise DataError(f"data.path={cfg.path} holds traces of several qualities "
+                            f"({', '.join(f.name for g in groups.values() for f in g.values())}): set "
+                            "data.hint_quality to high, medium or low")
+        listed = [row for stem, files in groups.items() for row in _quality_group(stem, files, cfg.hint_quality)]
+        chosen, folder = cfg.hint_quality, p
+    elif p.is_file():
+        m = _QUALITY_FILE.match(p.name)
+        siblings = quality_files(p.parent).get(m["stem"], {}) if m else {}
+        folder = p.parent
+        if len(siblings) > 1:
+            chosen = cfg.hint_quality or m["quality"]
+            listed = _quality_group(m["stem"], siblings, chosen)
+        else:
+            chosen = ""
+            listed = [(f"{cfg.path} row {i}", row) for i, row in enumerate(_dyme_rows(p, p.stem))]
+    else:
+        raise DataError(f"dataset not found: {cfg.path}")
+    if chosen:
+        notes.append(f"hint_quality {chosen}: hints from the {chosen} files; meta.traces keeps every quality")
+    root = Path(cfg.image_root) if cfg.image_root else folder
+    return _Source("dyme_json", root, listed, notes)
 
 
 def _hf_image(value: Any) -> Any:
@@ -187,6 +267,14 @@ def _read_hf(cfg: DataConfig) -> _Source:
     import datasets  # seconds to import; only this source needs it
 
     p = Path(cfg.path)
+    if not p.is_dir():  # a hub id: a bad one, or no network, is one line within seconds (not minutes of retries)
+        from dyme_core.hub import hub_access
+
+        hub_access(cfg.path, "data.path", repo_type="dataset")
+    empty = _empty_parquet_files(p)  # `datasets` fails on them with a traceback and an ERROR log of its own
+    if empty:
+        raise DataError(f"{cfg.path}: {', '.join(empty)} hold{'s' if len(empty) == 1 else ''} 0 rows (an empty "
+                        "source or split): fill it, or remove an empty split's file")
     try:
         if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
             loaded = datasets.load_from_disk(str(p))
@@ -194,6 +282,10 @@ def _read_hf(cfg: DataConfig) -> _Source:
             loaded = datasets.load_dataset(cfg.path)
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:  # no file, no network, bad layout
         raise DataError(f"dataset not found or not readable: {cfg.path} ({str(e).splitlines()[0]})") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # a data file it cannot read, in one line
+        cause = e.__cause__ or e
+        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise DataError(f"{cfg.path}: cannot read the dataset ({reason})") from None
     splits = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
 
     columns = dict(cfg.hf_columns)
@@ -235,6 +327,18 @@ def _read_hf(cfg: DataConfig) -> _Source:
     root = Path(cfg.image_root) if cfg.image_root else (p if p.is_dir() else Path("."))
     name = re.sub(r"[^\w.-]", "_", p.name or cfg.path)
     return _Source("hf", root, _hf_rows(cfg.path, name, columns, chosen), notes)
+
+
+def _empty_parquet_files(folder: Path) -> list[str]:
+    """The Parquet files of a local folder that hold 0 rows (relative paths); [] for a hub id."""
+    empty = []
+    for f in sorted(folder.rglob("*.parquet")) if folder.is_dir() else []:
+        try:
+            if pq.ParquetFile(f).metadata.num_rows == 0:
+                empty.append(str(f.relative_to(folder)))
+        except Exception:  # noqa: BLE001 (pyarrow's errors vary; an unreadable file is not an empty one)
+            continue
+    return empty
 
 
 def _hf_rows(path: str, name: str, columns: dict[str, str],
@@ -361,6 +465,13 @@ def _normalise(row: dict[str, Any], split: str, cfg: DataConfig, limits: Validat
             raise BadRow("type", "meta is not valid JSON") from None
     if not isinstance(meta, dict):
         raise BadRow("type", f"meta must be a mapping, got {type(meta).__name__}")
+    if cfg.hint_quality:  # the chosen quality's trace is the hint; meta.traces keeps them all
+        traces = meta.get("traces")
+        if not isinstance(traces, dict) or not isinstance(traces.get(cfg.hint_quality), str):
+            raise BadRow("hint_quality", f"meta.traces holds no {cfg.hint_quality!r} trace to use as the hint "
+                                         f"(data.hint_quality={cfg.hint_quality})")
+        hint = _as_text("hint", traces[cfg.hint_quality], limits.max_hint_chars, "validate.max_hint_chars",
+                        required=False)
     if split not in SPLITS:
         raise BadRow("split", f"split {split!r} is not one of {list(SPLITS)}")
     task, qtype = row.get("task") or cfg.task, row.get("qtype")
@@ -483,6 +594,8 @@ def _materialise(cfg: Config, staging: Path) -> dict[str, Any]:
             (dest / sample.image).write_bytes(data)
         kept.append(sample)
     if not kept:
+        if not report["dropped"]:
+            raise DataError(f"{d.path}: the source has no rows")
         raise DataError(f"{d.path}: no usable rows (dropped: {report['dropped']})")
     if no_flag:
         report["notes"].append(f"data.human_only: {no_flag} row(s) without human_or_machine kept as human-written")
@@ -496,6 +609,12 @@ def _materialise(cfg: Config, staging: Path) -> dict[str, Any]:
     for split in missing:
         if split not in report["carve"].get("rows", {}):
             report["notes"].append(f"split {split}: absent from the source and not carved")
+    counts = Counter(s.split for s in samples)
+    if not counts["train"]:  # validate and train would refuse it later; say so where the data comes in
+        carved = f", after carving {report['carve']['rows']} from it" if report["carve"] else ""
+        raise DataError(f"{d.path}: no train rows ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}"
+                        f"{carved}); training needs some: give rows split=train, or map the source's training "
+                        "split with data.hf_split_map")
 
     order = {name: i for i, name in enumerate(SPLITS)}
     rows = sorted(samples, key=lambda s: order[s.split])  # stable: source order inside a split

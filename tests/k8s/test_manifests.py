@@ -199,18 +199,40 @@ def test_every_container_has_requests_limits_and_a_restricted_security_context(r
         assert "/tmp" in mounts, label
 
 
+# repo:tag@sha256:<64 hex>: pulled by the digest, the tag kept for people (kustomize `images:` with newTag + digest)
+PINNED = re.compile(r"(?P<repo>[^@\s]+):(?P<tag>[\w][\w.-]*)@sha256:[0-9a-f]{64}")
+
+
 @pytest.mark.parametrize("overlay", TARGETS)
-def test_images_are_pinned_and_the_project_image_is_the_one_image(rendered, overlay):
+def test_every_image_is_pinned_by_digest_and_the_project_image_is_the_one_image(rendered, overlay):
     for label, spec in _pod_specs(rendered[overlay]):
         for c in _containers(spec):
             image = c["image"]
-            repo, _, tag = image.rpartition(":")
-            assert repo and "/" not in tag, f"{label}/{c['name']}: untagged image {image}"
-            assert tag != "latest" and "@" not in image, f"{label}/{c['name']}: {image}"
-            assert image == PROJECT_IMAGE or repo in THIRD_PARTY_REPOS, f"{label}/{c['name']}: {image}"
+            m = PINNED.fullmatch(image)
+            assert m, f"{label}/{c['name']}: {image} is not pinned by digest (add it to `images:` with a digest)"
+            assert m["tag"] != "latest", f"{label}/{c['name']}: {image}"
+            repo_tag = f"{m['repo']}:{m['tag']}"
+            assert repo_tag == PROJECT_IMAGE or m["repo"] in THIRD_PARTY_REPOS, f"{label}/{c['name']}: {image}"
     train = _one(rendered[overlay], "PyTorchJob", "dyme-train")
     for rs in train["spec"]["pytorchReplicaSpecs"].values():
-        assert {c["image"] for c in _containers(rs["template"]["spec"])} == {PROJECT_IMAGE}
+        assert {c["image"].split("@")[0] for c in _containers(rs["template"]["spec"])} == {PROJECT_IMAGE}
+
+
+def test_a_tag_without_a_digest_fails_the_pin_check():
+    """The check above can fail: an image that bypasses `images:` renders without a digest."""
+    assert PINNED.fullmatch(f"{PROJECT_IMAGE}@sha256:{'ab' * 32}")
+    for image in (PROJECT_IMAGE, "vllm/vllm-openai:v0.30.0", f"ghcr.io/mlflow/mlflow@sha256:{'ab' * 32}",
+                  f"{PROJECT_IMAGE}@sha256:{'ab' * 31}", "dyme"):
+        assert not PINNED.fullmatch(image), image
+
+
+def test_every_digest_placeholder_is_marked_and_the_docs_say_how_to_fill_it():
+    placeholder = "sha256:" + "0" * 64
+    lines = [line for p in K8S.rglob("kustomization.yaml") for line in p.read_text().splitlines()
+             if placeholder in line]
+    assert all("PLACEHOLDER" in line for line in lines), lines
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert "docker buildx imagetools inspect" in docs and "digest:" in docs
 
 
 def test_image_tag_is_the_package_version():
@@ -342,7 +364,7 @@ def test_external_store_overlay_reads_the_store_from_a_secret(rendered):
     env = _env(server)
     for var in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION"):
         assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-external-store", var
-    assert server["image"].endswith("-full")  # the image with the PostgreSQL and S3 clients
+    assert PINNED.fullmatch(server["image"])["tag"].endswith("-full")  # the image with the PostgreSQL and S3 clients
     assert not _find(docs, "PersistentVolumeClaim", "mlflow-store")
 
 

@@ -1,10 +1,11 @@
 """Endpoint faults replayed against a loopback fake OpenAI-compatible server (issue 10, item 4).
 
 For each fault (connection refused, HTTP 500, a hang, a 1 byte/s drip, garbage JSON, a reply without the
-fields, a 50 MB body, 429 with Retry-After) the LLM refiner must: finish within a bound derived from the
-client's configuration (attempts x deadline + waits, plus generous slack: never the fault's own
-duration), fall back to the rule refiner, count it and say so in the log. The circuit breaker stops
-calling a failing endpoint and says so once; `llm.on_failure=fail` turns a fault into a one-line CLI
+fields, a 50 MB body without a Content-Length, to the connection's end or in HTTP/1.1 chunks, 429 with
+Retry-After) the LLM refiner must: finish within a bound derived from the client's configuration
+(attempts x deadline + waits, plus generous slack: never the fault's own duration), fall back to the
+rule refiner, count it and say so in the log. The circuit breaker stops calling a failing endpoint and
+says so once; `llm.on_failure=fail` turns a fault into a one-line CLI
 error with a non-zero exit, and the API key never reaches the output.
 """
 
@@ -74,6 +75,7 @@ FAULTS = [
     ("garbage_json", "garbage", 1, "unexpected body"),  # not retried: the same server answers the same
     ("missing_fields", "missing", 1, "unexpected body"),
     ("huge_body", "huge", 1, "max_response_bytes"),
+    ("huge_chunked_body", "chunked", 1, "max_response_bytes"),  # HTTP/1.1 chunks: no Content-Length either
     ("429_retry_after", "ratelimit", 1 + RETRIES, "HTTP 429"),
 ]
 
@@ -116,6 +118,20 @@ def test_huge_declared_body_is_refused_without_reading(fake: FakeLLM) -> None:
     fake.reply = "x" * 200_000  # a normal reply with a Content-Length past the cap
     with pytest.raises(LLMError, match="max_response_bytes=100000"):
         ChatClient(config(fake.base_url)).chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("mode", ["huge", "chunked"])
+def test_an_oversized_reply_without_content_length_is_cut_off_at_the_cap(fake: FakeLLM, mode: str) -> None:
+    """50 MB sent without a Content-Length (to the connection's end, or in HTTP/1.1 chunks): reading stops just
+    past the cap, in one line, long before the body could arrive whole; not retried."""
+    fake.mode = mode
+    cfg = config(fake.base_url)
+    start = time.monotonic()
+    with pytest.raises(LLMError) as e:
+        ChatClient(cfg).chat([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < cfg.timeout_s + SLACK
+    assert str(e.value).endswith("reply exceeds llm.max_response_bytes=100000; stopped reading")
+    assert "\n" not in str(e.value) and fake.count == 1
 
 
 def test_circuit_breaker_stops_calling_and_says_so_once(fake: FakeLLM, caplog: pytest.LogCaptureFixture) -> None:
