@@ -4,7 +4,12 @@ Default (rule): a deterministic writer that fills the current template's section
 (Goal / Observation / Reasoning / Conclusion) from the visual facts relevant to the question; without
 structured facts it restructures the sample's hint into those sections and keeps every sentence (so
 every number and entity) of it, as the official method memorises the refined hint; with neither, a
-minimal honest trace (the question restated and the answer), counted as ungrounded.
+minimal honest trace (the question restated and the answer), counted as ungrounded. Its reasoning is
+arithmetic only where it verifies: :func:`derive` reads the values (the table's cells, or the label-value
+pairs a hint states, through the checker's :func:`~dyme_core.checker.read_values`), recognises the
+question's operation (:func:`operations`) and writes the computation ("78 - 56 = 22") only when its
+result reproduces the answer under ChartQA's relaxed accuracy; when nothing verifies, the trace states
+the facts and the answer and names no operation.
 Option (llm): an LLM over an OpenAI-compatible endpoint extracts the facts stated in the hint, then
 rewrites the trace with the template (two calls; one when structured facts exist). The trace is checked
 before it is cached (length cap, states the answer); a failure or a rejected trace falls back to the
@@ -12,21 +17,24 @@ rule path, counted and logged, or raises with ``llm.on_failure: fail``.
 Templates evolve: a correct exploration trace that scores top on the checker may propose its section
 structure as a new template; the pool is persisted as versioned JSON. Results are cached on disk by a
 hash of everything that determines them, so reruns and online refinement cost nothing twice.
+Tests: tests/core/test_refiner_hints.py, tests/core/test_checker_refiner.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dyme_core.checker import facts_text
+from dyme_core.checker import facts_text, read_values
 from dyme_core.config import RefineConfig
-from dyme_core.data.schema import Sample
+from dyme_core.data.schema import Sample, VisualFacts
 from dyme_core.llm import ChatClient, FallbackLog, LLMError, refine_with_llm, strip_answer_lines, template_sections
 from dyme_core.rewards import normalize_answer, relaxed_match
 
@@ -39,16 +47,6 @@ DEFAULT_TEMPLATE = (
 _SECTION_LINE = re.compile(r"^\s*([^:\n]+?)\s*:")
 _NUMBER_TEXT = re.compile(r"[-+]?\d*\.?\d+%?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
-_OPERATIONS = [
-    (("difference", "how much more", "how much less"), "Subtract the smaller value from the larger one"),
-    (("sum", "total", "combined"), "Add the values together"),
-    (("average", "mean"), "Add the values and divide by how many there are"),
-    (("highest", "largest", "maximum", "most", "greatest"), "Compare the values and take the largest"),
-    (("lowest", "smallest", "minimum", "least", "fewest"), "Compare the values and take the smallest"),
-    (("how many",), "Count the items shown"),
-    (("greater than", "more than", "less than", "higher than", "lower than", "larger", "smaller"),
-     "Compare the two values"),
-]
 
 
 def _named(label: str, question_lower: str) -> bool:
@@ -81,9 +79,72 @@ def _relevant_rows(sample: Sample, observe: str = "relevant") -> list[str]:
     return lines if observe == "all" else (named or lines)
 
 
+# ---------------------------------------------------------------- derivations: arithmetic that verifies
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One value of the facts: its label, its series ("" when none), the value as written and as a number,
+    and the lower-case names a question may call it by."""
+
+    label: str
+    series: str
+    text: str
+    value: float
+    names: tuple[str, ...]
+
+
+def facts_from_table(visual_facts: VisualFacts) -> list[Fact]:
+    """A table's cells as facts (row label, column's series name); other structures give none."""
+    if not isinstance(visual_facts, dict):
+        return []
+    columns = [str(c) for c in visual_facts.get("columns", [])]
+    facts = []
+    for row in visual_facts.get("rows", []):
+        if not isinstance(row, list | tuple) or len(row) < 2:
+            continue
+        for series, cell in zip(columns[1:], row[1:], strict=False):
+            value = None if isinstance(cell, bool) else _number(cell)
+            if value is not None and math.isfinite(value):
+                label = str(row[0])
+                facts.append(Fact(label, series, str(cell), value, (label.lower(),)))
+    return facts
+
+
+def facts_from_hint(hint: str) -> list[Fact]:
+    """The values a hint states, each with the phrases :func:`~dyme_core.checker.read_values` binds to it.
+
+    Its label is the closest phrase that names this value alone, its series a further phrase shared by
+    several values ("In 2019, men earned 45 and women 55": label "men earned", series "2019"; "In 2018
+    the GDP was 1,800": label "2018", series "GDP"); every run of words of its phrases names it ("men").
+    A value with no phrase bound to it is not a fact.
+    """
+    readings = [r for r in read_values(hint) if r.phrases]
+    values_of: dict[str, set[float]] = {}
+    for r in readings:
+        for phrase in r.phrases:
+            values_of.setdefault(phrase.lower(), set()).add(r.value)
+    facts, seen = [], set()
+    for r in readings:
+        label = next((p for p in r.phrases if len(values_of[p.lower()]) == 1), r.phrases[0])
+        series = next((p for p in r.phrases if p != label and len(values_of[p.lower()]) >= 2), "")
+        key = (label.lower(), series.lower(), r.value)
+        if key in seen:
+            continue
+        seen.add(key)
+        names = set()
+        for phrase in r.phrases:
+            if phrase == series:
+                continue
+            words = phrase.lower().split()
+            names |= {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
+        facts.append(Fact(label, series, r.text, r.value, tuple(sorted(names, key=lambda n: (-len(n), n)))))
+    return facts
+
+
 def _number(text: object) -> float | None:
     try:
-        return float(str(text).strip().rstrip("%").replace(",", ""))
+        return float(re.sub(r"[,$€£¥₹%\s]", "", str(text)).replace("−", "-"))
     except ValueError:
         return None
 
@@ -96,78 +157,202 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-_ABOVE = ("above", "more than", "greater than", "higher than", "over", "exceed")
+def _operand(fact: Fact) -> str:
+    """A value inside arithmetic: as written, without % or currency; a negative one in parentheses."""
+    text = re.sub(r"[$€£¥₹%]", "", fact.text).replace("−", "-")
+    return f"({text})" if text.startswith("-") else text
+
+
+def _has(q: str, *phrases: str) -> bool:
+    return any(re.search(rf"(?<!\w){re.escape(p)}(?!\w)", q) for p in phrases)
+
+
+_ABOVE = ("above", "more than", "greater than", "higher than", "over", "exceed", "exceeds", "exceeding")
 _BELOW = ("below", "less than", "fewer than", "lower than", "under")
+_DIFFERENCE = ("difference", "differ", "gap", "how much more", "how much less", "how much higher", "how much lower",
+               "how much bigger", "how much larger", "how much smaller", "how much greater", "how many more",
+               "how many fewer", "how many less", "by how much", "minus", "subtract", "increase", "increased",
+               "decrease", "decreased", "change", "changed", "rise", "rose", "drop", "dropped", "fall", "fell",
+               "grow", "grew")
+_SUM = ("sum", "total", "combined", "together", "altogether", "add", "in all")
+_AVERAGE = ("average", "mean")
+_RATIO = ("ratio", "times", "divided by", "fraction")
+_PERCENT_CHANGE = ("percent change", "percentage change", "% change", "percent increase", "percentage increase",
+                   "percent decrease", "percentage decrease", "growth rate", "by what percent", "by what percentage",
+                   "by how many percent", "percent growth", "percentage growth")
+_GREATER = ("greater", "more", "higher", "larger", "bigger", "exceed", "above")
+_LESS = ("less", "fewer", "lower", "smaller", "below")
 
 
-def derivation(sample: Sample) -> str | None:
-    """The arithmetic that takes a one-series table to the answer, written out (``45 - 23 = 22``), or None.
+def operations(question: str) -> list[str]:
+    """The computations a question asks for, recognised from its words: difference, sum, average, ratio,
+    percent_change, count (a lookup, the largest/smallest and a comparison are read off the answer)."""
+    q = question.lower()
+    found = [name for name, words in (("percent_change", _PERCENT_CHANGE), ("difference", _DIFFERENCE),
+                                      ("ratio", _RATIO), ("sum", _SUM), ("average", _AVERAGE)) if _has(q, *words)]
+    if _has(q, "how many", "number of", "count") and not _has(q, "how many more", "how many fewer",
+                                                                "how many less", "how many times"):
+        found.append("count")
+    return found
 
-    Tried in order, each only where its result equals the reference answer exactly (so a derivation is
-    never invented): the larger/smaller of the two named rows or the largest/smallest row (label answers);
-    the named row's value; the difference, sum or mean of the named rows (of all rows for a total or an
-    average); how many rows lie above/below a number in the question; how many rows there are. The
-    numbers are written as the table states them, the result as the answer states it.
+
+@dataclass(frozen=True)
+class Derivation:
+    """How the facts give the answer: what was done (``step``) and the arithmetic (``text``)."""
+
+    step: str
+    text: str
+
+
+def _scope(facts: list[Fact], q: str) -> tuple[list[Fact], list[Fact]]:
+    """(the facts of the series the question names, or all; of those, one per label the question names,
+    in the question's order). A label named twice with different values names nothing (ambiguous)."""
+    counts = Counter(f.series for f in facts if f.series)
+    named_series = {s for s in counts if counts[s] >= 2 and _named(s, q.lower())}
+    rows = [f for f in facts if f.series in named_series] if len(named_series) == 1 else facts
+    positions, spans = {}, {}
+    for f in rows:
+        found = [m.span() for n in f.names for m in re.finditer(rf"(?<!\w){re.escape(n)}(?!\w)", q.lower())]
+        if found:
+            positions[id(f)] = min(start for start, _ in found)
+            spans[id(f)] = max(found, key=lambda s: s[1] - s[0])
+    named = sorted((f for f in rows if id(f) in positions), key=lambda f: positions[id(f)])
+    by_label = Counter(f.label.lower() for f in named)
+    # a hint's phrase ("Labour won") is called what the question calls it ("Labour")
+    called = {id(f): q[slice(*spans[id(f)])] if len(q) == len(q.lower()) else f.label for f in named}
+    named = [f if called[id(f)].lower() == f.label.lower() else replace(f, label=called[id(f)])
+             for f in named if by_label[f.label.lower()] == 1]
+    return rows, named
+
+
+def derive(sample: Sample) -> Derivation | None:
+    """The arithmetic that takes the facts to the answer, written out (``45 - 23 = 22``), or None.
+
+    The facts are the sample's table, else the values its hint states. Every candidate is
+    computed from the facts and kept only where its result reproduces a reference answer (ChartQA's
+    relaxed accuracy), so no derivation is ever invented: for a label answer, the larger/smaller of the
+    two named values or the largest/smallest value; for yes/no, the comparison of the two named values;
+    for a number, the named value itself, then the computations the question asks for (:func:`operations`):
+    the difference of the two named values (or of the largest and smallest), their ratio or percent change,
+    the sum or mean of the named values (of all values for a total or an average), how many values lie
+    above/below a number the question gives, how many values there are. Values are written as the facts
+    state them; a result equal to the answer as the answer states it, another one as computed.
     """
-    facts = sample.visual_facts
-    if not isinstance(facts, dict) or len(facts.get("columns", [])) != 2:
-        return None
-    rows = [(str(r[0]), str(r[1]), _number(r[1])) for r in facts.get("rows", []) if len(r) >= 2]
-    rows = [(label, text, v) for label, text, v in rows if v is not None]
-    if not rows:
+    facts = facts_from_table(sample.visual_facts) if sample.visual_facts else facts_from_hint(sample.hint or "")
+    if not facts:
         return None
     q = sample.question.lower()
-    named = [r for r in rows if _named(r[0], q)]
+    rows, named = _scope(facts, sample.question)
     answer = str(sample.answer).strip()
-    by_label = {r[0].lower(): r for r in rows}
-    if answer.lower() in by_label:  # a label: the largest or smallest of the rows in question
-        scope = named if len(named) >= 2 else rows
-        top, bottom = max(scope, key=lambda r: r[2]), min(scope, key=lambda r: r[2])
-        chosen = by_label[answer.lower()]
-        if len(scope) == 2:
-            other = scope[0] if scope[1] is chosen else scope[1]
-            if chosen is top and top is not bottom:
-                return f"{chosen[1]} > {other[1]}, so {chosen[0]} is larger."
-            if chosen is bottom and top is not bottom:
-                return f"{chosen[1]} < {other[1]}, so {chosen[0]} is smaller."
-            return None
-        if chosen is top and sum(r[2] == top[2] for r in scope) == 1:
-            return f"The largest value is {top[1]} ({top[0]})."
-        if chosen is bottom and sum(r[2] == bottom[2] for r in scope) == 1:
-            return f"The smallest value is {bottom[1]} ({bottom[0]})."
-        return None
+    refs = sample.references()
+    said = {answer.lower(), normalize_answer(answer)}
+    if any(said & {f.label.lower(), *f.names} for f in rows):
+        return _label_answer(rows, named, said)
+    if normalize_answer(answer) in ("yes", "no"):
+        return _yes_no(named, q, normalize_answer(answer) == "yes")
     want = _number(answer)
     if want is None:
         return None
-    if len(named) == 1 and _same(named[0][2], want):
-        return f"The value for {named[0][0]} is {named[0][1]}."
-    if len(named) == 2:
-        hi, lo = sorted(named, key=lambda r: r[2], reverse=True)
-        if _same(hi[2] - lo[2], want):
-            return f"{hi[1]} - {lo[1]} = {answer}."
+
+    def result(x: float) -> str | None:
+        """The result as written after "=" when it reproduces the answer, else None."""
+        if _same(x, want):
+            return f"= {answer}"
+        rounded = round(x, 2)
+        text = _fmt(rounded)
+        if not any(relaxed_match(text, ref) for ref in refs):
+            return None
+        return f"= {text}" if _same(rounded, x) else f"≈ {text}"
+
+    if len(named) == 1 and result(named[0].value):
+        return Derivation("Read the value the question asks for", f"The value for {named[0].label} is {named[0].text}.")
+    asked = operations(sample.question)
+    a, b = (named[0], named[1]) if len(named) == 2 else (None, None)
+    if "percent_change" in asked and a and b and a.value != 0:
+        if r := result((b.value - a.value) / a.value * 100):
+            return Derivation("Take the change relative to the first value",
+                              f"({_operand(b)} - {_operand(a)}) / {_operand(a)} * 100 {r}.")
+    if "difference" in asked and a and b:
+        hi, lo = sorted((a, b), key=lambda f: f.value, reverse=True)
+        if r := result(hi.value - lo.value):
+            return Derivation("Subtract the smaller value from the larger one", f"{_operand(hi)} - {_operand(lo)} {r}.")
+        if r := result(a.value - b.value):
+            return Derivation("Subtract the second value from the first", f"{_operand(a)} - {_operand(b)} {r}.")
+    if "difference" in asked and len(named) < 2 and _has(q, "highest", "largest", "maximum", "most") \
+            and _has(q, "lowest", "smallest", "minimum", "least"):
+        top, bottom = max(rows, key=lambda f: f.value), min(rows, key=lambda f: f.value)
+        if (r := result(top.value - bottom.value)) and top is not bottom:
+            return Derivation("Subtract the smallest value from the largest",
+                              f"The largest value is {top.text} ({top.label}) and the smallest {bottom.text} "
+                              f"({bottom.label}): {_operand(top)} - {_operand(bottom)} {r}.")
+    if "ratio" in asked and a and b:
+        for x, y in ((a, b), (b, a)):
+            if y.value != 0 and (r := result(x.value / y.value)):
+                return Derivation("Divide one value by the other", f"{_operand(x)} / {_operand(y)} {r}.")
     for scope in (named, rows) if len(named) >= 2 else (rows,):
-        if any(k in q for k in ("sum", "total", "combined", "together")) and _same(sum(r[2] for r in scope), want):
-            return f"{' + '.join(r[1] for r in scope)} = {answer}."
-        if any(k in q for k in ("average", "mean")) and _same(sum(r[2] for r in scope) / len(scope), want):
-            return f"({' + '.join(r[1] for r in scope)}) / {len(scope)} = {answer}."
-    if "how many" in q:
+        total = sum(f.value for f in scope)
+        if "sum" in asked and (r := result(total)):
+            return Derivation("Add the values together", f"{' + '.join(_operand(f) for f in scope)} {r}.")
+        if "average" in asked and (r := result(total / len(scope))):
+            return Derivation("Add the values and divide by how many there are",
+                              f"({' + '.join(_operand(f) for f in scope)}) / {len(scope)} {r}.")
+    if "count" in asked:
         for t in (v for v in (_number(m) for m in re.findall(r"\d+(?:\.\d+)?", q)) if v is not None):
             for words, side, hit in ((_ABOVE, "above", lambda v, t=t: v > t), (_BELOW, "below", lambda v, t=t: v < t)):
-                chosen = [r for r in rows if hit(r[2])]
-                if any(w in q for w in words) and _same(len(chosen), want):
-                    listed = ", ".join(f"{r[0]} ({r[1]})" for r in chosen) or "none"
-                    return f"{side.capitalize()} {_fmt(t)}: {listed}; that is {answer}."
-        if _same(len(rows), want):
-            return f"Counting {', '.join(r[0] for r in rows)} gives {answer}."
+                chosen = [f for f in rows if hit(f.value)]
+                if _has(q, *words) and _same(len(chosen), want):
+                    listed = ", ".join(f"{f.label} ({f.text})" for f in chosen) or "none"
+                    return Derivation("Count the items shown",
+                                      f"{side.capitalize()} {_fmt(t)}: {listed}; that is {answer}.")
+        shown = list(dict.fromkeys(f.label for f in rows))  # a label with several series is one item
+        if _same(len(shown), want):
+            return Derivation("Count the items shown", f"Counting {', '.join(shown)} gives {answer}.")
     return None
 
 
-def _operation(question: str) -> str:
-    q = question.lower()
-    for keys, text in _OPERATIONS:
-        if any(k in q for k in keys):
-            return text
-    return "Read the value the question asks for"
+def _label_answer(rows: list[Fact], named: list[Fact], said: set[str]) -> Derivation | None:
+    """The answer (`said`, as written and normalised) is a label: the larger/smaller of the two named values,
+    or the largest/smallest."""
+    scope = named if len(named) >= 2 else rows
+    chosen = next((f for f in scope if said & {f.label.lower(), *f.names}), None)
+    if chosen is None:
+        return None
+    top, bottom = max(scope, key=lambda f: f.value), min(scope, key=lambda f: f.value)
+    if len(scope) == 2:
+        other = scope[0] if scope[1] is chosen else scope[1]
+        if chosen is top and top.value != bottom.value:
+            return Derivation("Compare the two values", f"{chosen.text} > {other.text}, so {chosen.label} is larger.")
+        if chosen is bottom and top.value != bottom.value:
+            return Derivation("Compare the two values", f"{chosen.text} < {other.text}, so {chosen.label} is smaller.")
+        return None
+    if chosen is top and sum(f.value == top.value for f in scope) == 1:
+        return Derivation("Compare the values and take the largest", f"The largest value is {top.text} ({top.label}).")
+    if chosen is bottom and sum(f.value == bottom.value for f in scope) == 1:
+        return Derivation("Compare the values and take the smallest",
+                          f"The smallest value is {bottom.text} ({bottom.label}).")
+    return None
+
+
+def _yes_no(named: list[Fact], q: str, yes: bool) -> Derivation | None:
+    """A yes/no comparison of the two named values, in the question's order ("Is A greater than B?")."""
+    if len(named) != 2 or named[0].value == named[1].value:
+        return None
+    a, b = named
+    greater, less = _has(q, *_GREATER), _has(q, *_LESS)
+    if greater == less:  # neither, or both ("more or less"): the question's relation is unclear
+        return None
+    holds = (a.value > b.value) if greater else (a.value < b.value)
+    if holds != yes:
+        return None
+    sign = ">" if a.value > b.value else "<"
+    word = ("greater" if greater else "smaller") if holds else ("not greater" if greater else "not smaller")
+    return Derivation("Compare the two values", f"{a.text} {sign} {b.text}, so {a.label} is {word} than {b.label}.")
+
+
+def derivation(sample: Sample) -> str | None:
+    """The text of :func:`derive` (the arithmetic alone), or None."""
+    found = derive(sample)
+    return found.text if found else None
 
 
 # Section names -> the kind of content they hold, so an evolved template ("Facts / Compute / Result")
@@ -219,26 +404,33 @@ def rule_refine(sample: Sample, template: str = DEFAULT_TEMPLATE, observe: str =
     """A deterministic, grounded trace with the template's sections (no 'Answer:' line).
 
     With structured facts: the rows relevant to the question (every row with ``observe="all"``), and the
-    reasoning's arithmetic written out where :func:`derivation` verifies it. Without them, the hint restructured into
-    the sections, every sentence (so every number and entity) of it kept. With neither: the question
-    restated and the answer, nothing invented (sections with nothing true to say are left out).
+    reasoning's arithmetic where :func:`derive` verifies it against the answer. Without them, the hint
+    restructured into the sections, every sentence (so every number and entity) of it kept, and the
+    arithmetic that takes the values it states to the answer where that verifies. With neither: the
+    question restated and the answer. Nothing is invented: where no computation reproduces the answer the
+    trace states the facts and the answer and names no operation (a section with nothing true to say is
+    left out).
     """
     conclusion = f"The answer is {sample.answer}."
+    found = derive(sample)
+    step = f"{found.step}: {found.text}" if found else ""
     if sample.visual_facts:
         observed = _relevant_rows(sample, observe)
         title = sample.visual_facts.get("title") if isinstance(sample.visual_facts, dict) else None
         content = {
             "goal": _goal(sample.question),
             "observation": (f"The chart '{title}' shows " if title else "The image shows ") + "; ".join(observed) + ".",
-            "reasoning": f"{_operation(sample.question)}: {derivation(sample) or f'this gives {sample.answer}.'}",
+            "reasoning": step,
             "conclusion": conclusion,
         }
     elif sample.hint and sample.hint.strip():
         pieces = _hint_pieces(sample.hint)
+        if found and " ".join(found.text.split()) in " ".join(sample.hint.split()):
+            step = ""  # the hint writes this arithmetic already
         content = {
             "goal": " ".join(pieces["goal"]) or _goal(sample.question),
             "observation": " ".join(pieces["observation"]),
-            "reasoning": " ".join(pieces["reasoning"]) or f"{_operation(sample.question)}: this gives {sample.answer}.",
+            "reasoning": " ".join([*pieces["reasoning"], step]).strip(),
             "conclusion": " ".join(pieces["conclusion"]) if _states_answer(" ".join(pieces["conclusion"]), sample)
             else " ".join([*pieces["conclusion"], conclusion]),
         }
@@ -318,7 +510,7 @@ class RefineCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    VERSION = 3  # part of every key: bump it when the refiners' output for the same input changes
+    VERSION = 4  # part of every key: bump it when the refiners' output for the same input changes
 
     @staticmethod
     def key(sample: Sample, template: str, backend: str, model: str = "", observe: str = "relevant") -> str:
