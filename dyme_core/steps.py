@@ -90,7 +90,13 @@ def refine(cfg: Config, client: ChatClient | None = None) -> dict:
     (trace + answer line: p50/p95/max, in tokens of `model.name_or_path`'s tokenizer when it loads
     locally, else in whitespace-separated words; `target_tokens_unit` says which); a warning is logged
     when `train.max_new_tokens` or `train.max_target_tokens` is below the p95.
+
+    With `refine.facts_from: vlm`, rows with neither facts nor a hint first get visual facts from the image
+    (dyme_core/facts.py, through `client`); the rule refiner writes their traces from those facts, and each
+    such target row carries them (`visual_facts`) for training's checker. The `facts/*` counters go into
+    refine_stats.json.
     """
+    from dyme_core.facts import attach_facts, facts_from_images
     from dyme_core.refiner import Refiner, TemplatePool
 
     r = cfg.refine
@@ -99,8 +105,15 @@ def refine(cfg: Config, client: ChatClient | None = None) -> dict:
     if not samples:
         counts = ", ".join(f"{split} ({n})" for split, n in sorted(Counter(s.split for s in ds.samples).items()))
         raise ValueError(f"refine.splits={list(r.splits)} select 0 samples; the dataset has: {counts or 'no samples'}")
-    refiner = Refiner(r.backend, cache_dir=r.cache_dir, client=client, max_workers=r.llm.max_workers,
-                      max_trace_chars=r.max_trace_chars, observe=r.observe)
+    facts, facts_stats = {}, {}
+    if r.facts_from == "vlm":
+        if client is None:
+            raise ValueError("refine.facts_from=vlm needs a vision endpoint: set refine.llm.base_url")
+        facts, counted = facts_from_images(ds, samples, client, model=r.facts_model, cache_dir=r.cache_dir,
+                                           max_workers=r.llm.max_workers)
+        samples, facts_stats = attach_facts(samples, facts), counted.as_dict()
+    refiner = Refiner(r.backend, cache_dir=r.cache_dir, client=client if r.backend == "llm" else None,
+                      max_workers=r.llm.max_workers, max_trace_chars=r.max_trace_chars, observe=r.observe)
     pool = TemplatePool.load(r.template_pool)
     results = refiner.refine(samples, pool.current["text"])
     out = Path(r.out)
@@ -110,6 +123,8 @@ def refine(cfg: Config, client: ChatClient | None = None) -> dict:
         for s, (trace, fell_back) in zip(samples, results, strict=True):
             row = {"id": s.id, "trace": trace, "template_version": pool.best,
                    "backend": "rule" if fell_back else r.backend}
+            if s.id in facts:
+                row["visual_facts"] = facts[s.id]
             f.write(json.dumps(row, sort_keys=True) + "\n")
     tmp.replace(out)
     pool.save(r.template_pool)
@@ -121,7 +136,7 @@ def refine(cfg: Config, client: ChatClient | None = None) -> dict:
                     "the question and the answer", refiner.stats.ungrounded, len(samples))
     targets = [f"{trace}\nAnswer: {s.answer}" for s, (trace, _) in zip(samples, results, strict=True)]
     lengths = _target_lengths(cfg, targets)
-    stats = {**refiner.stats.as_dict(), "n": len(samples), "template_version": pool.best, **lengths}
+    stats = {**refiner.stats.as_dict(), **facts_stats, "n": len(samples), "template_version": pool.best, **lengths}
     for key in ("max_new_tokens", "max_target_tokens"):
         if getattr(cfg.train, key) < lengths["target_tokens_p95"]:
             log.warning("refine: train.%s=%d is below the p95 length of the refined targets (%d %s)", key,
@@ -158,12 +173,18 @@ def _target_lengths(cfg: Config, targets: list[str]) -> dict:
 
 
 def train(cfg: Config, client: ChatClient | None = None, stop: threading.Event | None = None) -> dict[str, float]:
+    from dyme_core.facts import attach_facts, load_facts
+    from dyme_core.lock import hold_run_folders
     from dyme_core.trainer import load_refined
     from dyme_core.trainer import train as run_training
 
-    check_validated(cfg)
-    dataset = open_dataset(cfg.data.out_dir, max_pixels=cfg.validate.max_pixels)
-    return run_training(cfg, dataset, load_refined(cfg.train.refined), llm_client=client, stop=stop)
+    check_validated(cfg)  # before anything is written, the lock file included
+    # one run per run folder and checkpoint folder, held to the end (a second run stops at once: lock.py)
+    with hold_run_folders({"train.output_dir": cfg.train.output_dir, "train.checkpoint_dir": cfg.train.checkpoint_dir}):
+        dataset = open_dataset(cfg.data.out_dir, max_pixels=cfg.validate.max_pixels)
+        # facts the refine step read from the image (refine.facts_from=vlm) ground the checker's reward too
+        dataset.samples = attach_facts(dataset.samples, load_facts(cfg.train.refined))
+        return run_training(cfg, dataset, load_refined(cfg.train.refined), llm_client=client, stop=stop)
 
 
 def evaluate(cfg: Config) -> dict[str, float]:
@@ -175,27 +196,33 @@ def evaluate(cfg: Config) -> dict[str, float]:
     history = Path(cfg.evaluate.model_path).parent / "metrics.jsonl"
     if history.is_file():
         plot_training(history, Path(cfg.evaluate.out_dir))
-    headline = training_headline(history) if history.is_file() else {}
-    (Path(cfg.evaluate.out_dir) / TRAIN_SUMMARY).write_text(json.dumps(headline, indent=2, sort_keys=True))
+    (Path(cfg.evaluate.out_dir) / HEADLINE).write_text(json.dumps(headline(metrics, history), indent=2))
     return metrics
 
 
-TRAIN_SUMMARY = "train_summary.json"  # the training figures `dvc metrics show` lists (dvc.yaml, evaluate)
-HEADLINE_KEYS = ("reward/format", "reward/accuracy", "reward/thinking", "reward/total",
-                 "mode/memorize", "mode/explore", "mode/skip")
+HEADLINE = "headline.json"  # the figures `dvc metrics show` and `dvc exp show` list (dvc.yaml, evaluate)
+# headline name -> key: of the evaluation's metrics.json, then of the training run's metrics.jsonl
+EVAL_HEADLINE = {"accuracy": "relaxed_accuracy", "format": "format_rate", "grounding": "grounding_score",
+                 "think_chars": "mean_thinking_length"}
+TRAIN_HEADLINE = {"reward": "reward/total", "memorize": "mode/memorize", "explore": "mode/explore",
+                  "skip": "mode/skip"}
 HEADLINE_LAST_STEPS = 10
 
 
-def training_headline(history: Path) -> dict[str, float]:
-    """Reward means and mode fractions averaged over the last 10 logged steps (one step of a small batch
-    is noise) and the number of steps: figures the seed determines. The wall time is the run dir's
-    timing.json (`dvc metrics show` lists both); the rest stays in MLflow and the run dir."""
-    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-    if not rows:
-        return {}
-    last = rows[-HEADLINE_LAST_STEPS:]
-    out = {k: round(sum(r[k] for r in last) / len(last), 4) for k in HEADLINE_KEYS if all(k in r for r in last)}
-    out["steps"] = int(rows[-1]["step"])
+def headline(metrics: dict[str, float], history: Path) -> dict[str, float]:
+    """The few figures a reader compares across experiments, short-named so that `dvc metrics show` and
+    `dvc exp show` fit a terminal: the evaluation's relaxed accuracy, format rate, grounding and mean
+    thinking length (characters); the training run's total reward and mode shares averaged over its last
+    10 logged steps (one step of a small batch is noise; only when `history`, the run's metrics.jsonl,
+    exists). All are fixed by the seed. Per-type accuracy stays in metrics.json (and MLflow), per-step
+    figures in MLflow and the run dir, the wall time in its timing.json."""
+    out = {name: round(float(metrics[key]), 1 if name == "think_chars" else 4)
+           for name, key in EVAL_HEADLINE.items() if key in metrics}
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()] if history.is_file() else []
+    if rows:
+        last = rows[-HEADLINE_LAST_STEPS:]
+        out.update({name: round(sum(r[key] for r in last) / len(last), 4)
+                    for name, key in TRAIN_HEADLINE.items() if all(key in r for r in last)})
     return out
 
 
