@@ -9,10 +9,19 @@ gradient of token-mean NLL. A MEMORIZE group's reference trace takes the place o
 beta == 0) are dropped before the forward pass; the aggregation below normalises by the counts of
 the full batch (`batch_token_count`) so dropping them leaves the gradient unchanged. With beta > 0
 every row carries the KL term's gradient, so only the replaced rollout leaves (`kept_rollouts`).
+
+Switching strategies (DESIGN.md section 2, the paper's Table 1; `train.switch`): `binary` (DyME) memorises
+a group iff no rollout is correct (`select_modes` on accuracy > 0.5); `threshold` judges "correct" on the
+mean of the accuracy, format and thinking rewards (`soft_correct`); `anneal` keeps every group's GRPO
+advantages and puts the reference trace in rollout `REPLACED`'s place with a cosine-annealed advantage
+(`anneal_weight`); `budget` sends failed groups' references to a buffer and takes one pure-SFT step on them
+when it holds `budget_prompts` of them (`budget_full`), GRPO otherwise.
 Tests: tests/core/test_algorithm.py, tests/core/test_baselines.py (seeded random tensors, CPU).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -31,6 +40,36 @@ def select_modes(correct: torch.Tensor) -> torch.Tensor:
     return modes
 
 
+SWITCHES = ("binary", "threshold", "anneal", "budget")
+
+
+def soft_correct(accuracy: torch.Tensor, fmt: torch.Tensor, thinking: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, K) bool: the `threshold` switch's "correct", mean(accuracy, format, thinking) > threshold.
+
+    The official soft reward threshold (0.9); a rollout must be right, well formed and grounded at once.
+    """
+    return (accuracy + fmt + thinking) / 3 > threshold
+
+
+def anneal_weight(step: int, steps: int) -> float:
+    """The `anneal` switch's reference advantage at `step` (0-based): 0.5 * (1 + cos(pi * step / steps)),
+    1.0 at the first step, falling on a cosine to 0 at `steps` (train.switch_anneal_steps, by default
+    max_steps) and 0 after it."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def budget_prompts(budget: int, batch_size: int, grad_accum_steps: int, world: int) -> int:
+    """Failed prompts the `budget` switch's buffer holds before its SFT step: `budget` train steps' prompts,
+    budget * batch_size * grad_accum_steps * world (the official 3 x 8 x 8 = 192: 3 steps of 8 prompts on each
+    of 8 GPUs)."""
+    return budget * batch_size * grad_accum_steps * world
+
+
+def budget_full(buffered: int, capacity: int) -> bool:
+    """Whether the `budget` switch takes its pure-SFT step now: the buffer holds `capacity` failed prompts."""
+    return buffered >= capacity
+
+
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
     """rewards: (B, K) -> (B, K): (r - mean) / (std + eps) per group, unbiased std; r - mean if not scale."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)  # (B, K)
@@ -46,6 +85,17 @@ def dyme_advantages(
     """(B, K) rollout advantages: GRPO advantages in EXPLORE groups, 0 in MEMORIZE and SKIP groups."""
     adv = group_advantages(rewards, eps=eps, scale=scale)
     return adv * (modes == EXPLORE).unsqueeze(1).to(adv.dtype)
+
+
+def anneal_advantages(
+    rewards: torch.Tensor, weight: float, eps: float = 1e-4, scale: bool = True
+) -> torch.Tensor:
+    """(B, K) advantages of the rows the `anneal` switch's update sees: every group's GRPO advantages
+    (computed over all K rewards), with rollout `REPLACED` replaced by the reference trace of advantage
+    `weight` (`anneal_weight`)."""
+    adv = group_advantages(rewards, eps=eps, scale=scale)
+    adv[:, REPLACED] = weight
+    return adv
 
 
 def kept_rollouts(advantages: torch.Tensor, memorize: torch.Tensor, beta: float) -> torch.Tensor:

@@ -9,7 +9,9 @@ case-insensitively) and a match against any of the direct answers for VQA. Both 
 `REWARDS` maps a reward's name to a function with one signature,
 ``fn(completions, samples, ctx) -> list[float]`` (one completion per entry, `samples[i]` the sample
 completion i answers, `ctx` a :class:`RewardContext`), so a new reward is one function here and one
-``train.reward_weights`` entry; ``total = sum(weight[name] * reward[name])``. Tests:
+``train.reward_weights`` entry; ``total = sum(weight[name] * reward[name])``. The trainer takes any table of
+that signature (``DymeTrainer(..., rewards=...)``, default `REWARDS`); evaluation scores accuracy and format
+through `REWARDS` with the training's ``train.min_thinking_chars``. Tests:
 tests/core/test_rewards.py.
 """
 
@@ -128,6 +130,7 @@ class RewardContext:
     prompt_style: str = "reason"  # "direct": no thinking is asked for (format 1, thinking 0)
     min_thinking_chars: int = 10
     checker: ThinkingScorer | None = None  # None: the thinking reward is 0
+    num_generations: int = 1  # completions come sample-major, this many per sample (the trainer's K)
 
 
 RewardFn = Callable[[list[str], list["Sample"], RewardContext], list[float]]

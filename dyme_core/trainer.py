@@ -6,7 +6,15 @@ One optimizer step = `grad_accum_steps` generation batches. Per generation batch
 builds the update rows: K rollouts with GRPO advantages for EXPLORE groups, one refined reference
 trace with advantage +1 for MEMORIZE groups, nothing for SKIP groups. Rows of weight 0 are dropped
 before the forward pass; `algorithm.aggregate_loss` divides by the counts of the full batch, so the
-gradient equals that of the official update over all B*K rows.
+gradient equals that of the official update over all B*K rows. `train.switch` picks the paper's other
+switching strategies (threshold, anneal, budget: `_switch`, `_step_prompts`, pure functions in algorithm.py).
+
+A step reads as four parts: rollout (`_generate`), scoring and rows (`_score` through the reward table the
+trainer is given, default `rewards.REWARDS`; `_switch`; `_rl_rows` returns a `Plan`), update (`_backward`
+returns each micro-batch's `LossParts`) and logging (`_step_record` assembles the step's figures in one
+place, `_log` reports them). `loss` is what a user reads: the memorised references' token-mean NLL
+(`loss/sft`) plus the rollouts' policy surrogate (`loss/policy`) plus beta * `kl`; `loss/objective` is the
+value the optimizer minimises (its gradient is the method's; its value is -(memorised rows)/(B*K) on-policy).
 
 Why not a `trl.GRPOTrainer` subclass (DESIGN.md section 7 asks to say so): a MEMORIZE group puts an
 off-policy sequence of its own length in place of a rollout, and dropping zero-weight rows changes
@@ -33,14 +41,15 @@ import math
 import resource
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
 from dyme_core import algorithm, checkpoint, generation
@@ -61,7 +70,7 @@ from dyme_core.models import (
 )
 from dyme_core.refiner import Refiner, TemplatePool
 from dyme_core.regional import CompileCache, RegionalCompile
-from dyme_core.rewards import REWARDS, RewardContext, parse_completion
+from dyme_core.rewards import REWARDS, RewardContext, RewardFn, parse_completion
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +97,24 @@ class Batch:
     @property
     def prompt_ids(self) -> list[torch.Tensor]:  # per prompt (P_i,), no padding
         return self.prompts.prompt_ids
+
+
+@dataclass
+class Plan:
+    """What one generation batch puts into the update, and what making it measured."""
+
+    rows: list[Row]
+    norm: dict[str, int]  # the full batch's counts, as `algorithm.aggregate_loss` takes them
+    metrics: dict[str, float] = field(default_factory=dict)  # rewards, modes, lengths, phase seconds
+    failed: list[int] = field(default_factory=list)  # batch positions whose references the budget switch buffers
+
+
+@dataclass
+class LossParts:
+    """One micro-batch's backward: its share of the optimised objective and the sums behind the logged losses."""
+
+    objective: float
+    sums: dict[str, float]  # sft_nll, sft_rows, policy, policy_rows (and kl, kl_rows when beta > 0)
 
 
 # Figures that depend on the machine, its load or a warm refiner cache rather than on the seed. MLflow gets
@@ -145,11 +172,19 @@ class DymeTrainer:
         llm_client: ChatClient | None = None,
         device: torch.device | str | None = None,
         stop: threading.Event | None = None,
+        rewards: Mapping[str, RewardFn] | None = None,
     ):
+        """rewards: the reward table, name -> ``fn(completions, samples, ctx) -> list[float]`` (the signature of
+        `dyme_core.rewards.REWARDS`, which is the default); `train.reward_weights` weighs it by name."""
         self.cfg = cfg
+        self.rewards: dict[str, RewardFn] = dict(REWARDS if rewards is None else rewards)
         self.stop = stop  # set (e.g. on SIGTERM by the CLI): stop after the current step, the run ends KILLED
         self.t = cfg.train
         self.rank, self.world = rank_and_world()
+        missing = sorted(set(self._reward_names()) - set(self.rewards))
+        if missing:
+            raise ValueError(f"the reward table has no {missing} (it has {sorted(self.rewards)}); train.reward_weights "
+                             f"and train.switch={self.t.switch} need them")
         if device is None:
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -189,12 +224,15 @@ class DymeTrainer:
         self.templates = TemplatePool.load(self.t.template_pool) if self.t.template_pool else TemplatePool()
         self.offline_template_version = self.templates.best
         self.step = 0
+        self.buffer: list[int] = []  # switch=budget: failed prompts (indices into self.samples), the same on every rank
         self.history: list[dict] = []
         self.reporters: list[Callable[[dict, int], None]] = []
         self._mlflow = None
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.suppress = suppressed_token_ids(self.model, self.processor)
+        if self.t.ignore_eos:  # every rollout runs to max_new_tokens
+            self.suppress = sorted({*self.suppress, self.eos_id})
         self.attention_backends = GPU_ATTENTION if self.device.type == "cuda" else None  # see models.py
         # torch's compile artifacts from an earlier process (train.compile_cache_dir): loaded before anything
         # compiles, so the update's layer compile and HF's static-cache decode step are cache hits
@@ -345,14 +383,16 @@ class DymeTrainer:
         checker's score when template evolution ranks traces by it."""
         names = list(self.t.reward_weights)
         extra = ["accuracy"] + (["thinking"] if self.t.template_evolution else [])
-        return names + [n for n in extra if n not in names]
+        if self.t.switch == "threshold":  # it judges "correct" on the mean of the three
+            extra += ["format", "thinking"]
+        return list(dict.fromkeys([*names, *extra]))
 
     def _score(self, samples: list[Sample], texts: list[str]) -> dict[str, torch.Tensor]:
         """Each reward of the table (DESIGN.md section 2) per completion, each (B, K), and their weighted total."""
         k = self.t.num_generations
         owners = [samples[i // k] for i in range(len(texts))]
-        ctx = RewardContext(self.t.prompt_style, self.t.min_thinking_chars, self.checker)
-        out = {name: torch.tensor(REWARDS[name](texts, owners, ctx), dtype=torch.float32).view(-1, k)
+        ctx = RewardContext(self.t.prompt_style, self.t.min_thinking_chars, self.checker, k)
+        out = {name: torch.tensor(self.rewards[name](texts, owners, ctx), dtype=torch.float32).view(-1, k)
                for name in self._reward_names()}
         out["total"] = self._total(out)
         return out
@@ -426,15 +466,14 @@ class DymeTrainer:
         with self._attention():
             yield
 
-    def _backward(self, batch: Batch, rows: list[Row], norm: dict, m: dict) -> float:
-        """Forward/backward the kept rows in micro-batches; returns this batch's share of the objective.
+    def _backward(self, batch: Batch, rows: list[Row], norm: dict, beta: float) -> list[LossParts]:
+        """Forward/backward the kept rows in micro-batches; returns, per micro-batch, its share of the
+        objective and the sums behind `loss/sft`, `loss/policy` and `kl` (`_loss_parts`).
 
-        The KL term (beta > 0) applies in the RL phase only: SFT, and the SFT stage of two_stage, is
-        plain NLL as in the paper's baselines. Also sums into m what `loss/sft`, `loss/policy` and
-        `kl` report (`_loss_parts`).
+        `beta` is the KL coefficient of this step: train.beta in the RL phase, 0 in SFT (the SFT baseline,
+        two_stage's SFT stage and the budget switch's SFT step are plain NLL, as in the paper).
         """
-        beta = self.t.beta if self.phase(self.step) == "rl" else 0.0
-        total = 0.0
+        parts = []
         for lo in range(0, len(rows), self.t.micro_batch_size):
             chunk = rows[lo: lo + self.t.micro_batch_size]
             logps, mask = self._token_logps(self.model, batch, chunk)
@@ -448,13 +487,13 @@ class DymeTrainer:
             per_token = algorithm.policy_loss(logps, old, adv, self.t.clip_eps, ref, beta)
             loss = algorithm.aggregate_loss(per_token, mask, self.t.loss_type, **norm) / self.t.grad_accum_steps
             loss.backward()
-            total += float(loss.detach())
             with torch.no_grad():
-                self._loss_parts(chunk, logps.detach(), old, adv, ref, mask, m)
-        return total
+                parts.append(LossParts(float(loss.detach()), self._loss_parts(chunk, logps.detach(), old, adv, ref,
+                                                                             mask)))
+        return parts
 
     def _loss_parts(self, chunk: list[Row], logps: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
-                    ref: torch.Tensor | None, mask: torch.Tensor, m: dict) -> None:
+                    ref: torch.Tensor | None, mask: torch.Tensor) -> dict[str, float]:
         """Sums behind the logged loss figures (docs/DESIGN.md, "What the logged losses mean"), each a
         per-row token mean: the memorised rows' NLL (`loss/sft`), the clipped surrogate of rollouts
         with a non-zero advantage (`loss/policy`) and, when beta > 0, the k3 KL of every row (`kl`)."""
@@ -464,14 +503,13 @@ class DymeTrainer:
         nll = -(logps * w).sum(dim=1) / count  # (N,)
         surrogate = (algorithm.policy_loss(logps, old, adv, self.t.clip_eps) * w).sum(dim=1) / count
         policy = ~memorized & (adv != 0)
-        parts = {"_sft_nll": nll[memorized].sum(), "_sft_rows": memorized.sum(),
-                 "_policy": surrogate[policy].sum(), "_policy_rows": policy.sum()}
+        parts = {"sft_nll": nll[memorized].sum(), "sft_rows": memorized.sum(),
+                 "policy": surrogate[policy].sum(), "policy_rows": policy.sum()}
         if ref is not None:
-            parts["_kl"] = ((algorithm.kl_k3(logps, ref) * w).sum(dim=1) / count).sum()
-            parts["_kl_rows"] = torch.tensor(len(chunk), device=logps.device)
+            parts["kl"] = ((algorithm.kl_k3(logps, ref) * w).sum(dim=1) / count).sum()
+            parts["kl_rows"] = torch.tensor(len(chunk), device=logps.device)
         values = torch.stack([v.to(torch.float64) for v in parts.values()]).tolist()  # one host sync
-        for key, value in zip(parts, values, strict=True):
-            m[key] = m.get(key, 0.0) + value
+        return dict(zip(parts, values, strict=True))
 
     def _sync_grads(self) -> None:
         """Average the gradients over processes, bucketed (`_all_reduce_mean`); a process whose rows were
@@ -511,56 +549,85 @@ class DymeTrainer:
             for t, part in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
                 t.copy_(part.view_as(t))
 
-    # ---------------------------------------------------------------- one generation batch
-    def _rl_rows(self, batch: Batch, m: dict) -> tuple[list[Row], dict]:
-        """Generate, score, pick modes and build the update rows of one generation batch.
+    # ---------------------------------------------------------------- one generation batch: rollout, scoring, rows
+    def _rl_rows(self, batch: Batch) -> Plan:
+        """Generate, score, pick modes under `train.switch` and build the update rows of one generation batch.
 
-        A MEMORIZE group's reference trace takes the place of its rollout `algorithm.REPLACED`; the
-        normalisers in the returned dict are those of all B*K rows of the official update
+        A memorised group's reference trace takes the place of its rollout `algorithm.REPLACED`; the
+        normalisers in `Plan.norm` are those of all B*K rows of the official update
         (`algorithm.kept_rollouts` says which rollouts enter it).
         """
         t0 = time.perf_counter()
         completions = self._generate(batch)
-        m["time/generation_s"] += time.perf_counter() - t0
+        generation_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         rewards = self._score(batch.samples, texts)
-        correct = rewards["accuracy"] > 0.5  # (B, K)
-        modes = algorithm.select_modes(correct)  # (B,)
-        if self.t.method == "dyme":
-            adv = algorithm.dyme_advantages(rewards["total"], modes, self.t.adv_eps, self.t.scale_rewards)
-        else:  # grpo: no memorisation; groups with equal rewards get 0 by construction
-            adv = algorithm.group_advantages(rewards["total"], self.t.adv_eps, self.t.scale_rewards)
+        modes, adv, memorize, ref_adv = self._switch(rewards)
         k, n_prompts = self.t.num_generations, len(batch.samples)
-        memorize = (modes == algorithm.MEMORIZE) & (self.t.method == "dyme")  # (B,)
         mem_idx = memorize.nonzero().flatten().tolist()
-        texts_of = self._target_texts([batch.samples[b] for b in mem_idx], "refined" if self.t.use_refiner else "hint")
+        texts_of = self._target_texts([batch.samples[b] for b in mem_idx], self._memorize_source())
         target_of = {b: self._encode_target(t) for b, t in zip(mem_idx, texts_of, strict=True)}
         keep = algorithm.kept_rollouts(adv, memorize, self.t.beta)  # (B, K)
+        keep_targets = ref_adv != 0 or self.t.beta > 0  # anneal past its horizon: the reference carries nothing
         rows: list[Row] = []
         for b in range(n_prompts):
-            if b in target_of:
-                rows.append(Row(b, target_of[b], 1.0, 1.0, memorized=True))
+            if b in target_of and keep_targets:
+                rows.append(Row(b, target_of[b], ref_adv, 1.0, memorized=True))
             rows.extend(Row(b, completions[b * k + j], float(adv[b, j]), self.t.temperature)
                         for j in range(k) if keep[b, j])
         if self.t.template_evolution:
             self._evolve_template(texts, rewards, modes)
-        m["time/reward_s"] += time.perf_counter() - t0
+        reward_s = time.perf_counter() - t0
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.long).view(n_prompts, k)  # (B, K)
         clipped = torch.tensor([len(c) >= self.t.max_new_tokens and c[-1] != self.eos_id for c in completions])
-        for name, value in rewards.items():
-            m[f"reward/{name}"] = m.get(f"reward/{name}", 0.0) + float(value.mean())
-        for key, value in algorithm.mode_fractions(modes).items():
-            m[key] += value
-        m["frac_reward_zero_std"] += float((rewards["total"].std(dim=1) == 0).float().mean())
-        m["completion/mean_length"] += float(lengths.float().mean())
-        m["completion/clipped_ratio"] += float(clipped.float().mean())
-        m["tokens"] += int(lengths.sum())
+        metrics = {
+            "time/generation_s": generation_s, "time/reward_s": reward_s,
+            **{f"reward/{name}": float(value.mean()) for name, value in rewards.items()},
+            **algorithm.mode_fractions(modes),
+            "frac_reward_zero_std": float((rewards["total"].std(dim=1) == 0).float().mean()),
+            "completion/mean_length": float(lengths.float().mean()),
+            "completion/clipped_ratio": float(clipped.float().mean()),
+            "tokens": int(lengths.sum()),
+        }
         target_lengths = torch.tensor([len(target_of[b]) if b in target_of else 0 for b in range(n_prompts)])
         norm = {"total_rows": n_prompts * k,
                 "total_tokens": algorithm.batch_token_count(lengths, memorize, target_lengths),
                 "max_completion_len": self.t.max_new_tokens, "kept_rows": len(rows)}
-        return rows, norm
+        failed = (modes == algorithm.MEMORIZE).nonzero().flatten().tolist() if self.t.switch == "budget" else []
+        return Plan(rows, norm, metrics, failed)
+
+    def _switch(self, rewards: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """The switching strategy (DESIGN.md section 2, `train.switch`) applied to one batch's rewards.
+
+        Returns modes (B,) (logged as mode/*; `anneal` and `grpo` log the binary rule's modes), the rollouts'
+        advantages (B, K), memorize (B,) bool (the groups whose reference trace takes rollout REPLACED's place
+        in this update) and the advantage of those reference rows.
+        """
+        t = self.t
+        if t.switch == "threshold":
+            correct = algorithm.soft_correct(rewards["accuracy"], rewards["format"], rewards["thinking"],
+                                             t.switch_threshold)
+        else:
+            correct = rewards["accuracy"] > 0.5  # (B, K)
+        modes = algorithm.select_modes(correct)  # (B,)
+        nobody = torch.zeros_like(modes, dtype=torch.bool)
+        if t.method != "dyme":  # grpo: no memorisation; groups with equal rewards get 0 by construction
+            return modes, algorithm.group_advantages(rewards["total"], t.adv_eps, t.scale_rewards), nobody, 1.0
+        if t.switch == "anneal":
+            weight = self._anneal_weight()
+            adv = algorithm.anneal_advantages(rewards["total"], weight, t.adv_eps, t.scale_rewards)
+            return modes, adv, torch.ones_like(nobody), weight
+        adv = algorithm.dyme_advantages(rewards["total"], modes, t.adv_eps, t.scale_rewards)
+        if t.switch == "budget":  # failed groups' references wait in the buffer (`Plan.failed`)
+            return modes, adv, nobody, 1.0
+        return modes, adv, modes == algorithm.MEMORIZE, 1.0
+
+    def _anneal_weight(self) -> float:
+        return algorithm.anneal_weight(self.step, self.t.switch_anneal_steps or self.t.max_steps)
+
+    def _memorize_source(self) -> str:
+        return "refined" if self.t.use_refiner else "hint"
 
     def _evolve_template(self, texts: list[str], rewards: dict, modes: torch.Tensor) -> None:
         k = self.t.num_generations
@@ -570,14 +637,39 @@ class DymeTrainer:
             if scores[j] > 0:
                 self.templates.propose(parse_completion(texts[b * k + j]).thinking, float(scores[j]))
 
-    def _sft_rows(self, batch: Batch) -> tuple[list[Row], dict]:
-        targets = self._target_texts(batch.samples, self.t.sft_target)
+    def _sft_rows(self, batch: Batch, source: str) -> Plan:
+        """One reference trace per prompt, advantage +1 (token-mean NLL); `source`: refined | hint."""
+        targets = self._target_texts(batch.samples, source)
         rows = [Row(b, self._encode_target(t), 1.0, 1.0, memorized=True) for b, t in enumerate(targets)]
         n_tok = int(sum(len(r.completion) for r in rows))
-        return rows, {"total_rows": len(rows), "total_tokens": n_tok,
-                      "max_completion_len": self.t.max_target_tokens, "kept_rows": len(rows)}
+        return Plan(rows, {"total_rows": len(rows), "total_tokens": n_tok,
+                           "max_completion_len": self.t.max_target_tokens, "kept_rows": len(rows)})
 
-    # ---------------------------------------------------------------- loop
+    def _step_prompts(self, step: int) -> tuple[str, str, list[list[int]]]:
+        """(phase, SFT target source, prompts of each of the step's grad_accum_steps batches on this rank).
+
+        Under switch=budget a full buffer makes this step pure SFT on the oldest `algorithm.budget_prompts`
+        buffered prompts (each rank takes every world-th); they leave the buffer.
+        """
+        a = self.t.grad_accum_steps
+        capacity = algorithm.budget_prompts(self.t.switch_budget, self.t.batch_size, a, self.world)
+        if self.t.switch == "budget" and algorithm.budget_full(len(self.buffer), capacity):
+            mine, self.buffer = self.buffer[:capacity][self.rank::self.world], self.buffer[capacity:]
+            per = len(mine) // a
+            return "sft", self._memorize_source(), [mine[i * per:(i + 1) * per] for i in range(a)]
+        return self.phase(step), self.t.sft_target, [self._batch_indices(step, accum) for accum in range(a)]
+
+    def _gather_indices(self, indices: list[int]) -> list[int]:
+        """Every rank's `indices` (at most batch_size each), in rank order, on every rank."""
+        if self.world == 1:
+            return indices
+        mine = torch.full((self.t.batch_size,), -1, dtype=torch.long, device=self.device)
+        mine[: len(indices)] = torch.tensor(indices, dtype=torch.long)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        return [int(i) for t in every for i in t.tolist() if i >= 0]
+
+    # ---------------------------------------------------------------- one train step: the batches, the update
     def train_step(self) -> dict[str, float]:
         """One step: `grad_accum_steps` generation batches, `num_iterations` optimizer steps.
 
@@ -585,66 +677,58 @@ class DymeTrainer:
         Each further iteration (num_iterations > 1, TRL's semantics: the generation is reused)
         accumulates over the same batches again, with the PPO ratio to the log-probs of the policy that
         generated them, then steps. The LR schedule advances once per train step, so `max_steps`,
-        `warmup_steps` and the schedule count train steps whatever num_iterations is. `loss` and
-        `grad_norm` are means over the step's optimizer steps; `learning_rate` is the rate they used.
+        `warmup_steps` and the schedule count train steps whatever num_iterations is. `grad_norm` is a
+        mean over the step's optimizer steps; `learning_rate` is the rate they used.
         """
         step = self.step
-        phase = self.phase(step)
+        phase, source, prompts = self._step_prompts(step)
+        beta = self.t.beta if phase == "rl" else 0.0
         t_start = time.perf_counter()
-        keys = ["mode/memorize", "mode/explore", "mode/skip", "frac_reward_zero_std", "completion/mean_length",
-                "completion/clipped_ratio", "tokens", "time/generation_s", "time/reward_s", "time/update_s",
-                "loss", "rows/kept", "rows/total", "_sft_nll", "_sft_rows", "_policy", "_policy_rows",
-                *(f"reward/{name}" for name in [*self._reward_names(), "total"])]
-        if self.t.beta > 0:
-            keys += ["_kl", "_kl_rows"]
-        m = dict.fromkeys(keys, 0.0)
         iterations = self.t.num_iterations
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates use
         self.optimizer.zero_grad(set_to_none=True)
-        reused: list[tuple[Batch, list[Row], dict]] = []  # what iterations after the first replay
-        for accum in range(self.t.grad_accum_steps):
+        plans: list[Plan] = []
+        losses: list[LossParts] = []
+        reused: list[tuple[Batch, Plan]] = []  # what iterations after the first replay
+        update_s = 0.0
+        for accum, indices in enumerate(prompts):
             # seeded per (seed, step, accum, rank): resume replays exactly the same samples and draws
             torch.manual_seed(((self.t.seed * 100_003 + step) * 101 + accum) * 1009 + self.rank)
-            batch = self._prepare([self.samples[i] for i in self._batch_indices(step, accum)])
-            rows, norm = self._sft_rows(batch) if phase == "sft" else self._rl_rows(batch, m)
-            m["rows/kept"] += len(rows)
-            m["rows/total"] += norm["total_rows"]
+            batch = self._prepare([self.samples[i] for i in indices])
+            plan = self._sft_rows(batch, source) if phase == "sft" else self._rl_rows(batch)
+            if self.t.switch == "budget" and phase == "rl":
+                self.buffer.extend(self._gather_indices([indices[b] for b in plan.failed]))
+            plans.append(plan)
             t0 = time.perf_counter()
-            if rows:
+            if plan.rows:
                 with self._update_mode():
                     if iterations > 1:
-                        self._store_old_logps(batch, rows)
-                    m["loss"] += self._backward(batch, rows, norm, m)
+                        self._store_old_logps(batch, plan.rows)
+                    losses += self._backward(batch, plan.rows, plan.norm, beta)
             if iterations > 1:
-                reused.append((batch, rows, norm))
-            m["time/update_s"] += time.perf_counter() - t0
+                reused.append((batch, plan))
+            update_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         grad_norms = [self._optimizer_step()]
         for _ in range(1, iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for batch, rows, norm in reused:
-                if rows:
+            for batch, plan in reused:
+                if plan.rows:
                     with self._update_mode():
-                        m["loss"] += self._backward(batch, rows, norm, m)
+                        losses += self._backward(batch, plan.rows, plan.norm, beta)
             grad_norms.append(self._optimizer_step())
         self.scheduler.step()
-        m["time/update_s"] += time.perf_counter() - t0
-        a = self.t.grad_accum_steps
-        for key in keys:
-            if key.startswith(("reward/", "mode/", "frac_", "completion/")):
-                m[key] /= a
-        m["loss"] /= iterations  # the objective's mean over this step's optimizer steps
-        m = self._reduce(m)
-        m.update(self._loss_figures(m))
+        update_s += time.perf_counter() - t0
+        n_samples = sum(len(i) for i in prompts) * self.world * (1 if phase == "sft" else self.t.num_generations)
+        record = self._step_record(phase, beta, plans, losses, update_s)
         elapsed = time.perf_counter() - t_start
-        n_samples = self.t.batch_size * a * self.world * (1 if phase == "sft" else self.t.num_generations)
-        m.update({
+        record.update({
             "step": step + 1,
             "phase_sft": float(phase == "sft"),
             "learning_rate": lr,
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "samples_per_s": n_samples / elapsed,
-            "tokens_per_s": m["tokens"] / elapsed,
+            "tokens_per_s": record["tokens"] / elapsed,
             "time/step_s": elapsed,
             "memory/peak_mb": peak_memory_mb(self.device),
             **self.refiner.stats.as_dict(),
@@ -652,9 +736,42 @@ class DymeTrainer:
             "checker/fallbacks": float(self.checker.stats.fallbacks),
             "template/version": float(self.templates.best),
         })
+        if self.t.switch == "anneal":
+            record["switch/reference_advantage"] = self._anneal_weight()
+        if self.t.switch == "budget":
+            record["switch/buffered"] = float(len(self.buffer))
         if self.compile_cache is not None and self.rank == 0:
             self.compile_cache.save()  # only when this step compiled something new; outside the timed step
         self.step += 1
+        return record
+
+    def _step_record(self, phase: str, beta: float, plans: list[Plan], losses: list[LossParts],
+                     update_s: float) -> dict[str, float]:
+        """The step's figures, all processes reduced: per-batch measurements (rewards, modes, lengths: means over
+        the grad_accum_steps batches; tokens and phase seconds: sums), rows, and the losses (`_loss_figures`)."""
+        a = self.t.grad_accum_steps
+
+        def summed(key: str) -> float:
+            return sum((p.metrics.get(key, 0.0) for p in plans), 0.0)
+
+        mean_keys = [*(f"mode/{name}" for name in algorithm.MODE_NAMES.values()), "frac_reward_zero_std",
+                     "completion/mean_length", "completion/clipped_ratio"]
+        sum_keys = ["sft_nll", "sft_rows", "policy", "policy_rows", *(["kl", "kl_rows"] if self.t.beta > 0 else [])]
+        m = {
+            **{key: summed(key) / a for key in mean_keys},
+            "tokens": summed("tokens"), "time/generation_s": summed("time/generation_s"),
+            "time/reward_s": summed("time/reward_s"), "time/update_s": update_s,
+            "loss": 0.0,  # filled from the loss figures below
+            "loss/objective": sum((part.objective for part in losses), 0.0) / self.t.num_iterations,
+            "rows/kept": sum((len(p.rows) for p in plans), 0.0),
+            "rows/total": sum((p.norm["total_rows"] for p in plans), 0.0),
+            **{f"reward/{name}": summed(f"reward/{name}") / a for name in [*self._reward_names(), "total"]},
+            **{f"_{key}": sum((part.sums.get(key, 0.0) for part in losses), 0.0) for key in sum_keys},
+        }
+        m = self._reduce(m)
+        figures = self._loss_figures(m)
+        m["loss"] = figures.get("loss/sft", 0.0) + figures.get("loss/policy", 0.0) + beta * figures.get("kl", 0.0)
+        m.update(figures)
         return m
 
     @torch.no_grad()
@@ -668,8 +785,10 @@ class DymeTrainer:
 
     @staticmethod
     def _loss_figures(m: dict[str, float]) -> dict[str, float]:
-        """Pops the summed loss parts from m and returns the logged figures (absent when a step had
-        no such rows; `loss/nll_memorized` is `loss/sft`, or 0, under its older name)."""
+        """Pops the summed loss parts (`_`-prefixed) from m and returns the logged figures (docs/DESIGN.md,
+        "What the logged losses mean"): `loss/sft` the memorised targets' token-mean NLL, `loss/policy` the
+        clipped surrogate of rollouts with a non-zero advantage, `kl` (beta > 0), each a mean over its rows and
+        absent when a step had no such rows; `loss/nll_memorized` is `loss/sft`, or 0, under its older name."""
         out = {}
         for name, total, count in (("loss/sft", "_sft_nll", "_sft_rows"), ("loss/policy", "_policy", "_policy_rows"),
                                    ("kl", "_kl", "_kl_rows")):
@@ -715,6 +834,7 @@ class DymeTrainer:
                      "config": {k: v for k, v in self.cfg.to_dict().items() if k in RESUME_SECTIONS},
                      # cumulative counters in the metrics: a resumed run continues them
                      "refiner_stats": self.refiner.stats.as_dict(),
+                     "switch_buffer": self.buffer,  # switch=budget: the failed prompts waiting for the SFT step
                      "checker_stats": {"calls": self.checker.stats.llm_calls,
                                        "fallbacks": self.checker.stats.fallbacks}}
             checkpoint.write_checkpoint(self.checkpoint_root, self.step, self.model, state,
@@ -744,6 +864,7 @@ class DymeTrainer:
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
         self.history = state["history"]
+        self.buffer = [int(i) for i in state.get("switch_buffer", [])]
         self.refiner.stats.add(**{k.removeprefix("refiner/"): v for k, v in state["refiner_stats"].items()})
         self.checker.stats.add(**state["checker_stats"])
         self.templates = TemplatePool.load(ckpt / "templates.json")
@@ -751,7 +872,7 @@ class DymeTrainer:
 
     def latest_checkpoint(self) -> Path | None:
         """The newest intact checkpoint; broken newer ones are skipped with a warning naming the file."""
-        return checkpoint.choose_checkpoint(self.checkpoint_root)
+        return checkpoint.choose_checkpoint(self.checkpoint_root, self.model)
 
     # ---------------------------------------------------------------- main
     def train(self) -> dict[str, float]:
@@ -790,18 +911,19 @@ class DymeTrainer:
                    desc=f"train[{self.t.method}]", dynamic_ncols=True)
         last: dict[str, float] = {}
         try:
-            while self.step < self.t.max_steps:
-                last = self.train_step()
-                self.history.append(last)
-                if main and (self.step % self.t.logging_steps == 0 or self.step == self.t.max_steps):
-                    self._log(last)
-                bar.update(1)
-                bar.set_postfix(acc=f"{last['reward/accuracy']:.2f}", mem=f"{last['mode/memorize']:.2f}",
-                                sft=f"{last.get('loss/sft', 0.0):.3f}")
-                if self.t.save_steps and self.step % self.t.save_steps == 0 and self.step < self.t.max_steps:
-                    self.save_checkpoint()
-                if self._stop_requested() and self.step < self.t.max_steps:
-                    raise TrainingStopped(f"stopped at step {self.step}")
+            with logging_redirect_tqdm():  # log lines print above the bar, not through it
+                while self.step < self.t.max_steps:
+                    last = self.train_step()
+                    self.history.append(last)
+                    if main and (self.step % self.t.logging_steps == 0 or self.step == self.t.max_steps):
+                        self._log(last)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['reward/accuracy']:.2f}",
+                                    mem=f"{last['mode/memorize']:.2f}")
+                    if self.t.save_steps and self.step % self.t.save_steps == 0 and self.step < self.t.max_steps:
+                        self.save_checkpoint()
+                    if self._stop_requested() and self.step < self.t.max_steps:
+                        raise TrainingStopped(f"stopped at step {self.step}")
         except KeyboardInterrupt:  # Ctrl-C, or a requested stop (the CLI sets `stop` on SIGTERM)
             self._close_sinks("KILLED")
             raise
@@ -864,8 +986,8 @@ class DymeTrainer:
     def _log(self, metrics: dict[str, float]) -> None:
         for report in self.reporters:
             report(metrics, int(metrics["step"]))
-        log.info("step %d: loss %.4f sft %.3f acc %.3f modes m/e/s %.2f/%.2f/%.2f", metrics["step"],
-                 metrics["loss"], metrics.get("loss/sft", 0.0),
+        log.info("step %d: loss %.4f (sft %.3f, policy %.3f) acc %.3f modes m/e/s %.2f/%.2f/%.2f", metrics["step"],
+                 metrics["loss"], metrics.get("loss/sft", 0.0), metrics.get("loss/policy", 0.0),
                  metrics["reward/accuracy"], metrics["mode/memorize"], metrics["mode/explore"],
                  metrics["mode/skip"])
 

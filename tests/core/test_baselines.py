@@ -10,6 +10,8 @@ logged loss figures mean what docs/DESIGN.md says.
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 from pathlib import Path
 
@@ -27,10 +29,12 @@ from dyme_core.algorithm import (
     aggregate_loss,
     batch_token_count,
     dyme_advantages,
+    group_advantages,
     kept_rollouts,
     policy_loss,
 )
 from dyme_core.config import load_config
+from dyme_core.rewards import RewardContext
 from dyme_core.trainer import DymeTrainer, Row
 
 # ---------------------------------------------------------------- seeded random tensors
@@ -142,14 +146,22 @@ def _cfg(tiny_setup: dict, out: Path, *extra: str):
     ])
 
 
-class DesignedRewards(DymeTrainer):
-    """Rewards chosen per group, so one batch has a MEMORIZE, an EXPLORE and a SKIP group (B=3, K=3)."""
+def _designed_accuracy(completions: list[str], samples: list, ctx: RewardContext) -> list[float]:
+    """Group b of a batch (K completions each) is wrong, half right or right as b % 3 is 0, 1 or 2."""
+    k = ctx.num_generations
+    kinds = [[0.0] * k, [1.0] + [0.0] * (k - 1), [1.0] * k]
+    return [kinds[(i // k) % 3][i % k] for i in range(len(completions))]
 
-    def _score(self, samples, texts):
-        b, k = len(samples), self.t.num_generations
-        accuracy = torch.tensor([[0.0] * k, [1.0] + [0.0] * (k - 1), [1.0] * k] * (b // 3 + 1))[:b]
-        fmt = torch.arange(b * k, dtype=torch.float32).view(b, k).remainder(2)  # rewards differ in groups
-        return {"format": fmt, "accuracy": accuracy, "thinking": torch.zeros(b, k), "total": fmt + accuracy}
+
+# Rewards chosen per group, so one batch has a MEMORIZE, an EXPLORE and a SKIP group (B=3, K=3); format
+# alternates so that rewards differ inside every group. The trainer's reward table, as a user passes one.
+DESIGNED = {"accuracy": _designed_accuracy,
+            "format": lambda completions, samples, ctx: [float(i % 2) for i in range(len(completions))],
+            "thinking": lambda completions, samples, ctx: [0.0] * len(completions)}
+
+
+def DesignedRewards(cfg, dataset) -> DymeTrainer:  # noqa: N802 (reads as the trainer it makes)
+    return DymeTrainer(cfg, dataset, rewards=DESIGNED)
 
 
 def _rows_of_official_update(trainer: DymeTrainer, rows: list[Row], completions: list[torch.Tensor],
@@ -176,18 +188,17 @@ def test_trainer_update_equals_the_official_update_with_kl(tiny_setup: dict, tmp
     generate = trainer._generate
     trainer._generate = lambda batch: generated.append(generate(batch)) or generated[-1]
     batch = trainer._prepare(trainer.samples[:3])
-    m = dict.fromkeys(["time/generation_s", "time/reward_s", "mode/memorize", "mode/explore", "mode/skip",
-                       "frac_reward_zero_std", "completion/mean_length", "completion/clipped_ratio", "tokens"], 0.0)
-    rows, norm = trainer._rl_rows(batch, m)
+    plan = trainer._rl_rows(batch)
+    rows, norm, m = plan.rows, plan.norm, plan.metrics
     assert m["mode/memorize"] == m["mode/explore"] == m["mode/skip"] == pytest.approx(1 / 3)
     assert len(rows) == 9  # B*K: the zero-advantage rollouts of the MEMORIZE and SKIP groups stay (KL)
     trainer.optimizer.zero_grad(set_to_none=True)
     with trainer._update_mode():
-        trainer._backward(batch, rows, norm, m)
+        trainer._backward(batch, rows, norm, beta=0.04)
     ours = [p.grad.clone() for p in trainer.params]
 
     # plain: every row, per-token -A * ratio + beta * k3, normalised over the whole batch
-    rewards = trainer._score(batch.samples, [])
+    rewards = trainer._score(batch.samples, [""] * 9)
     adv = dyme_advantages(rewards["total"], torch.tensor([MEMORIZE, EXPLORE, SKIP]))
     full = _rows_of_official_update(trainer, rows, generated[0], adv)
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -213,10 +224,10 @@ def test_reused_generations_step_once_per_iteration_after_every_batch(tiny_setup
     captured: list[tuple] = []
     rl_rows = trainer._rl_rows
 
-    def capture(batch, m):
-        rows, norm = rl_rows(batch, m)
-        captured.append((batch, [copy.copy(r) for r in rows], norm))
-        return rows, norm
+    def capture(batch):
+        plan = rl_rows(batch)
+        captured.append((batch, [copy.copy(r) for r in plan.rows], plan.norm))
+        return plan
 
     trainer._rl_rows = capture
     events: list[str] = []
@@ -273,19 +284,20 @@ def test_top_k_zero_samples_from_the_whole_vocabulary(tiny_setup: dict, tmp_path
 
 
 def test_loss_figures_mean_what_they_say(tiny_setup: dict, tmp_path: Path) -> None:
-    """A random model gets nothing right, so every group memorises: `loss` (the optimised surrogate) is
-    -(memorised rows)/(B*K), the constant a default run shows, while `loss/sft`, the memorised traces'
-    token-mean NLL, falls as the same targets are learnt."""
+    """A random model gets nothing right, so every group memorises: `loss/objective` (the optimised
+    surrogate) is -(memorised rows)/(B*K), a constant, while `loss/sft`, the memorised traces' token-mean
+    NLL, falls as the same targets are learnt; `loss`, what a user reads, is that NLL (+ the policy loss)."""
     cfg = _cfg(tiny_setup, tmp_path, "train.batch_size=8", "train.num_generations=2", "train.max_steps=4",
                "train.learning_rate=3e-3")
     trainer = DymeTrainer(cfg, tiny_setup["dataset"])
     history = [trainer.train_step() for _ in range(4)]
     for h in history:
         assert h["mode/memorize"] == 1.0
-        assert h["loss"] == pytest.approx(-8 / 16)  # 8 memorised rows among B*K = 16, value -A * ratio = -1
+        assert h["loss/objective"] == pytest.approx(-8 / 16)  # 8 memorised rows among B*K = 16, -A * ratio = -1
         assert "loss/policy" not in h  # no rollout carried an advantage
-        assert h["loss/sft"] == h["loss/nll_memorized"] > 0
+        assert h["loss"] == h["loss/sft"] == h["loss/nll_memorized"] > 0
     assert history[-1]["loss/sft"] < history[0]["loss/sft"] - 0.1
+    assert history[-1]["loss"] < history[0]["loss"] - 0.1  # the logged loss falls as the model learns
 
 
 def test_loss_policy_is_the_surrogate_of_rollouts(tiny_setup: dict, tmp_path: Path) -> None:
@@ -294,6 +306,7 @@ def test_loss_policy_is_the_surrogate_of_rollouts(tiny_setup: dict, tmp_path: Pa
     assert m["loss/policy"] == pytest.approx(0.0, abs=1e-5)  # on-policy: -mean of group-centred advantages
     assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
     assert m["loss/sft"] > 0 and m["rows/kept"] == 9
+    assert m["loss"] == pytest.approx(m["loss/sft"] + m["loss/policy"] + 0.1 * m["kl"])
 
 
 def test_trainer_scores_with_the_reward_table_and_named_weights(tiny_setup: dict, tmp_path: Path) -> None:
@@ -361,3 +374,120 @@ def test_bucketed_all_reduce_equals_one_process_over_the_union(tmp_path: Path) -
         assert len(got) == len(expected)
         for i, g in enumerate(expected):
             assert torch.allclose(got[str(i)], g, atol=1e-12), (rank, i)
+
+
+# ---------------------------------------------------------------- switching strategies on the tiny model
+
+
+def test_anneal_puts_the_reference_at_full_weight_first_and_keeps_every_groups_advantages(
+        tiny_setup: dict, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_setup, tmp_path, "train.switch=anneal", "train.max_steps=4")
+    trainer = DymeTrainer(cfg, tiny_setup["dataset"], rewards=DESIGNED)
+    batch = trainer._prepare(trainer.samples[:3])
+    plan = trainer._rl_rows(batch)  # step 0
+    references = [r for r in plan.rows if r.memorized]
+    assert [r.prompt for r in references] == [0, 1, 2]  # one per group, the SKIP and EXPLORE groups too
+    assert all(r.advantage == 1.0 for r in references)
+    rewards = trainer._score(batch.samples, [""] * 9)
+    expected = group_advantages(rewards["total"])  # every group keeps its GRPO advantages, MEMORIZE's too
+    rollouts = {(r.prompt, float(r.advantage)) for r in plan.rows if not r.memorized}
+    assert rollouts == {(b, float(expected[b, j])) for b in range(3) for j in range(3)
+                        if j != REPLACED and expected[b, j] != 0}  # rows of advantage 0 are dropped, as always
+    assert {b for b, _ in rollouts} == {0, 1, 2}
+    trainer.step = 2  # halfway along the cosine
+    assert [r.advantage for r in trainer._rl_rows(batch).rows if r.memorized] == [pytest.approx(0.5)] * 3
+    # a whole run: the logged reference advantage follows 0.5 * (1 + cos(pi * step / max_steps))
+    history = [trainer.train_step() for _ in range(2)]
+    assert [h["switch/reference_advantage"] for h in history] == [
+        pytest.approx(0.5), pytest.approx(0.5 * (1 + math.cos(3 * math.pi / 4)))]
+    assert all(h["loss/sft"] > 0 and "loss/policy" in h for h in history)
+
+
+def test_threshold_switches_on_the_soft_reward(tiny_setup: dict, tmp_path: Path) -> None:
+    """Right answers with thinking the checker finds ungrounded: binary skips, threshold (mean 2/3 <= 0.9)
+    memorises; at switch_threshold 0.5 the same rollouts count as correct and are skipped."""
+    right_but_ungrounded = {"accuracy": lambda c, s, ctx: [1.0] * len(c), "format": lambda c, s, ctx: [1.0] * len(c),
+                            "thinking": lambda c, s, ctx: [0.0] * len(c)}
+    modes = {}
+    for name, extra in (("binary", []), ("threshold", ["train.switch=threshold"]),
+                        ("threshold_05", ["train.switch=threshold", "train.switch_threshold=0.5"])):
+        cfg = _cfg(tiny_setup, tmp_path / name, *extra, "train.max_steps=1")
+        m = DymeTrainer(cfg, tiny_setup["dataset"], rewards=right_but_ungrounded).train_step()
+        modes[name] = (m["mode/memorize"], m["mode/skip"], m["rows/kept"])
+    assert modes == {"binary": (0.0, 1.0, 0), "threshold": (1.0, 0.0, 3), "threshold_05": (0.0, 1.0, 0)}
+
+
+def test_budget_takes_one_sft_step_exactly_when_the_buffer_fills_and_resumes_it(tiny_setup: dict,
+                                                                                tmp_path: Path) -> None:
+    """One failed group per batch (B=3), budget 1 x 3 prompts: GRPO steps buffer 1, 2, 3 references, the 4th
+    step is pure SFT on those 3 prompts and empties the buffer; a run resumed from step 2's checkpoint resumes the
+    buffer, and ends with the weights of the run that went straight through."""
+    common = ["train.switch=budget", "train.switch_budget=1", "train.max_steps=5", "train.report_to=[jsonl]"]
+    straight = DymeTrainer(_cfg(tiny_setup, tmp_path / "straight", *common), tiny_setup["dataset"], rewards=DESIGNED)
+    failed = [straight._batch_indices(s, 0)[0] for s in range(4)]  # position 0 of each batch is the wrong group
+    history = []
+    for _ in range(5):
+        if straight.step == 3:
+            assert straight.buffer == failed[:3]
+        history.append(straight.train_step())
+    assert [h["phase_sft"] for h in history] == [0.0, 0.0, 0.0, 1.0, 0.0]
+    assert [h["switch/buffered"] for h in history] == [1.0, 2.0, 3.0, 0.0, 1.0]
+    sft = history[3]
+    assert sft["rows/kept"] == 3 and sft["loss/sft"] > 0 and "loss/policy" not in sft
+    assert sft["mode/memorize"] == 0.0 and sft["reward/accuracy"] == 0.0  # nothing was generated
+    grpo = history[0]
+    assert "loss/sft" not in grpo and grpo["rows/kept"] == 2  # the EXPLORE group's rollouts of advantage != 0
+    # the step after the SFT step takes the batch of train step 4, as a run without a budget would
+    assert straight.buffer == [straight._batch_indices(4, 0)[0]]
+
+    def run(out: str, *extra: str) -> DymeTrainer:
+        cfg = _cfg(tiny_setup, tmp_path / out, *common, f"train.checkpoint_dir={tmp_path / 'ckpt'}", *extra)
+        trainer = DymeTrainer(cfg, tiny_setup["dataset"], rewards=DESIGNED)
+        trainer.train()
+        return trainer
+
+    run("resumed", "train.max_steps=3", "train.save_steps=1")  # "killed" after step 3: its last checkpoint is 2
+    saved = json.loads((tmp_path / "ckpt" / "checkpoint-2" / "trainer_state.json").read_text())
+    state = dict(saved["state"]["__dict__"])
+    assert state["switch_buffer"] == failed[:2]  # plain JSON in the checkpoint
+    resumed = run("resumed", "train.resume_from=auto")
+    assert resumed.buffer == straight.buffer
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_the_reward_table_must_hold_what_the_config_weighs(tiny_setup: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"reward table has no \['thinking'\]"):
+        DymeTrainer(_cfg(tiny_setup, tmp_path), tiny_setup["dataset"],
+                    rewards={"accuracy": DESIGNED["accuracy"], "format": DESIGNED["format"]})
+
+
+def test_ignore_eos_runs_every_rollout_to_max_new_tokens(tiny_setup: dict, tmp_path: Path) -> None:
+    lengths = {}
+    for ignore in (False, True):
+        cfg = _cfg(tiny_setup, tmp_path / str(ignore), f"train.ignore_eos={ignore}", "train.max_new_tokens=12",
+                   "train.temperature=3.0", "train.num_generations=200")
+        trainer = DymeTrainer(cfg, tiny_setup["dataset"])
+        torch.manual_seed(0)
+        completions = trainer._generate(trainer._prepare(trainer.samples[:1]))
+        lengths[ignore] = [len(c) for c in completions]
+        assert all(int(c[-1]) != trainer.eos_id for c in completions) or not ignore
+    assert set(lengths[True]) == {12}
+    assert min(lengths[False]) < 12  # a random model at temperature 3 samples eos somewhere in 2,400 tokens
+
+
+@pytest.mark.parametrize("min_chars, expected", [(10, 1.0), (40, 0.0)])
+def test_evaluation_scores_format_as_training_does(tiny_setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   min_chars: int, expected: float) -> None:
+    """Evaluation's format rate comes from the reward table with train.min_thinking_chars, as in training."""
+    from dyme_core import evaluate
+
+    answer = "The tallest bar reads 3.\nAnswer: 3"  # 24 characters of thinking
+    monkeypatch.setattr(evaluate, "generate_answers", lambda model, processor, images, *a: [answer] * len(images))
+    cfg = load_config(None, [f"data.path={tiny_setup['data']}", f"evaluate.model_path={tiny_setup['model']}",
+                             f"evaluate.out_dir={tmp_path}", "evaluate.limit=2",
+                             f"train.min_thinking_chars={min_chars}"])
+    evaluate.evaluate(cfg, tiny_setup["dataset"])
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["format"] for r in rows] == [expected] * 2
+    assert [r["correct"] for r in rows] == [float(r["reference"] == "3") for r in rows]

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dyme_core.config import load_config
+from dyme_core.rewards import REWARDS, format_rewards
 from dyme_core.trainer import VOLATILE_PREFIXES, DymeTrainer
 
 pytestmark = pytest.mark.slow
@@ -37,14 +38,13 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model" / "model.safetensors")
 
 
-class LengthBonusTrainer(DymeTrainer):
-    """Adds a reward for shorter completions, so a random model's rollouts differ in reward."""
+def _format_with_length_bonus(completions, samples, ctx) -> list[float]:
+    """The format reward plus a bonus for shorter completions, so a random model's rollouts differ in reward."""
+    return [f - len(t) / 100 for f, t in zip(format_rewards(completions, samples, ctx), completions, strict=True)]
 
-    def _score(self, samples, texts):
-        rewards = super()._score(samples, texts)
-        bonus = torch.tensor([-len(t) / 100 for t in texts]).view_as(rewards["total"])
-        rewards["total"] = rewards["total"] + bonus
-        return rewards
+
+def LengthBonusTrainer(cfg, dataset) -> DymeTrainer:  # noqa: N802 (reads as the trainer it makes)
+    return DymeTrainer(cfg, dataset, rewards={**REWARDS, "format": _format_with_length_bonus})
 
 
 @pytest.mark.parametrize("method", ["dyme", "grpo", "sft", "two_stage"])
@@ -69,6 +69,31 @@ def test_each_method_trains_and_logs(tiny_setup: dict, tmp_path: Path, method: s
         fractions = [h["mode/memorize"] + h["mode/explore"] + h["mode/skip"] for h in history
                      if not h["phase_sft"]]
         assert fractions and all(abs(f - 1) < 1e-6 for f in fractions)
+
+
+@pytest.mark.parametrize("switch", ["binary", "threshold", "anneal", "budget"])
+def test_each_switching_strategy_trains_and_logs(tiny_setup: dict, tmp_path: Path, switch: str) -> None:
+    """`dyme train train.switch=...` on the tiny model: a random model gets nothing right, so binary and threshold
+    memorise every group, anneal adds the reference to every group at its cosine weight, and budget buffers the
+    failed prompts (2 per step, nothing left to update on) and takes its SFT step at the third, once
+    switch_budget x batch_size = 4 are buffered."""
+    out = tmp_path / switch
+    cfg = _cfg(tiny_setup, out, f"train.switch={switch}", "train.max_steps=3", "train.switch_budget=2")
+    DymeTrainer(cfg, tiny_setup["dataset"]).train()
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert all(h["loss"] > 0 for h in history if h["rows/kept"])  # the memorised references' NLL
+    if switch == "anneal":
+        assert [h["switch/reference_advantage"] for h in history] == pytest.approx([1.0, 0.75, 0.25])
+    if switch == "budget":  # capacity 2 x batch_size 2 = 4 prompts: buffered after steps 1 and 2
+        assert [h["phase_sft"] for h in history] == [0.0, 0.0, 1.0]
+        assert [h["switch/buffered"] for h in history] == [2.0, 4.0, 0.0]
+        assert [h["rows/kept"] for h in history] == [0, 0, 4] and "loss/sft" not in history[0]
+    else:
+        assert all(h["mode/memorize"] == 1.0 and h["loss/sft"] > 0 for h in history)
+    before = load_file(Path(tiny_setup["model"]) / "model.safetensors")
+    after = _weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_grpo_collapses_without_reward_variance(tiny_setup: dict, tmp_path: Path) -> None:
@@ -148,3 +173,31 @@ def test_a_truncated_target_keeps_its_answer_line(tiny_setup: dict, tmp_path: Pa
     assert trainer._encode_target(short).tolist() == expected
     no_answer = trainer._encode_target(thinking)  # nothing to keep: a plain cut
     assert len(no_answer) == 41 and thinking.startswith(tok.decode(no_answer[:-1]))
+
+
+def test_budget_switch_under_two_processes_shares_one_buffer(tiny_setup: dict, tmp_path: Path) -> None:
+    """2 processes x 1 prompt, budget 1: each step both ranks' failed prompts join the buffer (the same on every
+    rank), so the capacity of 1 x 1 x 2 processes is reached after step 1 and step 2 is SFT, one row per rank;
+    the checkpoint (rank 0's) holds the whole buffer."""
+    from dyme_core import steps
+
+    out = tmp_path / "ddp"
+    data = [f"data.path={tiny_setup['data']}", f"data.out_dir={tmp_path / 'dataset'}",
+            f"data.report={tmp_path / 'ingest.json'}", f"validate.report={tmp_path / 'validation.json'}"]
+    data_cfg = load_config(None, data)
+    steps.ingest(data_cfg)
+    steps.validate(data_cfg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "dyme_core.cli", "train", *data,
+           f"model.name_or_path={tiny_setup['model']}", f"train.output_dir={out}", "train.refined=",
+           "train.max_steps=3", "train.batch_size=1", "train.num_generations=2", "train.max_new_tokens=8",
+           "train.progress_bar=false", f"train.checkpoint_dir={tmp_path / 'ckpt'}", "train.report_to=[jsonl]",
+           "train.switch=budget", "train.switch_budget=1", "train.save_steps=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["phase_sft"] for h in history] == [0.0, 1.0, 0.0]
+    assert [h["switch/buffered"] for h in history] == [2.0, 0.0, 2.0]
+    assert history[1]["rows/kept"] == 2  # one memorised reference on each rank, summed
+    saved = json.loads((tmp_path / "ckpt" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert len(dict(saved["state"]["__dict__"])["switch_buffer"]) == 2  # both ranks' failed prompts
