@@ -1,6 +1,7 @@
 """MLflow adapter: run tracking, lineage, the model registry and the champion/challenger gate (DESIGN.md 5-6).
 
-The only module of `dyme_core` that imports mlflow; everything else reaches MLflow through it, lazily.
+The only module of `dyme_core` that imports mlflow (besides serving.py, the registered model itself, which
+it logs by path); everything else reaches MLflow through it, lazily.
 It reads no environment: the CLI (or a KFP component's runtime) resolves the tracking URI, the run name
 and the outside tags and passes them down in `cfg.register`.
 
@@ -14,32 +15,31 @@ and the outside tags and passes them down in `cfg.register`.
   `TrackingUnreachable`, or with `register.on_unreachable: buffer` the metrics go to
   `<train.output_dir>/mlflow_buffer.jsonl`, as they do when the server goes away mid-run; `sync` sends
   them later (`dyme sync`, and `dyme register` first of all).
-- `DymeVLM`: a pyfunc wrapper around the saved HF directory (`mlflow.transformers` cannot log
-  image-text-to-text models). Input columns `image` (path, PNG/JPEG bytes or base64) and `question`;
-  output columns `completion` and `answer`. The model carries `dyme_core` as code (`code_paths`) and
-  requirements without local version suffixes, so it loads where only its requirements are installed.
-- `register_model`: logs evaluation metrics, plots and the model, registers a new version with alias
-  `challenger`, then promotes it to `champion` if `challenger >= champion - register.gate_margin` on
-  `register.gate_metric`. The metric is stored as the model-version tag `eval.<gate_metric>`, so the gate
-  reads the registry only.
+- The model: MLflow "models from code", dyme_core/serving.py (the `DymeVLM` pyfunc over the saved HF
+  directory) logged by path, the HF directory as its artifact and `dyme_core` as `code_paths`; nothing is
+  pickled, and the requirements are serving's only (`SERVING_REQUIREMENTS`, pinned without local version
+  suffixes), so it loads where only they are installed.
+- `register_model`: logs evaluation metrics, plots, per-row predictions, the evaluation's dataset digest
+  (tag `dyme.eval.data_digest`) and the model, registers a new version with alias `challenger`, then
+  promotes it to `champion` if `challenger >= champion - register.gate_margin` on `register.gate_metric`.
+  The metric is stored as the model-version tag `eval.<gate_metric>`, so the gate reads the registry only.
 - `promote`, `compare`, `load_champion`: by-hand promotion, a side-by-side run table, serving.
+- `compare_paired` (`dyme compare --paired A B`): B - A in accuracy on the rows both runs were evaluated on,
+  with paired-bootstrap intervals (dyme_core/stats.py), overall and per question type; logged as a new run
+  tagged `dyme.comparison`.
 
 Test: `pytest tests/core/test_tracking.py` (starts a real `mlflow server` on 127.0.0.1).
 """
 
 from __future__ import annotations
 
-import ast
 import atexit
-import base64
-import binascii
 import importlib.metadata
-import io
 import json
 import logging
 import math
 import re
-import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -58,6 +58,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
+from dyme_core import stats
 from dyme_core.config import Config, EvaluateConfig, RegisterConfig
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,16 @@ MANIFEST_FILE = "manifest.json"  # written by the ingest step into data.out_dir
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 KFP_RUN_TAG = "kfp.run_id"  # set by the pipeline's train and register components
 EVAL_FILES = ("metrics.json", "predictions.jsonl")  # logged under eval/ with the plots
-PREDICT_BATCH_SIZE = 16  # rows per generate call when serving (evaluate.batch_size's default)
-# Always required by the saved model directory, whether or not dyme_core names them in an import.
-MODEL_BASE_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors")
+PREDICTIONS_ARTIFACT = "eval/predictions.jsonl"  # per row: id, qtype, correct (what `compare_paired` pairs)
+EVAL_DIGEST_TAG = "dyme.eval.data_digest"  # the digest of the dataset the registered evaluation read
+EVAL_SPLIT_TAG = "dyme.eval.split"
+COMPARISON_TAG = "dyme.comparison"  # "true" on the runs `compare_paired` creates
+PAIRED_RESAMPLES = 10_000
+PAIRED_SEED = 0
+SERVING_MODEL = Path(__file__).resolve().with_name("serving.py")  # the registered model's code (models from code)
+# What loading and predicting with serving.py imports (a test checks it imports nothing else), by distribution
+SERVING_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "pandas", "numpy",
+                        "pyyaml")
 _METRIC_KEY_BAD = re.compile(r"[^\w\-. :/]")
 _REMOTE = ("http://", "https://")
 
@@ -413,114 +421,27 @@ def sync(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     return {"run_id": run_id, "metrics": len(metrics), "status": status}
 
 
-def _open_image(value: Any) -> Any:
-    """A PIL RGB image from a file path, raw image bytes or a base64 string."""
-    from PIL import Image
-
-    if isinstance(value, bytes | bytearray):
-        data = bytes(value)
-    elif isinstance(value, str) and len(value) < 4096 and Path(value).is_file():
-        data = Path(value).read_bytes()
-    elif isinstance(value, str):
-        try:
-            data = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"image is neither an existing file nor base64: {value[:80]!r}") from None
-    else:
-        raise ValueError(f"image must be a path, bytes or a base64 string, got {type(value).__name__}")
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-class DymeVLM(mlflow.pyfunc.PythonModel):
-    """Pyfunc over a saved HF image-text-to-text directory (artifact `model_dir`): greedy answers."""
-
-    def load_context(self, context: Any) -> None:
-        import torch
-
-        from dyme_core.config import ModelConfig
-        from dyme_core.models import load_model, load_processor
-
-        cfg = ModelConfig(name_or_path=context.artifacts["model_dir"])
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.processor = load_processor(cfg)
-        self.model = load_model(cfg, device).eval()
-
-    def predict(
-        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-    ) -> pd.DataFrame:
-        from dyme_core.evaluate import generate_answers  # encodes through the model family's adapter
-        from dyme_core.rewards import parse_completion
-
-        params = params or {}
-        images = [_open_image(v) for v in model_input["image"]]
-        questions = [str(q) for q in model_input["question"]]
-        completions: list[str] = []
-        for lo in range(0, len(questions), PREDICT_BATCH_SIZE):
-            completions += generate_answers(
-                self.model,
-                self.processor,
-                images[lo : lo + PREDICT_BATCH_SIZE],
-                questions[lo : lo + PREDICT_BATCH_SIZE],
-                max_new_tokens=int(params.get("max_new_tokens", EvaluateConfig.max_new_tokens)),
-                style=str(params.get("style", "reason")),
-            )
-        answers = [parse_completion(c).answer for c in completions]
-        return pd.DataFrame({"completion": completions, "answer": answers})
-
-
-def _imported_distributions() -> set[str]:
-    """Distributions that the modules the pyfunc can reach import: the dyme_core import graph from this
-    module (nested imports included), its third-party top-level names, mapped to what installs them.
-    Derived, not listed by hand, so a new import in the serving path cannot leave the model unloadable."""
-    package = Path(__file__).resolve().parent
-    todo, seen, tops = [Path(__file__).resolve()], set(), set()
-    while todo:
-        path = todo.pop()
-        if path in seen or not path.is_file():
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [(a.name, []) for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [(node.module, [a.name for a in node.names])]
-            else:
-                continue
-            for name, members in names:
-                top, *parts = name.split(".")
-                if top == package.name:  # follow the library's own modules (and `from pkg import module`)
-                    todo += [package.joinpath(*parts).with_suffix(".py"), package.joinpath(*parts, "__init__.py")]
-                    todo += [package.joinpath(*parts, f"{m}.py") for m in members]
-                elif top not in sys.stdlib_module_names:
-                    tops.add(top)
-    installed = importlib.metadata.packages_distributions()
-    found = set()
-    for top in tops:
-        dists = installed.get(top, [])
-        same = [d for d in dists if d.lower().replace("_", "-") == top.lower().replace("_", "-")]
-        found |= set(same or dists)  # `mlflow` is also shipped in part by mlflow-skinny: take mlflow
-    return found
-
-
 def _model_requirements() -> list[str]:
-    """`name==version` of each distribution the pyfunc needs, without local suffixes (`+cpu`): an
-    index serves `torch==2.13.0`, not the local build's `2.13.0+cpu`."""
-    names = {importlib.metadata.metadata(d)["Name"] for d in {*MODEL_BASE_REQUIREMENTS, *_imported_distributions()}}
-    return sorted(f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names)
+    """`name==version` of each distribution serving needs (`SERVING_REQUIREMENTS`), without local suffixes
+    (`+cpu`): an index serves `torch==2.13.0`, not the local build's `2.13.0+cpu`."""
+    return sorted(f"{importlib.metadata.metadata(d)['Name']}=={importlib.metadata.version(d).split('+')[0]}"
+                  for d in SERVING_REQUIREMENTS)
 
 
 def _log_pyfunc(model_name: str, model_dir: Path) -> Any:
-    """Log the HF directory inside a DymeVLM pyfunc and register it as a new version of `model_name`.
+    """Log the HF directory as a models-from-code pyfunc (dyme_core/serving.py) and register it as a new
+    version of `model_name`.
 
-    `dyme_core` travels with the model (`code_paths`): loading puts it on sys.path, so the model needs
-    its requirements only, not this repository.
+    `dyme_core` travels with the model (`code_paths`): loading puts it on sys.path, so the model needs its
+    serving requirements only, not this repository, nor the project's own dependencies (a wheel of the project
+    would bring kfp, dvc and the training stack along).
     """
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=DymeVLM(),
+        python_model=str(SERVING_MODEL),
         artifacts={"model_dir": str(model_dir)},
         pip_requirements=_model_requirements(),
-        code_paths=[str(Path(__file__).resolve().parent)],
+        code_paths=[str(SERVING_MODEL.parent)],
         signature=MODEL_SIGNATURE,
         registered_model_name=model_name,
     )
@@ -595,7 +516,9 @@ def register_model(cfg: Config, train_dir: str | Path, eval_dir: str | Path) -> 
         if new_run:
             _log_batches(client, run_id, metrics=_training_metrics(train_dir / "metrics.jsonl"))
         eval_entities = _metric_entities({f"eval/{k}": v for k, v in eval_metrics.items()}, 0)
-        _log_batches(client, run_id, metrics=eval_entities)
+        digest = str(read_manifest(cfg.data.out_dir).get("digest", ""))
+        eval_tags = {EVAL_SPLIT_TAG: cfg.evaluate.split, **({EVAL_DIGEST_TAG: digest} if digest else {})}
+        _log_batches(client, run_id, metrics=eval_entities, tags=[RunTag(k, v) for k, v in eval_tags.items()])
         for path in [*sorted(eval_dir.glob("*.png")), *(eval_dir / n for n in EVAL_FILES)]:
             if path.is_file():
                 client.log_artifact(run_id, str(path), "eval")
@@ -670,7 +593,7 @@ def compare(
     """Side-by-side text table, one column per run (the latest `max_runs` of the experiment by default).
 
     Rows: run name, method, seed, dataset digest, then `metrics` (default: every `eval/` metric found,
-    then the final training `reward/accuracy`).
+    then the final training `reward/accuracy`). The runs `compare_paired` logs are left out of the default.
     """
     check_reachable(cfg)
     client = _client(cfg)
@@ -678,8 +601,8 @@ def compare(
         experiment = client.get_experiment_by_name(cfg.experiment)
         if experiment is None:
             return f"no experiment {cfg.experiment!r} at {cfg.tracking_uri}"
-        runs = list(client.search_runs(
-            [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=max_runs))
+        found = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+        runs = [run for run in found if run.data.tags.get(COMPARISON_TAG) != "true"][:max_runs]
     else:
         runs = [client.get_run(r) for r in run_ids]
     if not runs:
@@ -705,6 +628,160 @@ def compare(
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class ComparisonRefused(ValueError):
+    """Two runs that cannot be compared row by row (one line: which run, and why)."""
+
+
+def _find_run(client: MlflowClient, experiment: str, ref: str) -> Any:
+    """The run whose id is `ref`, else the one run named `ref` in `experiment` (comparison runs left out)."""
+    try:
+        return client.get_run(ref)
+    except MlflowException:
+        pass
+    found = []
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        quote = "'" if "'" not in ref else '"'
+        found = [run for run in client.search_runs([exp.experiment_id], f"attributes.run_name = {quote}{ref}{quote}")
+                 if run.data.tags.get(COMPARISON_TAG) != "true"]
+    if not found:
+        raise ComparisonRefused(f"no run with id or name {ref!r} in experiment {experiment!r}")
+    if len(found) > 1:
+        ids = ", ".join(run.info.run_id for run in found[:5])
+        raise ComparisonRefused(f"run name {ref!r} names {len(found)} runs in experiment {experiment!r} ({ids}); "
+                                "pass a run id")
+    return found[0]
+
+
+def _label(run: Any) -> str:
+    return f"{run.info.run_name} ({run.info.run_id[:8]})"
+
+
+def _eval_digest(run: Any) -> str | None:
+    """The digest of the dataset the run's evaluation read: the tag `register_model` sets, else the run's
+    dataset input (the same materialised dataset: every step reads data.out_dir), cut to MLflow's 36 chars."""
+    digest = run.data.tags.get(EVAL_DIGEST_TAG)
+    if not digest and run.inputs and run.inputs.dataset_inputs:
+        digest = run.inputs.dataset_inputs[0].dataset.digest
+    return digest[:36] if digest else None
+
+
+def _predictions(client: MlflowClient, run: Any, tmp: Path) -> dict[str, tuple[float, str]]:
+    """id -> (correct, qtype) from the run's eval/predictions.jsonl."""
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    if PREDICTIONS_ARTIFACT not in logged:
+        raise ComparisonRefused(f"run {_label(run)} has no {PREDICTIONS_ARTIFACT} (register it with `dyme register` "
+                                "after `dyme evaluate`)")
+    (tmp / run.info.run_id).mkdir()
+    path = Path(client.download_artifacts(run.info.run_id, PREDICTIONS_ARTIFACT, str(tmp / run.info.run_id)))
+    rows: dict[str, tuple[float, str]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key, correct, qtype = str(row["id"]), float(row["correct"]), str(row.get("qtype") or "all")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ComparisonRefused(f"run {_label(run)}: {PREDICTIONS_ARTIFACT} line {number} has no usable "
+                                    f"id and correct ({type(e).__name__}: {e})") from None
+        if not 0 <= correct <= 1:
+            raise ComparisonRefused(f"run {_label(run)}: {PREDICTIONS_ARTIFACT} line {number}: correct={correct} "
+                                    "is not in [0, 1]")
+        if key in rows:
+            raise ComparisonRefused(f"run {_label(run)}: {PREDICTIONS_ARTIFACT} holds row id {key!r} twice")
+        rows[key] = (correct, qtype)
+    if not rows:
+        raise ComparisonRefused(f"run {_label(run)}: {PREDICTIONS_ARTIFACT} is empty")
+    return rows
+
+
+def _paired_rows(client: MlflowClient, a: Any, b: Any, tmp: Path) -> tuple[list[str], dict, dict, str]:
+    """The row ids both runs were evaluated on, each run's id -> (correct, qtype), and the dataset digest;
+    `ComparisonRefused` unless both hold predictions of the same rows of the same dataset."""
+    if a.info.run_id == b.info.run_id:
+        raise ComparisonRefused(f"both arguments name run {_label(a)}")
+    digests = [_eval_digest(run) for run in (a, b)]
+    for run, digest in zip((a, b), digests, strict=True):
+        if digest is None:
+            raise ComparisonRefused(f"run {_label(run)} records no dataset digest for its evaluation")
+    if digests[0] != digests[1]:
+        raise ComparisonRefused(f"the runs were evaluated on different data: {_label(a)} on dataset "
+                                f"{digests[0][:12]}, {_label(b)} on {digests[1][:12]}")
+    pred_a, pred_b = _predictions(client, a, tmp), _predictions(client, b, tmp)
+    if pred_a.keys() != pred_b.keys():
+        only_a, only_b = sorted(pred_a.keys() - pred_b.keys()), sorted(pred_b.keys() - pred_a.keys())
+        raise ComparisonRefused(
+            f"the runs were evaluated on different rows: {len(only_a)} row ids only in {_label(a)}, "
+            f"{len(only_b)} only in {_label(b)} (e.g. {(only_a or only_b)[0]!r})")
+    return sorted(pred_a), pred_a, pred_b, digests[0]
+
+
+def compare_paired(cfg: RegisterConfig, run_a: str, run_b: str, n_boot: int = PAIRED_RESAMPLES,
+                   seed: int = PAIRED_SEED) -> dict[str, Any]:
+    """B - A in accuracy on the rows both runs were evaluated on, overall and per question type, with
+    paired-bootstrap 95% percentile intervals (dyme_core/stats.py); logged as a new run.
+
+    run_a, run_b: run ids, or run names in `cfg.experiment`. Refused (`ComparisonRefused`, one line) when a
+    run has no per-row predictions, no dataset digest, or was evaluated on other data or other rows.
+    The new run, in run B's experiment, is tagged `dyme.comparison=true` (and `dyme.compare.run_a/_b`), holds
+    the table as its description, `paired/*` metrics and artifacts comparison/paired.{json,csv,png}; the
+    compared runs are left as they are. Returns {"text", "run_id", "rows"}.
+    """
+    check_reachable(cfg)
+    client = _client(cfg)
+    a, b = (_find_run(client, cfg.experiment, ref) for ref in (run_a, run_b))
+    with tempfile.TemporaryDirectory() as tmp:
+        ids, pred_a, pred_b, digest = _paired_rows(client, a, b, Path(tmp))
+        # stats' `a - b` with its a = run B and its b = run A: B - A
+        rows = stats.group_differences([pred_b[i][0] for i in ids], [pred_a[i][0] for i in ids],
+                                       [pred_a[i][1] for i in ids], n_boot=n_boot, seed=seed)
+        record = [{"qtype": r.group, "n": r.n, "acc_a": r.mean_b, "acc_b": r.mean_a, "diff": r.diff.point,
+                   "lo": r.diff.lo, "hi": r.diff.hi, "excludes_zero": r.diff.excludes_zero, "a_only": r.b_higher,
+                   "b_only": r.a_higher} for r in rows]
+        small = [r.group for r in rows if r.n < stats.SMALL_GROUP]
+        lines = [
+            f"Paired comparison on {len(ids)} test rows (dataset {digest[:12]}): B - A in accuracy",
+            f"  A  {_label(a)}",
+            f"  B  {_label(b)}",
+            "",
+            stats.difference_table(rows, a="B", b="A", group="question type"),
+            "",
+            f"95% paired-bootstrap percentile intervals: {n_boot:,} resamples of the test rows (seed {seed}),",
+            "each question type resampled within itself; * the interval excludes 0; "
+            "'B only': rows B gets right and A does not.",
+            *([f"Under {stats.SMALL_GROUP} rows ({', '.join(small)}) a percentile interval is too narrow: "
+               "read it as a rough guide."] if small else []),
+        ]
+
+        out = Path(tmp) / "comparison"
+        out.mkdir()
+        summary = {"difference": "B - A", "run_a": {"run_id": a.info.run_id, "run_name": a.info.run_name},
+                   "run_b": {"run_id": b.info.run_id, "run_name": b.info.run_name}, "data_digest": digest,
+                   "n_rows": len(ids), "interval": "paired bootstrap, percentile", "confidence": 0.95,
+                   "resamples": n_boot, "seed": seed, "rows": record}
+        (out / "paired.json").write_text(json.dumps(summary, indent=2))
+        pd.DataFrame(record).to_csv(out / "paired.csv", index=False)
+        stats.plot_differences(rows, out / "paired.png",
+                               f"B - A: {b.info.run_name} - {a.info.run_name} ({len(ids)} paired rows)")
+        name = f"compare-{a.info.run_name}-vs-{b.info.run_name}"[:250]
+        run_id = client.create_run(b.info.experiment_id, run_name=name).info.run_id
+        tags = {COMPARISON_TAG: "true", "dyme.compare.run_a": a.info.run_id, "dyme.compare.run_b": b.info.run_id,
+                "mlflow.note.content": "```\n" + "\n".join(lines) + "\n```"}
+        params = {"run_a": a.info.run_id, "run_b": b.info.run_id, "resamples": str(n_boot), "seed": str(seed),
+                  "data_digest": digest}
+        metrics = {}
+        for r in record:
+            key = "paired" if r["qtype"] == "all" else f"paired/{r['qtype']}"
+            metrics.update({f"{key}/diff": r["diff"], f"{key}/diff_lo": r["lo"], f"{key}/diff_hi": r["hi"]})
+        _log_batches(client, run_id, metrics=_metric_entities(metrics, 0),
+                     params=[Param(k, v) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_artifacts(run_id, str(out), "comparison")
+        client.set_terminated(run_id)
+    experiment = client.get_experiment(b.info.experiment_id).name
+    lines.append(f"Logged as run {run_id} ({name}) in experiment {experiment!r}.")
+    return {"text": "\n".join(lines), "run_id": run_id, "rows": record}
 
 
 def load_champion(cfg: RegisterConfig) -> mlflow.pyfunc.PyFuncModel:

@@ -131,7 +131,7 @@ def test_lora_trains(family_model: dict, tmp_path: Path) -> None:
 def test_pyfunc_predicts(family_model: dict) -> None:
     from types import SimpleNamespace
 
-    from dyme_core.tracking import DymeVLM
+    from dyme_core.serving import DymeVLM
 
     ds = family_model["dataset"]
     samples = ds.split("test")[:2]

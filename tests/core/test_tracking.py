@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -135,25 +137,43 @@ def _train_and_eval_dirs(root: Path, model: Path, accuracy: float) -> tuple[Path
     metrics = {"relaxed_accuracy": accuracy, "format_rate": 0.9, "grounding_score": 0.5,
                "mean_thinking_length": 40.0, "accuracy/bar": accuracy, "n": 8}
     (evaluation / "metrics.json").write_text(json.dumps(metrics))
-    (evaluation / "predictions.jsonl").write_text('{"id": "0", "completion": "x Answer: 1"}\n')
+    rows = [{"id": f"r{i}", "qtype": "bar", "completion": "x Answer: 1", "correct": float(i < round(8 * accuracy))}
+            for i in range(8)]
+    (evaluation / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     Image.new("RGB", (8, 8)).save(evaluation / "accuracy_per_type.png")
     return train, evaluation
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def registered(server: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Three registrations: v1 (0.50, into the training run), v2 (0.30, worse), v3 (0.60, better)."""
+    """Three registrations of one dataset (8 test rows): v1 (0.50, into the training run), v2 (0.30, worse),
+    v3 (0.60, better); each result also holds what MLflow logged while registering (`mlflow_log`)."""
     results = []
     for accuracy, method, seed in [(0.5, "dyme", 1), (0.3, "grpo", 2), (0.6, "dyme", 3)]:
         root = tmp_path_factory.mktemp(f"reg{seed}")
         train, evaluation = _train_and_eval_dirs(root, tiny_model, accuracy)
         cfg = _config(root, server, gate_margin=0.05)
         cfg.train.method, cfg.train.seed = method, seed
+        _manifest(Path(cfg.data.out_dir))
         if seed == 1:  # the trainer's reporter wrote mlflow_run_id: registration reuses that run
             reporter = tracking.MlflowReporter(cfg, run_name="train-v1")
             reporter.log_metrics({"reward/accuracy": 0.4}, step=0)
             reporter.close()
-        results.append(tracking.register_model(cfg, train, evaluation))
+        records = _Records()
+        logging.getLogger("mlflow").addHandler(records)
+        try:
+            results.append({**tracking.register_model(cfg, train, evaluation), "mlflow_log": records.messages})
+        finally:
+            logging.getLogger("mlflow").removeHandler(records)
     return results
 
 
@@ -183,13 +203,20 @@ def test_gate_promotes_only_when_not_worse(server: str, registered: list[dict]) 
     assert artifacts == {"eval/metrics.json", "eval/predictions.jsonl", "eval/accuracy_per_type.png"}
 
 
-def test_registered_model_is_self_contained(server: str, registered: list[dict]) -> None:
-    """dyme_core travels as code, and no requirement carries a local version suffix (`+cpu`)."""
+def test_registered_model_is_code_with_serving_requirements(server: str, registered: list[dict]) -> None:
+    """Models from code: serving.py and dyme_core travel as code, the python model is not pickled (and MLflow
+    does not warn that it is), and the requirements are serving's only, without local suffixes (`+cpu`)."""
     local = Path(tracking.mlflow.artifacts.download_artifacts(
         f"models:/{MODEL_NAME}/3", tracking_uri=server))
-    assert (local / "code" / "dyme_core" / "tracking.py").is_file()
+    assert (local / "serving.py").is_file() and (local / "code" / "dyme_core" / "serving.py").is_file()
+    assert not list(local.rglob("*.pkl")), list(local.rglob("*.pkl"))  # no python_model.pkl
+    flavor = tracking.mlflow.models.Model.load(local / "MLmodel").flavors["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
+    assert not [m for r in registered for m in r["mlflow_log"] if "cloudpickle" in m.lower()]
     requirements = (local / "requirements.txt").read_text().split()
-    assert any(r.startswith("torch==") for r in requirements)
+    names = {r.split("==")[0].lower() for r in requirements}
+    assert {"torch", "transformers", "pillow", "pandas", "mlflow"} <= names
+    assert not names & {"matplotlib", "peft", "httpx", "pyarrow", "datasets", "kfp", "dvc", "trl"}, names
     assert not [r for r in requirements if "+" in r], requirements
 
 
@@ -202,6 +229,19 @@ def test_promote_by_hand_and_unknown_version(server: str, registered: list[dict]
     tracking.promote(cfg, 3)
 
 
+def test_registered_runs_compare_paired(server: str, registered: list[dict], tmp_path: Path) -> None:
+    """What `dyme register` logs is enough to pair two runs: the evaluation's digest and per-row predictions."""
+    client = _client(server)
+    first, _, better = registered
+    assert client.get_run(first["run_id"]).data.tags[tracking.EVAL_DIGEST_TAG] == DIGEST
+    assert client.get_run(better["run_id"]).data.tags[tracking.EVAL_SPLIT_TAG] == "test"
+    result = tracking.compare_paired(_config(tmp_path, server).register, first["run_id"], better["run_id"])
+    overall = result["rows"][0]
+    assert (overall["qtype"], overall["n"], overall["diff"], overall["b_only"]) == ("all", 8, 1 / 8, 1)
+    assert {a.path for a in client.list_artifacts(result["run_id"], "comparison")} == {
+        "comparison/paired.json", "comparison/paired.csv", "comparison/paired.png"}
+
+
 def test_compare_table(server: str, registered: list[dict], tmp_path: Path) -> None:
     table = tracking.compare(_config(tmp_path, server).register)
     names = [_client(server).get_run(r["run_id"]).info.run_name for r in registered]
@@ -211,12 +251,26 @@ def test_compare_table(server: str, registered: list[dict], tmp_path: Path) -> N
 
 
 def test_champion_serves_completions(server: str, registered: list[dict], png: Path, tmp_path: Path) -> None:
-    model = tracking.load_champion(_config(tmp_path, server).register)
+    tracking.mlflow.set_tracking_uri(server)
+    model = tracking.mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     b64 = base64.b64encode(png.read_bytes()).decode()
-    frame = pd.DataFrame({"image": [str(png), png.read_bytes(), b64], "question": ["What is A?"] * 3})
+    frame = pd.DataFrame({"image": [str(png), b64], "question": ["What is A?", "Which is largest?"]})
     out = model.predict(frame, params={"max_new_tokens": 4})
-    assert list(out.columns) == ["completion", "answer"] and len(out) == 3
+    assert list(out.columns) == ["completion", "answer"] and len(out) == 2
     assert all(isinstance(c, str) for c in out["completion"])
+    # the same answers as evaluation's generate path gives the saved directory
+    from dyme_core.config import ModelConfig
+    from dyme_core.evaluate import generate_answers
+    from dyme_core.models import load_model, load_processor
+
+    local = Path(tracking.mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion")) / "artifacts" / "model"
+    image = Image.open(png).convert("RGB")
+    expected = generate_answers(load_model(ModelConfig(name_or_path=str(local))).eval(),
+                                load_processor(ModelConfig(name_or_path=str(local))), [image, image],
+                                list(frame["question"]), max_new_tokens=4)
+    assert list(out["completion"]) == expected
+    served = tracking.load_champion(_config(tmp_path, server).register)  # the library's way to the same model
+    assert served.metadata.run_id == model.metadata.run_id
 
 
 def _requirement_closure(requirements: list[str]) -> list[Path]:
@@ -270,16 +324,21 @@ def test_champion_loads_where_only_its_requirements_are_installed(
         (target / path.name).symlink_to(path)
     assert not (target / "dyme_core").exists() and not list(target.glob("dyme-*.dist-info"))
     script = textwrap.dedent(f"""
-        import importlib.util, os, sys
+        import importlib.metadata, importlib.util, json, os, sys
         os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
         assert importlib.util.find_spec("dyme_core") is None, "dyme_core importable before loading"
-        import mlflow, pandas as pd
+        import mlflow, mlflow.pyfunc, pandas as pd
+        before = {{m.split(".")[0] for m in sys.modules}}
         model = mlflow.pyfunc.load_model({str(local)!r})
         import dyme_core
         print("DYME_CORE_FROM", os.path.dirname(dyme_core.__file__))
         out = model.predict(pd.DataFrame({{"image": [{str(png)!r}], "question": ["What is A?"]}}),
                             params={{"max_new_tokens": 4}})
         print("COLUMNS", list(out.columns), len(out))
+        dists = importlib.metadata.packages_distributions()
+        new = {{m.split(".")[0] for m in sys.modules}} - before - set(sys.stdlib_module_names)
+        print("NEW_DISTRIBUTIONS", json.dumps(sorted({{d for m in new for d in dists.get(m, [])}})))
+        print("DYME_MODULES", json.dumps(sorted(m for m in sys.modules if m.startswith("dyme_core"))))
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -289,6 +348,18 @@ def test_champion_loads_where_only_its_requirements_are_installed(
     where = done.stdout.split("DYME_CORE_FROM ")[1].split()[0]
     assert Path(where).resolve().is_relative_to(local.resolve()), where  # the model's code/, not the repo
     assert "COLUMNS ['completion', 'answer'] 1" in done.stdout
+    # loading and predicting imports nothing beyond what mlflow had imported and the serving requirements
+    # (with their dependencies) bring: not the data loaders (pyarrow), the LLM client (httpx), peft, matplotlib
+    def key(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    serving = [r for r in requirements if not r.startswith("mlflow==")]
+    allowed = {key(p.name.split("-")[0]) for p in _requirement_closure(serving) if p.name.endswith(".dist-info")}
+    new = json.loads(done.stdout.split("NEW_DISTRIBUTIONS ")[1].splitlines()[0])
+    assert "torch" in new and not {"pyarrow", "httpx", "peft", "matplotlib"} & {key(d) for d in new}
+    assert not [d for d in new if key(d) not in allowed], new
+    modules = json.loads(done.stdout.split("DYME_MODULES ")[1].splitlines()[0])
+    assert not {"dyme_core.evaluate", "dyme_core.checker", "dyme_core.llm", "dyme_core.data.loaders"} & set(modules)
 
 
 # --- training runs: lineage, resume, status --------------------------------------------------------
