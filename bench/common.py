@@ -1,11 +1,14 @@
-"""Shared model shapes for the benchmarks: random Idefics3 (SmolVLM architecture) models of given sizes.
+"""The bench toolkit: model shapes, the synthetic work, controlled rewards, device timing and result files.
 
-`build_model(shape, out_dir, texts)` saves a random-initialised `Idefics3ForConditionalGeneration`, a
-byte-level BPE tokenizer trained on `texts` (topped up with seeded random words until it has the
-shape's vocabulary size, so every id decodes to text) and an Idefics3 processor (one image per prompt,
-no splitting), in a directory that `dyme_core.models.load_model` / `load_processor` reload.
+Shared by every script of bench/ (throughput, decode_step, compile_time, family_step, cpu_generation,
+method_table); each uses the library through its public entry points only: `DymeTrainer(cfg, dataset,
+rewards=...)` and `train_step()`, ordinary config keys, `dyme_core.generation`, forward hooks on the model.
 
-Shapes (layer counts and widths of the published configs; the weights are random):
+Shapes: `build_model(shape, out_dir, texts)` saves a random-initialised model of a published shape, a byte-level
+BPE tokenizer trained on `texts` (topped up with seeded random words until it has the shape's vocabulary size, so
+every id decodes to text) and its processor (one image per prompt, no splitting), in a directory that
+`dyme_core.models.load_model` / `load_processor` reload. Layer counts and widths of the published configs; the
+weights are random:
 - `tiny`: the CPU default of DESIGN.md section 4 (hidden 128, 2 layers, 64 px images).
 - `smolvlm-256m`: HuggingFaceTB/SmolVLM-256M-Instruct: SmolLM2-135M text model (hidden 576, 30 layers,
   9 heads, 3 KV heads, MLP 1536, vocab 49280, untied head) + SigLIP base patch-16/512 (hidden 768,
@@ -20,19 +23,36 @@ Shapes (layer counts and widths of the published configs; the weights are random
   (hidden 1152, 26 layers, MLP 4304, 384 px, patch 14: 729 image tokens per tile; 36 heads of 32, where the
   published tower has 16 of 72), anyres with one 384 px tile beside the base image.
 
-Used by bench/throughput.py and bench/method_table.py; keep this module small and its API stable.
+Controlled rewards (`ControlledRewards`): the library's reward table (`dyme_core.rewards.REWARDS`, one signature)
+with an accuracy that depends only on (group position in the batch, completion index), so that a chosen share of
+groups is all wrong (DyME: MEMORIZE), all right (SKIP) or mixed (EXPLORE) whatever the random model writes
+(`MIXES`); the trainer takes it as `DymeTrainer(..., rewards=...)`, TRL its accuracy as a reward function. With
+`train.reward_weights={accuracy: 1.0}` (`ACCURACY_ONLY`) only that accuracy is scored and it is the total.
+
+Tests: tests/bench/.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import os
 import random
+import statistics
 import string
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
 
+from dyme_core.config import DataConfig, SynthConfig
+from dyme_core.data.loaders import Dataset, load_dataset
+from dyme_core.data.schema import Sample
+from dyme_core.data.synth import synthesize
 from dyme_core.families import SMOLVLM_TEMPLATE
 from dyme_core.models import (
     ANSWER_FLAG,
@@ -41,6 +61,8 @@ from dyme_core.models import (
     save_model,
     train_tokenizer,
 )
+from dyme_core.refiner import rule_refine
+from dyme_core.rewards import REWARDS, RewardContext, RewardFn
 
 
 @dataclass(frozen=True)
@@ -160,3 +182,190 @@ def _build_family_model(s: Shape, out_dir: str | Path, texts: list[str], seed: i
                           image_size=s.image, patch_size=s.patch, scale_factor=s.scale_factor)
     return init_tiny_model(cfg, sorted(set(texts)) + _filler_words(60_000, seed), device=device, dtype=dtype,
                            vocab_rows=s.vocab)
+
+
+# ------------------------------------------------------------------------------------------ the synthetic work
+@dataclass
+class Work:
+    data_dir: Path
+    model_dir: Path
+    dataset: Dataset
+
+
+def prepare_work(shape: str, work: str | Path, samples: int, seed: int, device: torch.device,
+                 rank: int = 0) -> Work:
+    """Synthetic charts at the shape's image size and the random model of `shape`, under `work`; built once and
+    reused by later runs (a `.done` file marks each). With torch.distributed, rank 0 builds and the others wait."""
+    s = SHAPES[shape]
+    data_dir = Path(work) / f"data-{s.image}px-{samples}-s{seed}"
+    model_dir = Path(work) / f"model-{shape}-s{seed}"
+    if rank == 0:
+        if not (data_dir / ".done").is_file():
+            synthesize(SynthConfig(out_dir=str(data_dir), seed=seed, n_train=samples, n_val=0, n_test=0,
+                                   image_size=s.image))
+            (data_dir / ".done").write_text("ok")
+        dataset = load_dataset(DataConfig(path=str(data_dir)))
+        if not (model_dir / ".done").is_file():
+            texts = [t for x in dataset.samples for t in (x.question, x.answer, x.hint or "", rule_refine(x))]
+            build_model(shape, model_dir, texts, seed=seed, device=device,
+                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            (model_dir / ".done").write_text("ok")
+    if dist.is_initialized():
+        dist.barrier()
+    return Work(data_dir, model_dir, load_dataset(DataConfig(path=str(data_dir))))
+
+
+# ------------------------------------------------------------------------------------------ controlled rewards
+# (all-wrong, all-right, mixed) fractions of the prompt groups of every batch
+MIXES = {"explore": (0.0, 0.0, 1.0), "skip75": (0.0, 0.75, 0.25), "memorize75": (0.75, 0.0, 0.25),
+         "mixed": (1 / 3, 1 / 3, 1 / 3)}
+
+
+def group_kinds(mix: str, n_groups: int) -> list[str]:
+    """Kind of each group position in a batch: 'wrong' | 'right' | 'mixed', fractions from MIXES[mix]."""
+    f_wrong, f_right, _ = MIXES[mix]
+    n_wrong = round(f_wrong * n_groups)
+    n_right = min(n_groups - n_wrong, round(f_right * n_groups))
+    return ["wrong"] * n_wrong + ["right"] * n_right + ["mixed"] * (n_groups - n_wrong - n_right)
+
+
+def mix_accuracy(mix: str, n_groups: int, k: int) -> list[float]:
+    """Accuracy of completion j of group g (group-major, n_groups * k): deterministic, text-independent."""
+    out = []
+    for kind in group_kinds(mix, n_groups):
+        out += [0.0 if kind == "wrong" else 1.0 if kind == "right" else float(j % 2 == 0) for j in range(k)]
+    return out
+
+
+ACCURACY_ONLY = "train.reward_weights={accuracy: 1.0}"  # the config override: score the controlled accuracy alone
+
+
+class ControlledRewards:
+    """A reward table for `DymeTrainer(..., rewards=ControlledRewards(...).table())`: the library's format and
+    thinking rewards (from the completions' text and the trainer's visual checker) and `accuracy` from the mix,
+    `mix_accuracy(self.mix, ...)`, so the modes are the mix's whatever the text. Set `mix` before a step."""
+
+    def __init__(self, mix: str = "explore"):
+        self.mix = mix
+
+    def accuracy(self, completions: list[str], samples: list[Sample], ctx: RewardContext) -> list[float]:
+        k = ctx.num_generations
+        if len(completions) % k:
+            raise ValueError(f"{len(completions)} completions are not whole groups of K={k}")
+        return mix_accuracy(self.mix, len(completions) // k, k)
+
+    def table(self) -> dict[str, RewardFn]:
+        return {**REWARDS, "accuracy": self.accuracy}
+
+
+# ------------------------------------------------------------------------------------------ device and timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def mem_allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def mem_peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: process max RSS
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_peak_bf16(device: torch.device, n: int = 8192, iters: int = 30) -> float:
+    """Achieved bf16 matmul FLOP/s of this card: an n x n x n matmul repeated."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    flops = 2 * n**3 * iters / (time.perf_counter() - t0)
+    del a, b
+    free_memory(device)
+    return flops
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+class UpdateTokens:
+    """Tokens the model forwards with gradients (the update: prompt + completion of every row, padding excluded),
+    counted by a forward pre-hook on the model; generation runs without gradients and is not counted."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.count = 0
+        self.handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        if module.training and torch.is_grad_enabled() and mask is not None:
+            self.count += int(mask.sum())
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def decode_floor(model: torch.nn.Module, rows: int, prompt_len: int, new_tokens: int, max_cache_len: int,
+                 bandwidth: float) -> dict[str, Any]:
+    """Memory-bandwidth floor of one decode step: the bytes it must read / the card's bandwidth.
+
+    A decode step reads every weight of the text decoder and the LM head once (the vision tower and connector do
+    not run; of the input embedding only `rows` rows are read) and the KV cache of every row. The floor takes the
+    cache at the mean length over the decode steps (the left-padded prompt + new_tokens / 2); `floor_static_ms`
+    takes the whole static cache (max_cache_len), which attention over a static cache reads with a mask.
+    """
+    skip = ("vision", "visual", "connector", "multi_modal_projector")
+    emb_in, emb_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                       if not any(k in n for k in skip) and p is not emb_in)
+    if emb_out is emb_in:  # tied head: named_parameters lists it once, as the input embedding skipped above
+        weight_bytes += emb_out.numel() * emb_out.element_size()
+    weight_bytes += rows * emb_in.shape[1] * emb_in.element_size()
+    tc = getattr(model.config, "text_config", model.config)
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+    kv_per_pos = 2 * tc.num_hidden_layers * kv_heads * head_dim * emb_in.element_size() * rows  # K and V, all rows
+    mean_len = prompt_len + new_tokens / 2
+    return {"bandwidth_tb_s": bandwidth / 1e12, "rows": rows, "weight_bytes": weight_bytes,
+            "kv_bytes_per_position": kv_per_pos, "mean_cache_len": mean_len, "max_cache_len": max_cache_len,
+            "kv_bytes_mean": kv_per_pos * mean_len, "kv_bytes_static": kv_per_pos * max_cache_len,
+            "floor_ms": (weight_bytes + kv_per_pos * mean_len) / bandwidth * 1e3,
+            "floor_static_ms": (weight_bytes + kv_per_pos * max_cache_len) / bandwidth * 1e3}
+
+
+# ------------------------------------------------------------------------------------------ result files
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic: a call killed mid-write never leaves half a result file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False))
+    tmp.replace(path)
+
+
+def append_jsonl(path: Path, obj: Any) -> None:
+    """One line per record, flushed at once: a call killed later keeps every line written before."""
+    with path.open("a") as f:
+        f.write(json.dumps(obj, sort_keys=True, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+

@@ -5,11 +5,12 @@ One process = one measurement of what a user waits for: build the trainer (`Dyme
 the compile cache's hot load) and run its first step (generation with its decode-step compile, the update with
 its layer compile), then `--steps` steady steps. Time to first step = trainer init + first step; the first
 step's generation and update seconds, less the steady medians, say which compile cost what. With
-`--update compiled`, the steady steps are then repeated with the update switched to eager in the same process
-(`eager_update_s`), and with `--same-process` a second trainer is built in the same process and timed to its
-first step (warm: Dynamo's in-memory cache). Whether the process started cold is for the caller to arrange:
-bench/gpu_perf.sh gives every process an empty TORCHINDUCTOR_CACHE_DIR, so the only compiled code a process can
-reuse is what `--cache-dir` (train.compile_cache_dir) holds; `cache_file_at_start` records whether it held any.
+`--update compiled`, the steady steps are then repeated by a second trainer of the same weights with the update
+eager (train.compile_update off) in the same process (`steady_update_eager`), and with `--same-process` a new
+trainer is built in the same process and timed to its first step (warm: Dynamo's in-memory cache). Whether the
+process started cold is for the caller to arrange: bench/gpu_perf.sh gives every process an empty
+TORCHINDUCTOR_CACHE_DIR, so the only compiled code a process can reuse is what `--cache-dir`
+(train.compile_cache_dir) holds; `cache_file_at_start` records whether it held any.
 
 The model and data are bench/throughput.py's (`--work` cache, same shapes and controlled rewards; mix explore:
 every group mixed, all K*prompts rows in the update). Building them is timed apart (`build_s`): a user loads a
@@ -43,8 +44,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `bench` and `dyme_core`
 
-from bench.common import SHAPES  # noqa: E402
-from bench.throughput import MixState, dyme_trainer, prepare_work, sync  # noqa: E402
+from bench.common import SHAPES, prepare_work, sync  # noqa: E402
+from bench.throughput import dyme_trainer  # noqa: E402
 from dyme_core.regional import CompileCache  # noqa: E402
 
 
@@ -76,13 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # the fields bench.throughput.dyme_trainer reads
     args.compile_update = "on" if args.update == "compiled" else "off"
     args.compile_cache_dir = args.cache_dir
+    args.dyme_decode = "hf-static" if args.static_cache == "on" else "captured"
     args.micro_batch = 0
     args.label = args.label or f"{args.shape}-{args.update}"
     return args
 
 
 def timed_step(tr: Any, device: torch.device) -> dict[str, float]:
-    MixState.mix = "explore"
     sync(device)
     t0 = time.perf_counter()
     m = tr.train_step()
@@ -95,7 +96,7 @@ def first_step(args: argparse.Namespace, work: Any, device: torch.device) -> tup
     """A new trainer and its first step: (trainer, {init_s, first step's seconds, time_to_first_step_s})."""
     sync(device)
     t0 = time.perf_counter()
-    tr = dyme_trainer(args, work, device)
+    tr, _ = dyme_trainer(args, work, device)  # scored by the controlled mix explore
     sync(device)
     init_s = time.perf_counter() - t0
     rec = timed_step(tr, device)
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         path.write_text(json.dumps(result, indent=2))
 
     t0 = time.perf_counter()
-    work = prepare_work(args, device, 0)
+    work = prepare_work(args.shape, args.work, args.samples, args.seed, device)
     result["build_s"] = time.perf_counter() - t0
     write()
     tr, first = first_step(args, work, device)
@@ -157,9 +158,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         "update": result["first_update_s"] - s["update_s"]}
     write()
     if args.update == "compiled" and time.perf_counter() < deadline:
-        compiled, tr.update_model = tr.update_model, None  # the same process and weights, update eager
-        result["steady_update_eager"] = steady(tr, device, args.steps, deadline)
-        tr.update_model = compiled
+        # the same process, a second trainer of the same weights with the update eager (train.compile_update off)
+        eager, _ = dyme_trainer(argparse.Namespace(**{**vars(args), "compile_update": "off"}), work, device)
+        steady(eager, device, 1, deadline)  # its first step: the captured decode of a new model
+        result["steady_update_eager"] = steady(eager, device, args.steps, deadline)
+        del eager
         write()
     if args.same_process:
         if time.perf_counter() + 2 * result["steady"].get("step_s", 0) + 10 > deadline:

@@ -5,11 +5,11 @@ targets), then:
 
 1. times `--steps` real training steps after `--warmup` untimed ones: step, generation, reward and update
    seconds, generated tokens, ms per generated token and ms per decode step (generation seconds over the
-   longest completion of the batch: prefill and vision tower included, an upper bound);
-2. splits one generation call by forward hooks into vision tower, connector + embeddings, text model
-   prefill, text model decode steps and LM head; the rest of the wall time is `generate`'s own per-step
-   work (input preparation, logits processors, sampling, stopping checks, cache bookkeeping);
-3. records one generation call with `torch.profiler` (the top operators by self CPU time);
+   decode positions of the step: prefill and vision tower included, an upper bound);
+2. splits one training step's generation by forward hooks into vision tower, connector + embeddings, text model
+   prefill, text model decode steps and LM head; the rest of the generation's wall time is the decode loop's own
+   per-step work (input preparation, logits processors, sampling, stopping checks, cache bookkeeping);
+3. records one training step's generation with `torch.profiler` (the top operators by self CPU time);
 4. times evaluation's greedy `generate_answers` on one `evaluate.batch_size` batch of the test split with
    `evaluate.max_new_tokens`, and projects the whole evaluation;
 5. projects the default `dvc repro` time: train.max_steps x the median step + the projected evaluation +
@@ -17,7 +17,11 @@ targets), then:
    and from the process's CPU seconds (on a machine shared with other work, wall time is inflated; with one
    torch thread the CPU seconds are what an idle machine takes).
 
-Each result file is rewritten as soon as its figure is measured (`<label>.json`, `<label>-ops.txt`).
+The trainer is used through its public entry points only (`DymeTrainer(...)`, `train_step()`); what belongs to
+the generation is told apart by forward hooks on the model (`GenerationWindow`): a step's generation runs from
+its first forward without gradients to the update's first forward with them, and each LM-head call without
+gradients is one decode position. Each result file is rewritten as soon as its figure is measured
+(`<label>.json`, `<label>-ops.txt`).
 
 Run (the CPU default, 1-2 minutes):
   python bench/cpu_generation.py --label tiny --out bench/results/cpu-profile
@@ -56,7 +60,8 @@ from dyme_core.trainer import DymeTrainer, load_refined  # noqa: E402
 
 
 class ModuleTimer:
-    """Wall time inside chosen submodules, by forward pre/post hooks (CPU: no asynchronous kernels)."""
+    """Wall time inside chosen submodules during generation (forwards without gradients), by forward pre/post hooks
+    (CPU: no asynchronous kernels)."""
 
     def __init__(self, modules: dict[str, torch.nn.Module], text_model: torch.nn.Module | None):
         self.seconds: dict[str, float] = defaultdict(float)
@@ -71,15 +76,19 @@ class ModuleTimer:
 
     def _hook(self, name: str, mod: torch.nn.Module) -> None:
         def pre(*_: Any) -> None:
-            self._start[name] = time.perf_counter()
+            if not torch.is_grad_enabled():
+                self._start[name] = time.perf_counter()
 
         def post(*_: Any) -> None:
-            self.seconds[name] += time.perf_counter() - self._start.pop(name)
-            self.calls[name] += 1
+            if name in self._start:
+                self.seconds[name] += time.perf_counter() - self._start.pop(name)
+                self.calls[name] += 1
 
         self._handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
 
     def _text_pre(self, _mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled():  # the update
+            return
         x = kwargs.get("inputs_embeds")
         if x is None:
             x = kwargs.get("input_ids", args[0] if args else None)
@@ -87,8 +96,9 @@ class ModuleTimer:
         self._start["text"] = time.perf_counter()
 
     def _text_post(self, *_: Any) -> None:
-        self.seconds[self._text_kind] += time.perf_counter() - self._start.pop("text")
-        self.calls[self._text_kind] += 1
+        if "text" in self._start:
+            self.seconds[self._text_kind] += time.perf_counter() - self._start.pop("text")
+            self.calls[self._text_kind] += 1
 
     def remove(self) -> None:
         for h in self._handles:
@@ -106,18 +116,43 @@ def parts_of(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], torch.
     return {k: v for k, v in parts.items() if v is not None}, text
 
 
-class TimedTrainer(DymeTrainer):
-    """The trainer, recording the longest completion of each generation call (= decode steps)."""
+class GenerationWindow:
+    """A training step's generation, told apart by forward hooks on the model: it opens at the step's first forward
+    without gradients and closes at the first forward with them (the update's). Inside it: the process CPU
+    seconds, the LM-head calls (one per decode position; `decode_steps`), and `profiler` running when given."""
 
-    decode_steps: list[int]
-    generation_cpu_s: float = 0.0
+    def __init__(self, model: torch.nn.Module):
+        self.profiler: Any = None
+        self._handles = [model.register_forward_pre_hook(self._model_pre),
+                         model.get_output_embeddings().register_forward_hook(self._head)]
+        self.reset()
 
-    def _generate(self, batch):  # type: ignore[no-untyped-def]
-        c0 = time.process_time()
-        out = super()._generate(batch)
-        self.generation_cpu_s += time.process_time() - c0
-        self.decode_steps.append(max(len(c) for c in out))
-        return out
+    def reset(self, profiler: Any = None) -> None:
+        self.profiler, self.state, self.cpu0, self.cpu_s, self.decode_steps = profiler, "before", 0.0, 0.0, 0
+
+    def _model_pre(self, *_: Any) -> None:
+        if self.state == "before" and not torch.is_grad_enabled():
+            self.state, self.cpu0 = "open", time.process_time()
+            if self.profiler is not None:
+                self.profiler.start()
+        elif self.state == "open" and torch.is_grad_enabled():
+            self.close()
+
+    def _head(self, *_: Any) -> None:
+        if self.state == "open" and not torch.is_grad_enabled():
+            self.decode_steps += 1
+
+    def close(self) -> None:
+        """Ends the window (also after a step whose update forwarded nothing: then the step's end closes it)."""
+        if self.state == "open":
+            self.cpu_s = time.process_time() - self.cpu0
+            if self.profiler is not None:
+                self.profiler.stop()
+        self.state = "closed"
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="dyme-cpu-gen-")
     cfg = load_config(args.config, [f"train.output_dir={tmp}/run", "train.checkpoint_dir=", *args.overrides])
     dataset = open_dataset(cfg.data.out_dir, max_pixels=cfg.validate.max_pixels)
-    trainer = TimedTrainer(cfg, dataset, load_refined(cfg.train.refined), device="cpu")
+    trainer = DymeTrainer(cfg, dataset, load_refined(cfg.train.refined), device="cpu")
     if args.decode == "generate":  # the adapter instance is shared: evaluation below takes the same path
         trainer.family.prefill_once = False
-    trainer.decode_steps = []
+    window = GenerationWindow(trainer.model)
     t = cfg.train
     n_params = sum(p.numel() for p in trainer.model.parameters())
     result: dict[str, Any] = {
@@ -167,47 +202,46 @@ def main(argv: list[str] | None = None) -> int:
     # 1. real training steps
     rows = []
     for i in range(args.warmup + args.steps):
-        trainer.decode_steps.clear()
-        trainer.generation_cpu_s = 0.0
+        window.reset()
         c0 = time.process_time()
         m = trainer.train_step()
         step_cpu = time.process_time() - c0
+        window.close()
         if i < args.warmup:
             continue
         gen = m["time/generation_s"]
-        rows.append({"step_s": m["time/step_s"], "step_cpu_s": step_cpu, "generation_cpu_s": trainer.generation_cpu_s,
+        rows.append({"step_s": m["time/step_s"], "step_cpu_s": step_cpu, "generation_cpu_s": window.cpu_s,
                      "generation_s": gen, "reward_s": m["time/reward_s"],
                      "update_s": m["time/update_s"], "tokens": m["tokens"],
-                     "decode_steps": sum(trainer.decode_steps),
+                     "decode_steps": window.decode_steps,
                      "ms_per_token": 1000 * gen / max(1.0, m["tokens"]),
-                     "ms_per_decode_step": 1000 * gen / max(1, sum(trainer.decode_steps)),
-                     "cpu_ms_per_token": 1000 * trainer.generation_cpu_s / max(1.0, m["tokens"])})
+                     "ms_per_decode_step": 1000 * gen / max(1, window.decode_steps),
+                     "cpu_ms_per_token": 1000 * window.cpu_s / max(1.0, m["tokens"])})
         result["steps"] = rows
         result["median"] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         result["generation_share"] = result["median"]["generation_s"] / result["median"]["step_s"]
         write()
         print(f"step {i}: {json.dumps(rows[-1])}", flush=True)
-    # 2. one generation call split by module
-    batch = trainer._prepare([trainer.samples[i] for i in trainer._batch_indices(0, 0)])
+    # 2. one training step's generation split by module
     modules, text = parts_of(trainer.model)
     timer = ModuleTimer(modules, text)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    trainer._generate(batch)
-    wall = time.perf_counter() - t0
+    window.reset()
+    wall = trainer.train_step()["time/generation_s"]
+    window.close()
     timer.remove()
     split = dict(timer.seconds)  # the timed modules do not nest
-    split["rest: prompt embeddings, generate's own per-step work"] = wall - sum(split.values())
+    split["rest: prompt embeddings, the decode loop's own per-step work"] = wall - sum(split.values())
     result["generation_split"] = {"wall_s": wall, "seconds": split, "calls": dict(timer.calls)}
     write()
     print(json.dumps(result["generation_split"], indent=1), flush=True)
-    # 3. torch.profiler over one generation call
+    # 3. torch.profiler over one training step's generation (started and stopped by the window's hooks)
     if not args.no_profile:
         from torch.profiler import ProfilerActivity, profile
 
-        torch.manual_seed(0)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            trainer._generate(batch)
+        prof = profile(activities=[ProfilerActivity.CPU])
+        window.reset(profiler=prof)
+        trainer.train_step()
+        window.close()
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         (out / f"{args.label}-ops.txt").write_text(table + "\n")
         print("\n".join(table.splitlines()[:25]), flush=True)

@@ -50,7 +50,6 @@ import datetime as dt
 import json
 import platform
 import re
-import statistics
 import sys
 import time
 import traceback
@@ -65,8 +64,7 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `bench` and `dyme_core`
 
-from bench.common import SHAPES, count_params  # noqa: E402
-from bench.throughput import decode_floor, prepare_work, sync  # noqa: E402
+from bench.common import SHAPES, count_params, decode_floor, median, prepare_work, sync  # noqa: E402
 from dyme_core import generation  # noqa: E402
 from dyme_core.config import ModelConfig, TrainConfig  # noqa: E402
 from dyme_core.families import family_of  # noqa: E402
@@ -123,10 +121,6 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 def markdown(res: dict) -> str:
@@ -411,8 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     args.work = str(Path(args.work))
-    work = prepare_work(argparse.Namespace(work=args.work, shape=args.shape, samples=args.samples, seed=args.seed),
-                        device, rank=0)
+    work = prepare_work(args.shape, args.work, args.samples, args.seed, device)
     model_cfg = ModelConfig(name_or_path=str(work.model_dir))
     model = load_model(model_cfg, device)
     model.eval()

@@ -6,9 +6,10 @@ tiles, 729 tokens a tile), Qwen2-VL-2B (Qwen2-1.5B: 1536 x 28, ViT 1280 x 32 /14
 256 image tokens). Real vocabularies (49,280 / 151,647 / 151,936 rows); the tokenizer is a small BPE trained on the
 synthetic charts' text (ids above its size decode to nothing, which only the reward sees).
 
-Every step: K=8 completions for each of 8 prompts, 128 new tokens (eos suppressed, so every completion is full
-length), bf16 weights, the trainer's own loop (`DymeTrainer.train_step`), scored by a fixed "explore" mix (half
-of every group right) so that all 64 rollouts reach the update: the heaviest DyME update. The frozen-vision
+Every step: K=8 completions for each of 8 prompts, 128 new tokens (`train.ignore_eos`, so every completion is full
+length), bf16 weights, the trainer's own loop (`DymeTrainer.train_step`), scored by the bench's reward table with
+the "explore" mix (bench/common.py `ControlledRewards`: half of every group right) so that all 64 rollouts reach
+the update: the heaviest DyME update. The frozen-vision
 cache exists for Idefics3 only (families.py); LLaVA-OneVision and Qwen2-VL run their vision tower per row.
 
 Each family's result is written to `--out/family-<name>.json` as soon as it is measured.
@@ -33,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import ACCURACY_ONLY, ControlledRewards, sync  # noqa: E402
 from dyme_core.config import DataConfig, InitModelConfig, SynthConfig, load_config  # noqa: E402
 from dyme_core.data.loaders import load_dataset  # noqa: E402
-from dyme_core.data.schema import Sample  # noqa: E402
 from dyme_core.data.synth import synthesize  # noqa: E402
 from dyme_core.families import get_family, mrope_section  # noqa: E402
 from dyme_core.models import ANSWER_FLAG, DIRECT_INSTRUCTION, REASON_INSTRUCTION, save_model, train_tokenizer  # noqa: E402
@@ -118,26 +119,6 @@ def fam_model_class(family: str) -> type:
             "qwen2_vl": Qwen2VLForConditionalGeneration}[family]
 
 
-class ExploreTrainer(DymeTrainer):
-    """Every group half right (EXPLORE: all K rollouts reach the update); eos suppressed (full-length
-    completions). Only the scoring differs from DymeTrainer."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.suppress = sorted(set(self.suppress) | {self.eos_id})
-
-    def _score(self, samples: list[Sample], texts: list[str]) -> dict[str, torch.Tensor]:
-        k = self.t.num_generations
-        acc = torch.tensor([float(j % 2 == 0) for _ in samples for j in range(k)]).view(-1, k)
-        return {"format": torch.ones_like(acc), "accuracy": acc, "thinking": torch.zeros_like(acc),
-                "total": acc.clone()}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_family(family: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     shape = SHAPES[family] if args.shape == "real" else tiny_shape(family)
     work = Path(args.work) / family
@@ -154,11 +135,14 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device) -> d
         "train.progress_bar=false", f"train.batch_size={args.prompts}", f"train.num_generations={args.k}",
         f"train.max_new_tokens={args.new_tokens}", f"train.micro_batch_size={args.micro_batch}",
         f"train.max_steps={args.warmup + args.steps}", "train.bf16=auto", f"train.static_cache={args.static_cache}",
+        "train.ignore_eos=true", ACCURACY_ONLY,
     ])
-    trainer = ExploreTrainer(cfg, ds, device=device)
+    trainer = DymeTrainer(cfg, ds, device=device, rewards=ControlledRewards("explore").table())
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    batch = trainer._prepare(trainer.samples[: args.prompts])
-    prompt_lens = [len(p) for p in batch.prompt_ids]
+    first = trainer.samples[: args.prompts]  # the prompts' lengths, image tokens included, as the family encodes them
+    prompts = trainer.family.encode(trainer.processor, [s.question for s in first],
+                                    [ds.load_image(s) for s in first], cfg.train.prompt_style)
+    prompt_lens = [len(p) for p in prompts.prompt_ids]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     steps = []
@@ -187,7 +171,7 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device) -> d
         "decode_ms_per_token_step": 1000 * mean("generation_s") / args.new_tokens,
         "peak_gb": max(s["peak_mb"] for s in steps) / 1024, "steps": steps,
     }
-    del trainer, batch
+    del trainer, prompts
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

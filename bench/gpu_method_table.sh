@@ -16,8 +16,9 @@
 # it among the unpacked ones: default the first unpacked, else full), CHART_WORK (/tmp/dyme-chart-base),
 # RL_QTYPES (the RL/SFT set's question types, weighted: chart_base.py --rl-qtypes), PARALLEL (16), DEADLINE_S (560,
 # counted from this script's start; runs that cannot finish are not started,
-# stragglers stopped at the end), SET (extra `--set FIELD=VALUE ...`), METHODS (comma list, default all), PYTHON
-# (python3).
+# stragglers stopped at the end), SET (extra `--set KEY=VALUE ...`: config keys such as train.max_steps=120, or
+# plan fields of bench/scales/method-table-$SCALE.yaml such as lr_grid=3e-5,1e-4), METHODS (comma list, default
+# all), PYTHON (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -12,8 +12,8 @@
 #     1. the DyME sweep (256M, explore) over K (2,4,8,16), completion length (64,128,256) and prompts per
 #        step (4,8,16); every new shape recompiles the decode step (about 35 s)
 #     2. SmolVLM-500M shape, mix explore: trl-default, trl-same-gen, dyme (1 warm-up + 2 timed steps)
-#   bash bench/gpu_throughput.sh profile  one GPU, about 3 minutes: bench/profile_update.py on the 256M shape (update
-#     halves timed apart, compiled against eager update, torch.profiler tables of a skip75 update)
+#   (the `profile` part and bench/profile_update.py, which timed the update's halves through the trainer's private
+#   methods, are gone; their 2026-11-26 results stay in bench/results/gpu-profile/, bench/LOG.md section 1)
 #   bash bench/gpu_throughput.sh multi    two GPUs of one host, about 3 minutes (update eager by default;
 #     EXTRA="--compile-update on" compiles it in both runs):
 #     DyME alone on 1 GPU, then the same per-GPU batch under torchrun on 2 GPUs: samples/s, efficiency
@@ -45,17 +45,6 @@ export DYME_BENCH_WORK=${DYME_BENCH_WORK:-/tmp/dyme-bench-work}
 "$PY" -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'trl', trl.__version__)" | tee -a "$OUT/gpu.txt"
 common=(--device "$DEVICE" --k 8 --prompts 8 --new-tokens 128 --work "$DYME_BENCH_WORK" --out "$OUT" "${extra[@]}")
-
-if [[ "${1:-single}" == "profile" ]]; then
-  "$PY" bench/profile_update.py --device "$DEVICE" --shape "$SHAPE_A" --k 8 --prompts 8 --new-tokens 128 \
-    --work "$DYME_BENCH_WORK" --out "$OUT" --mix explore,skip75,memorize75 --variants current,eager,eager-cudnn \
-    --profile 2>&1 | grep -v -i warn > "$OUT/profile-full.log" || true
-  # the run's own lines, and why torch.compile recompiled (with TORCH_LOGS=recompiles)
-  grep -v "^V" "$OUT/profile-full.log" | tee "$OUT/profile.log"
-  grep -A4 "triggered by" "$OUT/profile-full.log" | grep -v "User stack" > "$OUT/recompiles.txt" || true
-  rm -f "$OUT/profile-full.log"
-  exit 0
-fi
 
 if [[ "${1:-single}" == "multi" ]]; then
   "$PY" bench/throughput.py "${common[@]}" --shape "$SHAPE_A" --trl off --trainers dyme --mix explore \

@@ -15,6 +15,11 @@ prompts per step, K, completion budget and evaluation:
   refined traces, then GRPO), ``dyme_no_checker`` (thinking reward 0), ``dyme_no_refiner`` (memorises the
   raw hint).
 
+Scale (``--scale NAME``): ``bench/scales/method-table-NAME.yaml``, whose ``config`` section is an ordinary dyme
+config layer (the keys of params.yaml, applied to every run) and whose ``plan`` section holds the harness's own
+settings (LR grid, seeds, threads, time estimates, the built-in base's sizes, ``refined_noise``, ``n_boot``);
+``--set train.max_steps=120 lr_grid=3e-5,1e-4`` overrides either, recorded with every run.
+
 Learning rate: every trained method runs seed 0 at each value of a small grid (``lr_grid``); the LR with
 the best *validation* accuracy is that method's (ties: the shared LR, then the lower); the other seeds
 (``seeds_core`` for the core methods, ``seeds_extended`` for the rest) run at the chosen LR only. The
@@ -37,7 +42,7 @@ the question type), strict format rate, grounding (the rule checker's score) and
 rate (``hallucinated_numbers``); validation accuracy; training curves from the run's metrics.jsonl,
 downsampled to ``curve_points`` rows; per-run seconds.
 
-``aggregate`` (CPU, from the .jsonl files): paired-bootstrap 95% intervals (bench/stats.py: the same
+``aggregate`` (CPU, from the .jsonl files): paired-bootstrap 95% intervals (dyme_core/stats.py: the same
 resampled questions for every method, seeds averaged per question) for each method's accuracy, each
 method minus base, and DyME minus each of sft / grpo / two_stage; ``table.md`` beside the paper's
 numbers, ``results.json``, ``curves.png``, ``modes.png``; and whether issue 12's goal lines are met.
@@ -76,7 +81,9 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench.stats` when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench`, `dyme_core` when run as a script
+
+from bench.common import append_jsonl, write_json  # noqa: E402
 
 # Paper numbers (ChartQA relaxed accuracy, %; DESIGN.md section 2). The method rows are SmolVLM-500M;
 # the ablation rows are LLaVA-OV-0.5B, 3-domain average, whose full DyME scores 55.4.
@@ -139,17 +146,9 @@ EXIT_INCOMPLETE = 3
 
 
 @dataclass(frozen=True)
-class Scale:
-    """Everything that sizes the experiment; `--set name=value` overrides one field (recorded)."""
+class Plan:
+    """The harness's own settings of a scale, which are not config keys (a scale's ``plan:``)."""
 
-    # the method runs: identical for every method
-    steps: int
-    batch: int
-    k: int
-    max_new_tokens: int
-    micro_batch: int
-    eval_max_new_tokens: int
-    eval_batch: int
     lr_grid: str  # comma list, e.g. "1e-4,3e-4,1e-3"
     shared_lr: float  # the common-LR table; must be in lr_grid
     seeds_core: int
@@ -168,12 +167,6 @@ class Scale:
     base_steps: int = 30
     base_batch: int = 16
     base_lr: float = 1e-3
-    # shared knobs with their defaults
-    static_cache: bool = False  # speed only: HF's compiled static-cache decode step for the rollouts
-    loss_type: str = "grpo"
-    beta: float = 0.0
-    min_thinking_chars: int = 10
-    sft_fraction: float = 0.5  # two_stage: share of the steps spent on SFT
     # share of the refined training traces given one wrong value in their Observation (`misstate_observations`):
     # a refiner that sometimes misreads the chart, as an LLM refiner may; 0 = the rule refiner's exact traces
     refined_noise: float = 0.0
@@ -185,36 +178,94 @@ class Scale:
         return [float(v) for v in self.lr_grid.split(",") if v.strip()]
 
 
-SCALES = {
-    # CPU, this machine: the whole flow in about two minutes; numbers mean nothing
-    "smoke": Scale(steps=2, batch=4, k=4, max_new_tokens=16, micro_batch=16, eval_max_new_tokens=16, eval_batch=32,
-                   lr_grid="3e-4,1e-3", shared_lr=1e-3, seeds_core=2, seeds_extended=1, threads=1,
-                   est_run_s=60, est_sft_s=40, est_eval_s=30),
-    # 1-2 H200s, `--parallel 16`: sized so one call of 16 parallel runs fits about 8 minutes (bench/README.md)
-    "full": Scale(steps=40, batch=32, k=8, max_new_tokens=128, micro_batch=256, eval_max_new_tokens=160,
-                  eval_batch=512, lr_grid="1e-4,3e-4,1e-3", shared_lr=3e-4, seeds_core=3, seeds_extended=1,
-                  threads=2, est_run_s=300, est_sft_s=120, est_eval_s=90),
-}
+@dataclass(frozen=True)
+class Scale:
+    """A scale file of bench/scales/: `config`, dotted dyme config keys applied to every run as ordinary
+    overrides (validated by `dyme_core.config.load_config`), and the harness's `plan`."""
+
+    name: str
+    config: dict[str, Any]  # "train.max_steps" -> 40: the same keys as params.yaml, dotted
+    plan: Plan
+    sets: dict[str, str]  # the `--set` items given, recorded with every run
+
+    def overrides(self) -> list[str]:
+        return [f"{key}={json.dumps(value)}" for key, value in self.config.items()]
+
+    def value(self, key: str) -> Any:
+        """A config key's value for every run: the scale's, else the config default."""
+        from dyme_core.config import load_config
+
+        section, name = key.split(".")
+        return getattr(getattr(load_config(None, self.overrides()), section), name)
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "overrides": self.sets, "config": self.config, "plan": dataclasses.asdict(self.plan)}
+
+
+SCALES_DIR = Path(__file__).resolve().parent / "scales"
+SCALES = sorted(p.stem.removeprefix("method-table-") for p in SCALES_DIR.glob("method-table-*.yaml"))
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_scale(name: str, sets: list[str] | None = None) -> Scale:
+    """bench/scales/method-table-<name>.yaml with `--set` items: `section.key=value` a config key, `name=value` a
+    plan field. A bad file, key or value is a one-line SystemExit naming it."""
+    import yaml
+
+    from dyme_core.config import ConfigError, load_config, parse_overrides
+
+    path = SCALES_DIR / f"method-table-{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"scale {name!r}: no {path} (scales: {', '.join(SCALES)})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or set(raw) != {"config", "plan"}:
+        raise SystemExit(f"{path}: expected exactly the sections config and plan")
+    config, plan = _dotted(raw["config"]), dict(raw["plan"])
+    types = {f.name: str(f.type) for f in dataclasses.fields(Plan)}
+    if unknown := sorted(set(plan) - set(types)):
+        raise SystemExit(f"{path}: unknown plan field {unknown[0]} (known: {', '.join(types)})")
+    given: dict[str, str] = {}
+    for item in sets or []:
+        key, _, text = item.partition("=")
+        if not text or not ("." in key or key in types):
+            raise SystemExit(f"--set {item!r}: expected section.key=VALUE (a config key) or FIELD=VALUE, FIELD one "
+                             f"of {', '.join(types)}")
+        given[key] = text
+        if "." in key:
+            config.update(_dotted(parse_overrides([item])))
+        else:
+            plan[key] = text
+    parse = {"int": int, "float": float, "str": str}
+    for key, value in plan.items():
+        try:
+            plan[key] = parse[types[key]](value)
+        except ValueError:
+            raise SystemExit(f"scale {name}: plan field {key}={value!r} is not a {types[key]}") from None
+    try:
+        load_config(None, [f"{key}={json.dumps(value)}" for key, value in config.items()])
+        scale = Scale(name, config, Plan(**plan), given)
+        [float(v) for v in scale.plan.lr_grid.split(",")]
+    except ConfigError as e:
+        raise SystemExit(f"scale {name}: {e}") from None
+    except TypeError as e:
+        raise SystemExit(f"{path}: plan: {e}") from None
+    except ValueError:
+        raise SystemExit(f"scale {name}: lr_grid {scale.plan.lr_grid!r} is not a comma list of numbers") from None
+    return scale
 
 
 # --------------------------------------------------------------------------------------------- utils
 def log(msg: str) -> None:
     print(f"[method_table {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic: a call killed mid-write never leaves half a result file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False))
-    tmp.replace(path)
-
-
-def append_jsonl(path: Path, obj: Any) -> None:
-    """One line per record, flushed at once: a call killed later keeps every line written before."""
-    with path.open("a") as f:
-        f.write(json.dumps(obj, sort_keys=True, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def rounded(x: Any, digits: int = 5) -> Any:
@@ -326,18 +377,15 @@ def common_overrides(data_dir: Path) -> list[str]:
 
 
 def run_overrides(spec: dict, scale: Scale, run_dir: Path) -> list[str]:
+    """The harness's fixed settings, then the scale's config keys, then this run's base, method, seed and LR."""
     refined = Path(spec["refined"])
     return [
-        *common_overrides(Path(spec["data"])), f"model.name_or_path={spec['base']}", "model.freeze_vision=true",
-        "train.prompt_style=reason", f"train.output_dir={run_dir / 'train'}", f"train.refined={refined}",
+        *common_overrides(Path(spec["data"])), "model.freeze_vision=true", "train.prompt_style=reason",
+        "train.lr_scheduler=constant", "train.warmup_steps=0", "train.temperature=1.0", "train.logging_steps=1",
+        *scale.overrides(),
+        f"model.name_or_path={spec['base']}", f"train.output_dir={run_dir / 'train'}", f"train.refined={refined}",
         f"train.template_pool={refined.parent / 'templates.json'}", f"train.refine_cache_dir={run_dir / 'cache'}",
-        f"train.seed={spec['seed']}", f"train.max_steps={scale.steps}", f"train.batch_size={scale.batch}",
-        f"train.num_generations={scale.k}", f"train.micro_batch_size={scale.micro_batch}",
-        f"train.learning_rate={spec['lr']}", "train.lr_scheduler=constant", "train.warmup_steps=0",
-        f"train.max_new_tokens={scale.max_new_tokens}", "train.temperature=1.0", f"train.beta={scale.beta}",
-        f"train.loss_type={scale.loss_type}", f"train.min_thinking_chars={scale.min_thinking_chars}",
-        f"train.sft_fraction={scale.sft_fraction}", f"train.static_cache={str(scale.static_cache).lower()}",
-        "train.logging_steps=1", *METHODS[spec["method"]].overrides,
+        f"train.seed={spec['seed']}", f"train.learning_rate={spec['lr']}", *METHODS[spec["method"]].overrides,
     ]
 
 
@@ -345,10 +393,9 @@ def evaluate_split(spec: dict, scale: Scale, model_dir: Path, out_dir: Path, dat
     from dyme_core.config import load_config
     from dyme_core.evaluate import evaluate
 
-    cfg = load_config(None, [*common_overrides(Path(spec["data"])), f"evaluate.model_path={model_dir}",
-                             f"evaluate.out_dir={out_dir}", "evaluate.prompt_style=reason", f"evaluate.split={split}",
-                             f"evaluate.max_new_tokens={scale.eval_max_new_tokens}",
-                             f"evaluate.batch_size={scale.eval_batch}"])
+    cfg = load_config(None, [*common_overrides(Path(spec["data"])), *scale.overrides(),
+                             f"evaluate.model_path={model_dir}", f"evaluate.out_dir={out_dir}",
+                             "evaluate.prompt_style=reason", f"evaluate.split={split}"])
     evaluate(cfg, dataset)
     preds = [json.loads(line) for line in (out_dir / "predictions.jsonl").read_text().splitlines() if line.strip()]
     return score_predictions(preds, {s.id: s for s in dataset.split(split)})
@@ -364,8 +411,8 @@ def child_run(spec_path: Path) -> int:
     from dyme_core.trainer import DymeTrainer, load_refined
 
     spec = json.loads(spec_path.read_text())
-    scale = Scale(**spec["scale"])
-    torch.set_num_threads(scale.threads)
+    scale = scale_of(spec["scale"])
+    torch.set_num_threads(scale.plan.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
     run_dir = Path(spec["run_dir"])
     t0 = time.perf_counter()
@@ -402,7 +449,7 @@ def child_run(spec_path: Path) -> int:
         lines = (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
         history = [json.loads(line) for line in lines if line.strip()]
         record["history"] = rounded(downsample([{k: h[k] for k in HISTORY_KEYS if k in h} for h in history],
-                                               scale.curve_points), 4)
+                                               scale.plan.curve_points), 4)
     t_eval = time.perf_counter()
     if dataset.split("val"):
         val = evaluate_split(spec, scale, model_dir, run_dir / "eval-val", dataset, "val")
@@ -419,22 +466,22 @@ def child_run(spec_path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------------- planning (parent)
-def n_seeds(method: str, scale: Scale) -> int:
-    return scale.seeds_core if METHODS[method].core else scale.seeds_extended
+def n_seeds(method: str, plan: Plan) -> int:
+    return plan.seeds_core if METHODS[method].core else plan.seeds_extended
 
 
-def choose_lr(method: str, scale: Scale, done: dict[str, dict]) -> float | None:
+def choose_lr(method: str, plan: Plan, done: dict[str, dict]) -> float | None:
     """The grid LR with the best val accuracy at seed 0 (ties: shared LR, then lower); None until all ran."""
-    recs = [done.get(run_id(method, lr, 0)) for lr in scale.lrs]
+    recs = [done.get(run_id(method, lr, 0)) for lr in plan.lrs]
     if any(r is None for r in recs):
         return None
     def key(r: dict) -> tuple:
         val = r["val"]["acc"] if r.get("val") else r["test"]["acc"]  # no val split (smoke data only)
-        return (-val, r["lr"] != scale.shared_lr, r["lr"])
+        return (-val, r["lr"] != plan.shared_lr, r["lr"])
     return min(recs, key=key)["lr"]
 
 
-def planned_runs(methods: list[str], scale: Scale, done: dict[str, dict]) -> tuple[list[dict], int]:
+def planned_runs(methods: list[str], plan: Plan, done: dict[str, dict]) -> tuple[list[dict], int]:
     """(the runs that can start now, in priority order; how many are still to run at all)."""
     ready: list[dict] = []
     remaining = 0
@@ -443,14 +490,14 @@ def planned_runs(methods: list[str], scale: Scale, done: dict[str, dict]) -> tup
     ordered = sorted(methods, key=lambda m: (not METHODS[m].core, list(METHODS).index(m)))
     later: list[dict] = []  # the extended methods' grid waits behind the core methods' other seeds
     for method in ordered:
-        grid = [{"id": run_id(method, lr, 0), "method": method, "lr": lr, "seed": 0} for lr in scale.lrs]
+        grid = [{"id": run_id(method, lr, 0), "method": method, "lr": lr, "seed": 0} for lr in plan.lrs]
         (ready if METHODS[method].core else later).extend(r for r in grid if r["id"] not in done)
-        chosen = choose_lr(method, scale, done)
-        n_more = n_seeds(method, scale) - 1
+        chosen = choose_lr(method, plan, done)
+        n_more = n_seeds(method, plan) - 1
         if chosen is None:
             remaining += n_more
             continue
-        ready.extend(r for s in range(1, n_seeds(method, scale))
+        ready.extend(r for s in range(1, n_seeds(method, plan))
                      if (r := {"id": run_id(method, chosen, s), "method": method, "lr": chosen, "seed": s})["id"]
                      not in done)
     ready.extend(later)
@@ -511,13 +558,13 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 class Context:
-    def __init__(self, args: argparse.Namespace, scale: Scale, scale_name: str, overrides: dict[str, Any]):
+    def __init__(self, args: argparse.Namespace, scale: Scale):
         self.out = Path(args.out)
         self.sources = [self.out, *(Path(p) for p in args.from_dirs)]
-        self.work = Path(args.work or f"/tmp/dyme-method-table-{scale_name}")
+        self.work = Path(args.work or f"/tmp/dyme-method-table-{scale.name}")
         self.data = Path(args.data) if args.data else self.work / "data"
         self.base = Path(args.base) if args.base else self.work / "base"
-        self.scale, self.scale_name, self.overrides = scale, scale_name, overrides
+        self.scale, self.plan = scale, scale.plan
         self.methods: list[str] = args.methods or list(METHODS)
         self.parallel = args.parallel
         self.results_name = args.results_name
@@ -526,8 +573,19 @@ class Context:
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def scale_record(self) -> dict[str, Any]:
-        return {"name": self.scale_name, "overrides": self.overrides, **dataclasses.asdict(self.scale)}
+
+
+def scale_of(record: dict[str, Any]) -> Scale:
+    """The Scale a run record (or a run's spec) was made with."""
+    return Scale(record["name"], record["config"], Plan(**record["plan"]), record["overrides"])
+
+
+def plan_of(record: dict[str, Any]) -> Plan:
+    """The plan of a run record; records written before scales were files (2026-12-04 and earlier) hold the plan's
+    fields at the top level of their flat `scale`."""
+    if "plan" in record:
+        return Plan(**record["plan"])
+    return Plan(**{f.name: record[f.name] for f in dataclasses.fields(Plan) if f.name in record})
 
 
 _OBSERVED_VALUE = re.compile(r"= (\d+)")
@@ -565,27 +623,28 @@ def ensure_refined(ctx: Context) -> Path:
 
     out = ctx.work / "refined" / "targets.jsonl"
     stamp = out.with_name("data.txt")
-    made_from = f"{ctx.data.resolve()} noise={ctx.scale.refined_noise:g}"
+    made_from = f"{ctx.data.resolve()} noise={ctx.plan.refined_noise:g}"
+    budget = ctx.scale.value("train.max_new_tokens")
     if not (out.is_file() and stamp.is_file() and stamp.read_text() == made_from):
         # the base's tokenizer and the run budget: refine warns when the targets do not fit the budget
         cfg = load_config(None, [*common_overrides(ctx.data), f"model.name_or_path={ctx.base}",
-                                 f"train.max_new_tokens={ctx.scale.max_new_tokens}", f"refine.out={out}",
+                                 f"train.max_new_tokens={budget}", f"refine.out={out}",
                                  f"refine.template_pool={out.parent / 'templates.json'}",
                                  f"refine.cache_dir={ctx.work / 'refine_cache'}", "refine.splits=[train]"])
         stats = steps.refine(cfg)
-        if ctx.scale.refined_noise:
-            wrong = misstate_observations(out, ctx.scale.refined_noise)
-            log(f"refined_noise {ctx.scale.refined_noise:g}: {wrong} of {stats['n']} targets state one wrong value")
+        if ctx.plan.refined_noise:
+            wrong = misstate_observations(out, ctx.plan.refined_noise)
+            log(f"refined_noise {ctx.plan.refined_noise:g}: {wrong} of {stats['n']} targets state one wrong value")
         stamp.write_text(made_from)
         log(f"refined {stats['n']} training targets: {stats['target_tokens_p50']} / {stats['target_tokens_p95']} / "
             f"{stats['target_tokens_max']} {stats['target_tokens_unit']} (p50 / p95 / max; budget "
-            f"{ctx.scale.max_new_tokens})")
+            f"{budget})")
     return out
 
 
 def piece_runs(ctx: Context) -> bool:
     """Launch every run that fits; append each finished one to the results file. True when all are done."""
-    s = ctx.scale
+    s = ctx.plan
     if s.shared_lr not in s.lrs:
         raise ValueError(f"shared_lr {s.shared_lr:g} is not in lr_grid {s.lr_grid!r}")
     for path, what in ((ctx.base, "--base"), (ctx.data, "--data")):
@@ -602,7 +661,7 @@ def piece_runs(ctx: Context) -> bool:
     n_gpus = gpu_count()
     log(f"runs: {len(done)} recorded, {remaining} to go; {ctx.parallel} in parallel on "
         f"{n_gpus or 'no'} GPU(s), {s.threads} torch thread(s) each; {ctx.time_left():.0f}s left")
-    scale_rec = ctx.scale_record()
+    scale_rec = ctx.scale.record()
     active: dict[str, Active] = {}
     failed: set[str] = set()
     measured: dict[str, float] = {}  # kind -> longest seconds of a run of that kind in this call
@@ -620,7 +679,7 @@ def piece_runs(ctx: Context) -> bool:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         full = {**spec, "data": str(ctx.data.resolve()), "base": str(ctx.base.resolve()), "refined": str(refined),
-                "run_dir": str(run_dir), "scale": dataclasses.asdict(s)}
+                "run_dir": str(run_dir), "scale": scale_rec}
         (run_dir / "spec.json").write_text(json.dumps(full))
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if gpu is None else str(gpu),
                "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads), "TQDM_DISABLE": "1",
@@ -705,7 +764,7 @@ def piece_prepare(ctx: Context) -> None:
     """
     from dyme_core.data.schema import Sample, read_jsonl, write_jsonl
 
-    s = ctx.scale
+    s = ctx.plan
     spec = {"shards": s.shards, "train": s.train_per_shard, "val": s.val_per_shard, "test": s.test_per_shard,
             "image_size": s.image_size, "base_steps": s.base_steps, "base_batch": s.base_batch, "base_lr": s.base_lr}
     marker = ctx.work / "prepare_spec.json"
@@ -745,7 +804,7 @@ def _train_tiny_base(ctx: Context) -> None:
     from dyme_core.models import load_processor, save_model
     from dyme_core.trainer import DymeTrainer
 
-    s = ctx.scale
+    s = ctx.plan
     init_dir, run_dir = ctx.work / "init", ctx.work / "base-run"
     for d in (init_dir, run_dir):
         shutil.rmtree(d, ignore_errors=True)
@@ -816,7 +875,7 @@ def summarize_runs(recs: list[dict]) -> dict[str, Any]:
 
 def piece_aggregate(ctx: Context) -> dict[str, Any]:
     """results.json, table.md, curves.png, modes.png from the runs*.jsonl files."""
-    from bench.stats import paired_intervals, per_question_mean
+    from dyme_core.stats import paired_intervals, per_question_mean
 
     done, failed = load_records(ctx.sources)
     if "base" not in done:
@@ -830,8 +889,8 @@ def piece_aggregate(ctx: Context) -> dict[str, Any]:
     if diff := sorted(i for i, r in done.items() if {k: v for k, v in r["scale"].items() if k != "n_boot"}
                       != {k: v for k, v in scale.items() if k != "n_boot"}):
         warnings.append(f"runs at another scale than the base run: {diff}")
-    lrs, shared_lr = [float(v) for v in scale["lr_grid"].split(",")], scale["shared_lr"]
-    sc = Scale(**{k: v for k, v in scale.items() if k not in ("name", "overrides")})
+    sc = plan_of(scale)
+    lrs, shared_lr = sc.lrs, sc.shared_lr
     tuned: dict[str, dict] = {}
     shared: dict[str, dict] = {}
     lr_choice: dict[str, Any] = {}
@@ -912,8 +971,20 @@ def _ci(c: dict) -> str:
     return f"{c['point'] * 100:+.1f} [{c['lo'] * 100:+.1f}, {c['hi'] * 100:+.1f}]"
 
 
+def run_sizes(record: dict[str, Any]) -> dict[str, Any]:
+    """Steps, prompts, K, new tokens, loss and beta of a scale record, for the table's header. Records written before
+    scales were files (2026-12-04 and earlier) hold them flat, under the names steps, batch, k, ..."""
+    if "config" not in record:
+        return {k: record[k] for k in ("steps", "batch", "k", "max_new_tokens", "loss_type", "beta")}
+    scale = scale_of(record)
+    return {name: scale.value(key) for name, key in (
+        ("steps", "train.max_steps"), ("batch", "train.batch_size"), ("k", "train.num_generations"),
+        ("max_new_tokens", "train.max_new_tokens"), ("loss_type", "train.loss_type"), ("beta", "train.beta"))}
+
+
 def render_table(results: dict) -> str:
     sc = results["scale"]
+    plan, size = plan_of(sc), run_sizes(sc)
     paper_ref = {"sft": ("sft", "ablation_no_exploration"), "grpo": ("grpo", "ablation_no_memorization"),
                  "dyme": ("dyme", "dyme_full_ablation"), "base": ("base", None), "two_stage": ("two_stage", None),
                  "dyme_no_checker": (None, "dyme_no_checker"), "dyme_no_refiner": (None, "dyme_no_refiner"),
@@ -925,16 +996,16 @@ def render_table(results: dict) -> str:
 
     lines = ["# Method table in miniature (bench/method_table.py)", "",
              f"Scale `{sc['name']}`{' with ' + json.dumps(sc['overrides']) if sc['overrides'] else ''}: "
-             f"{sc['steps']} steps x {sc['batch']} prompts x K={sc['k']}, {sc['max_new_tokens']} new tokens, loss "
-             f"`{sc['loss_type']}`, beta {sc['beta']}; LR grid {sc['lr_grid']} chosen per method on val (seed 0), "
-             f"shared LR {sc['shared_lr']:g}; {sc['seeds_core']} seeds for sft/grpo/dyme, {sc['seeds_extended']} "
+             f"{size['steps']} steps x {size['batch']} prompts x K={size['k']}, {size['max_new_tokens']} new tokens, "
+             f"loss `{size['loss_type']}`, beta {size['beta']}; LR grid {plan.lr_grid} chosen per method on val (seed "
+             f"0), shared LR {plan.shared_lr:g}; {plan.seeds_core} seeds for sft/grpo/dyme, {plan.seeds_extended} "
              f"for the rest. Test split: {results['n_test']} questions, relaxed accuracy in %; 95% paired-bootstrap "
-             f"intervals ({sc['n_boot']} resamples of the test questions, the same for every method, seeds "
+             f"intervals ({plan.n_boot} resamples of the test questions, the same for every method, seeds "
              "averaged per question).", "",
              "Paper: SmolVLM-500M on ChartQA (base 63.2); ablation column: LLaVA-OV-0.5B, 3-domain average "
              "(full DyME 55.4).", ""]
     for name, title in (("tuned", "LR chosen per method on val"), ("shared_lr", f"every method at LR "
-                                                                               f"{sc['shared_lr']:g} (seed 0)")):
+                                                                               f"{plan.shared_lr:g} (seed 0)")):
         table = results[name]
         lines += [f"## {title}", "",
                   "| method | LR | seeds | acc [95% CI] | Δ vs base [95% CI] | single | multi | format | grounding "
@@ -1052,27 +1123,6 @@ def plot_modes(methods: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """`FIELD=VALUE` overrides of Scale fields, typed like the field."""
-    types = {f.name: str(f.type) for f in dataclasses.fields(Scale)}
-    parse = {"int": int, "float": float, "str": str, "bool": lambda v: {"true": True, "false": False}[v.lower()]}
-    out: dict[str, Any] = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        if key not in types or not raw:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE, FIELD one of {', '.join(types)}")
-        try:
-            out[key] = parse[types[key]](raw)
-        except (KeyError, ValueError):
-            raise SystemExit(f"--set {item!r}: not a {types[key]}") from None
-    if "lr_grid" in out:
-        try:
-            [float(v) for v in out["lr_grid"].split(",")]
-        except ValueError:
-            raise SystemExit(f"--set lr_grid={out['lr_grid']!r}: expected a comma list of numbers") from None
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] == ["_run"]:  # one run, started by the `runs` scheduler
         return child_run(Path(sys.argv[2]))
@@ -1080,9 +1130,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pieces", nargs="+", help="prepare | runs | aggregate | all (prepare when no --base, "
                                                   "runs, aggregate), run in the order given.")
-    parser.add_argument("--scale", default="full", choices=sorted(SCALES), help="Experiment size.")
-    parser.add_argument("--set", dest="sets", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="Override a Scale field (e.g. steps=24 lr_grid=1e-4,3e-4); recorded in every run.")
+    parser.add_argument("--scale", default="full", choices=SCALES,
+                        help="Experiment size: bench/scales/method-table-<scale>.yaml.")
+    parser.add_argument("--set", dest="sets", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Override the scale: a config key (train.max_steps=120) or a plan field "
+                             "(lr_grid=1e-4,3e-4); recorded in every run.")
     parser.add_argument("--base", default="", help="The base model folder (HF save_pretrained; gate.json beside).")
     parser.add_argument("--data", default="", help="The materialised dataset folder (train/val/test).")
     parser.add_argument("--methods", type=lambda v: [m for m in v.split(",") if m], default=[],
@@ -1106,9 +1158,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--parallel must be >= 1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    overrides = parse_set(args.sets)
-    scale = dataclasses.replace(SCALES[args.scale], **overrides)
-    ctx = Context(args, scale, args.scale, overrides)
+    scale = load_scale(args.scale, args.sets)
+    ctx = Context(args, scale)
     pieces = [p for piece in args.pieces
               for p in ((["prepare"] if not (args.base or args.data) else []) + ["runs", "aggregate"]
                         if piece == "all" else [piece])]
@@ -1117,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
     if "prepare" in pieces and (args.base or args.data):
         parser.error("prepare builds the built-in base and data; not with --base/--data")
     if "runs" in pieces:
-        log(f"scale {args.scale} {overrides or ''}; base {ctx.base}; data {ctx.data}; out {ctx.out}")
+        log(f"scale {args.scale} {scale.sets or ''}; base {ctx.base}; data {ctx.data}; out {ctx.out}")
     t0 = time.perf_counter()
     complete = True
     try:

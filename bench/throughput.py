@@ -10,27 +10,31 @@ One process builds a random Idefics3 model of `--shape` (bench/common.py) and a 
                 GenerationConfig, so the bench flips it back; on GPU the same attention kernels, i.e. no
                 cuDNN attention) and DyME's update settings (no gradient checkpointing, loss "grpo"). Its
                 update runs eagerly (TRL's `torch_compile` would compile generation too; not used).
-  dyme, grpo    dyme_core.trainer.DymeTrainer with method dyme / grpo (one instance, method switched per step),
-                update eager by default; --compile-update on: train.compile_update, the regional compile of one
-                decoder layer (its one-time compile is reported apart; the whole-model compile it replaced took
-                about 200 s cold on an H200); --compile-cache-dir: torch's compile artifacts kept across runs.
+  dyme, grpo    dyme_core.trainer.DymeTrainer with method dyme / grpo (one trainer each, built as a user builds
+                it: ordinary config, the bench's reward table passed as `rewards=`), update eager by default;
+                --compile-update on: train.compile_update, the regional compile of one decoder layer (its
+                one-time compile is reported apart; the whole-model compile it replaced took about 200 s cold on
+                an H200); --compile-cache-dir: torch's compile artifacts kept across runs.
   dyme-full     DyME as a user runs it: MEMORIZE groups memorise the online rule refiner's traces, the rule visual
-                checker scores the thinking, and the format and thinking rewards are computed from the completions'
-                text (DymeTrainer._score); only the accuracy stays the controlled one below, so the mode mix is
-                that of the other trainers, and the total is recombined with train.reward_weights.
+                checker scores the thinking, and the format and thinking rewards are the library's own
+                (dyme_core.rewards.REWARDS, from the completions' text); only the accuracy stays the controlled one
+                below, so the mode mix is that of the other trainers; the trainer weighs them with
+                train.reward_weights. The other DyME trainers score the controlled accuracy alone
+                (train.reward_weights={accuracy: 1.0}): their total is the accuracy.
   dyme-switch   mode switching alone: MEMORIZE groups memorise the raw hint (train.use_refiner=false), no checker,
                 constant format and thinking rewards. dyme-full / dyme-switch (`x_full_vs_switch`) is what the
                 refiner, the checker and the text rewards add to a step (target <= 1.15).
-  All DyME trainers are one DymeTrainer whose method, MEMORIZE target, checker and scoring are set before every
-  step (`DYME_VARIANTS`), so no step inherits the settings of the one before.
+  Each DyME trainer is its own DymeTrainer, configured once by `DYME_VARIANTS` (train.method, train.use_refiner,
+  train.checker and the reward table), so no step inherits the settings of another trainer's step.
 
 Equal in all: the weights (loaded by dyme_core.models.load_model: bf16 weights on a GPU; TRL adds bf16
 autocast, DyME needs none for bf16 weights; vision tower frozen), prompts and images, K, prompts per step,
-exactly --new-tokens completion tokens (eos and the image/special tokens are suppressed in both), rows per
+exactly --new-tokens completion tokens (eos and the image/special tokens are suppressed in both; DyME through
+`train.ignore_eos`), rows per
 forward/backward (--micro-batch), one optimizer step per generation batch, and the rewards. The reward depends
 only on (group position in the batch, completion index) so that a chosen fraction of groups is all-wrong
 (DyME: MEMORIZE), all-right (SKIP) or mixed (EXPLORE, half the completions right) -- `--mix`: explore | skip75
-| memorize75 | mixed.
+| memorize75 | mixed (bench/common.py: `ControlledRewards`, `MIXES`).
 
 Alternation without threads (CUDA-graph trees assert in Python threads before torch 2.12,
 pytorch#123177): TRL's own `train()` loop is the outer loop, and a callback at every TRL `on_step_end`
@@ -50,9 +54,10 @@ bound), beside the decode step's memory-bandwidth floor (decode_floor: weights +
 The result files are rewritten after every timed round, so a run killed at its limit keeps what it measured.
 
 MFU of DyME's update: 6 * trainable parameters * tokens fed through the update (prompt + completion of
-every kept row, padding excluded) / update seconds / peak bf16 FLOP/s measured with an 8192^3 bf16 matmul
-in the same run. It leaves out attention-score FLOPs, the frozen vision tower's forward (once per batch
-image) and counts the LM head over prompt positions it skips (logits_to_keep): an estimate.
+every kept row, padding excluded; counted by a forward hook, bench/common.py `UpdateTokens`) / update seconds /
+peak bf16 FLOP/s measured with an 8192^3 bf16 matmul in the same run. It leaves out attention-score FLOPs, the
+frozen vision tower's forward (once per batch image) and counts the LM head over prompt positions it skips
+(logits_to_keep): an estimate.
 
 Run (CPU smoke):  python bench/throughput.py --device cpu --shape tiny --steps 1 --warmup 1 --new-tokens 16
 Run (GPU plan):   bash bench/gpu_throughput.sh   (writes to $OUT)
@@ -64,12 +69,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -82,56 +85,54 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `bench` and `dyme_core`
 
-from bench.common import SHAPES, build_model, count_params  # noqa: E402
-from dyme_core.checker import VisualChecker  # noqa: E402
-from dyme_core.config import Config, DataConfig, ModelConfig, SynthConfig, load_config  # noqa: E402
-from dyme_core.data.loaders import Dataset, load_dataset  # noqa: E402
-from dyme_core.data.schema import Sample  # noqa: E402
-from dyme_core.data.synth import synthesize  # noqa: E402
+from bench.common import (  # noqa: E402
+    ACCURACY_ONLY,
+    MIXES,
+    SHAPES,
+    ControlledRewards,
+    UpdateTokens,
+    Work,
+    count_params,
+    decode_floor,
+    free_memory,
+    measure_peak_bf16,
+    median,
+    mem_allocated,
+    mem_peak,
+    mix_accuracy,
+    prepare_work,
+    reset_peak,
+    sync,
+)
+from dyme_core.config import Config, ModelConfig, load_config  # noqa: E402
 from dyme_core.models import GPU_ATTENTION, attention_kernels, build_prompt, load_model, user_text  # noqa: E402
-from dyme_core.refiner import rule_refine  # noqa: E402
-from dyme_core.trainer import Batch, DymeTrainer, Row  # noqa: E402
+from dyme_core.trainer import DymeTrainer  # noqa: E402
 
-# (all-wrong, all-right, mixed) fractions of the prompt groups of every batch
-MIXES = {"explore": (0.0, 0.0, 1.0), "skip75": (0.0, 0.75, 0.25), "memorize75": (0.75, 0.0, 0.25),
-         "mixed": (1 / 3, 1 / 3, 1 / 3)}
 TRAINERS = ("trl-default", "trl-same-gen", "dyme", "grpo", "dyme-full", "dyme-switch")
 DEFAULT_TRAINERS = ("trl-default", "trl-same-gen", "dyme", "grpo")  # the trainers of BENCHMARKS.md's tables
 DYME_DECODES = ("hf-static", "captured", "captured-compiled", "eager")  # --dyme-decode
 PHASES = ("generation_s", "reward_s", "update_s", "other_s")
 
 
-# ------------------------------------------------------------------------------------------ rewards
+# ------------------------------------------------------------------------------------------ DyME's trainers
 class MixState:
-    """The mix the next step is scored with (shared by the DyME and TRL reward functions)."""
+    """The mix TRL's next step is scored with (DyME's trainers hold theirs in their ControlledRewards)."""
 
     mix = "explore"
 
 
-def group_kinds(mix: str, n_groups: int) -> list[str]:
-    """Kind of each group position in a batch: 'wrong' | 'right' | 'mixed', fractions from MIXES[mix]."""
-    f_wrong, f_right, _ = MIXES[mix]
-    n_wrong = round(f_wrong * n_groups)
-    n_right = min(n_groups - n_wrong, round(f_right * n_groups))
-    return ["wrong"] * n_wrong + ["right"] * n_right + ["mixed"] * (n_groups - n_wrong - n_right)
-
-
-def mix_accuracy(mix: str, n_groups: int, k: int) -> list[float]:
-    """Accuracy of completion j of group g (group-major, n_groups * k): deterministic, text-independent."""
-    out = []
-    for kind in group_kinds(mix, n_groups):
-        out += [0.0 if kind == "wrong" else 1.0 if kind == "right" else float(j % 2 == 0) for j in range(k)]
-    return out
-
-
 @dataclass(frozen=True)
 class DymeVariant:
-    """What one DyME trainer of the bench sets before each of its steps."""
+    """What one DyME trainer of the bench is: ordinary config keys and whether format and thinking are scored."""
 
     method: str  # train.method: dyme | grpo
-    use_refiner: bool  # MEMORIZE target: the online rule refiner's trace (True) or the raw hint
-    checker: str  # visual checker backend scoring the thinking: rule | none
-    text_rewards: bool  # format and thinking computed from the completions' text (else constant 1 and 0)
+    use_refiner: bool  # train.use_refiner: MEMORIZE memorises the online rule refiner's trace (True) or the raw hint
+    checker: str  # train.checker, the visual checker scoring the thinking: rule | none
+    text_rewards: bool  # format and thinking scored from the completions' text (else the accuracy alone)
+
+    def overrides(self) -> list[str]:
+        return [f"train.method={self.method}", f"train.use_refiner={str(self.use_refiner).lower()}",
+                f"train.checker={self.checker}", *([] if self.text_rewards else [ACCURACY_ONLY])]
 
 
 DYME_VARIANTS = {
@@ -142,133 +143,32 @@ DYME_VARIANTS = {
 }
 
 
-class BenchDymeTrainer(DymeTrainer):
-    """DymeTrainer scored by the controlled mix, eos suppressed (every completion has max_new_tokens),
-    counting the tokens its update forwards with grad (for MFU).
-
-    The accuracy is always the controlled `mix_accuracy`. With `text_rewards` the other rewards are the trainer's
-    own (`DymeTrainer._score`: format from the text, thinking from the visual checker) and the total is recombined
-    by `DymeTrainer._total`; without, format is 1, thinking 0 and the total the accuracy."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.suppress = sorted(set(self.suppress) | {self.eos_id})
-        self.update_tokens = 0
-        self.text_rewards = False
-
-    def _score(self, samples: list[Sample], texts: list[str]) -> dict[str, torch.Tensor]:
-        k = self.t.num_generations
-        acc = torch.tensor(mix_accuracy(MixState.mix, len(samples), k)).view(-1, k)
-        if not self.text_rewards:
-            return {"format": torch.ones_like(acc), "accuracy": acc, "thinking": torch.zeros_like(acc),
-                    "total": acc.clone()}
-        out = super()._score(samples, texts)
-        out["accuracy"] = acc
-        out["total"] = self._total(out)
-        return out
-
-    def _token_logps(self, model: torch.nn.Module, batch: Batch, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        if model.training and torch.is_grad_enabled():
-            self.update_tokens += sum(len(batch.prompt_ids[r.prompt]) + len(r.completion) for r in rows)
-        return super()._token_logps(model, batch, rows)
-
-
-# ------------------------------------------------------------------------------------------ device helpers
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def mem_allocated(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def mem_peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: process max RSS
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def measure_peak_bf16(device: torch.device, n: int = 8192, iters: int = 30) -> float:
-    """Achieved bf16 matmul FLOP/s of this card: an n x n x n matmul repeated."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    sync(device)
-    flops = 2 * n**3 * iters / (time.perf_counter() - t0)
-    del a, b
-    free_memory(device)
-    return flops
-
-
-# ------------------------------------------------------------------------------------------ data and model
-@dataclass
-class Work:
-    data_dir: Path
-    model_dir: Path
-    dataset: Dataset
-
-
-def prepare_work(args: argparse.Namespace, device: torch.device, rank: int) -> Work:
-    """Synthetic charts at the shape's image size and the random model; built once, reused by later runs."""
-    shape = SHAPES[args.shape]
-    work = Path(args.work)
-    data_dir = work / f"data-{shape.image}px-{args.samples}-s{args.seed}"
-    model_dir = work / f"model-{args.shape}-s{args.seed}"
-    if rank == 0:
-        if not (data_dir / ".done").is_file():
-            synthesize(SynthConfig(out_dir=str(data_dir), seed=args.seed, n_train=args.samples, n_val=0, n_test=0,
-                                   image_size=shape.image))
-            (data_dir / ".done").write_text("ok")
-        dataset = load_dataset(DataConfig(path=str(data_dir)))
-        if not (model_dir / ".done").is_file():
-            texts = [t for s in dataset.samples for t in (s.question, s.answer, s.hint or "", rule_refine(s))]
-            build_model(args.shape, model_dir, texts, seed=args.seed, device=device,
-                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-            (model_dir / ".done").write_text("ok")
-    if dist.is_initialized():
-        dist.barrier()
-    return Work(data_dir, model_dir, load_dataset(DataConfig(path=str(data_dir))))
-
-
-def dyme_config(args: argparse.Namespace, work: Work) -> Config:
-    """The DyME trainers' configuration: the bench's work, sizes and --dyme-decode / --compile-update settings."""
-    k, b, n = args.k, args.prompts, args.new_tokens
+def dyme_config(args: argparse.Namespace, work: Work, variant: str = "dyme", k: int = 0, prompts: int = 0,
+                new_tokens: int = 0) -> Config:
+    """A DyME trainer's configuration: the bench's work, sizes (the arguments', unless given), the variant's keys,
+    --dyme-decode / --compile-update, and every rollout --new-tokens long (train.ignore_eos)."""
+    k, b, n = k or args.k, prompts or args.prompts, new_tokens or args.new_tokens
     return load_config(None, [
         f"data.path={work.data_dir}", f"model.name_or_path={work.model_dir}",
-        f"train.output_dir={Path(args.work) / 'run-dyme'}", "train.refined=", "train.method=dyme",
+        f"train.output_dir={Path(args.work) / 'run-dyme'}", "train.refined=",
         f"train.batch_size={b}", f"train.num_generations={k}", f"train.max_new_tokens={n}",
         f"train.max_target_tokens={n}", f"train.micro_batch_size={args.micro_batch or b * k}",
         f"train.static_cache={args.dyme_decode == 'hf-static'}", f"train.compile_update={args.compile_update == 'on'}",
         f"train.cuda_graph_decode={args.dyme_decode != 'eager'}",
-        f"train.compile_decode={args.dyme_decode == 'captured-compiled'}",
-        "train.max_steps=1000000", "train.report_to=none",
-        "train.progress_bar=false", "train.checker=none", f"train.seed={args.seed}",
+        f"train.compile_decode={args.dyme_decode == 'captured-compiled'}", "train.ignore_eos=true",
+        "train.max_steps=1000000", "train.report_to=none", "train.progress_bar=false", f"train.seed={args.seed}",
+        *DYME_VARIANTS[variant].overrides(),
         # torch's compile artifacts kept across processes (dyme_core/regional.py); absent: torch's temp cache only
         *([f"train.compile_cache_dir={args.compile_cache_dir}"] if getattr(args, "compile_cache_dir", "") else []),
     ])
 
 
-def dyme_trainer(args: argparse.Namespace, work: Work, device: torch.device) -> BenchDymeTrainer:
-    return BenchDymeTrainer(dyme_config(args, work), work.dataset, device=device)
+def dyme_trainer(args: argparse.Namespace, work: Work, device: torch.device, variant: str = "dyme",
+                 **sizes: int) -> tuple[DymeTrainer, ControlledRewards]:
+    """A DymeTrainer of `variant` scored by the controlled rewards (mix explore until set), and those rewards."""
+    rewards = ControlledRewards()
+    return DymeTrainer(dyme_config(args, work, variant, **sizes), work.dataset, device=device,
+                       rewards=rewards.table()), rewards
 
 
 # ------------------------------------------------------------------------------------------ DyME steps
@@ -278,30 +178,34 @@ def dyme_variants(trainers: list[str]) -> list[str]:
 
 
 class DymeRunner:
-    """Steps one BenchDymeTrainer as any of DYME_VARIANTS and returns one record per step."""
+    """One DymeTrainer per DyME variant of `args.trainers`, each warmed up on building; `step` returns one record."""
 
     def __init__(self, args: argparse.Namespace, work: Work, device: torch.device):
         self.device = device
-        before = mem_allocated(device)
-        self.trainer = dyme_trainer(args, work, device)
-        self.checkers = {name: VisualChecker(name) for name in ("rule", "none")}
-        self.params = count_params(self.trainer.model)
-        self.world = self.trainer.world
-        self.warmup_s: list[float] = []
-        # warm-up as 'dyme' whenever dyme or grpo is measured (as the earlier tables were); else each variant in turn
-        variants = dyme_variants(args.trainers)
-        warm = ["dyme"] if {"dyme", "grpo"} & set(variants) else variants
-        for i in range(args.warmup):
-            self.warmup_s.append(self.step(warm[i % len(warm)], args.mix[0])["step_s"])
-        self.resident = mem_allocated(device) - before
+        self.trainers: dict[str, DymeTrainer] = {}
+        self.rewards: dict[str, ControlledRewards] = {}
+        self.tokens: dict[str, UpdateTokens] = {}
+        self.warmup_s: dict[str, list[float]] = {}
+        self.resident: dict[str, int] = {}
+        for variant in dyme_variants(args.trainers):
+            before = mem_allocated(device)
+            self.trainers[variant], self.rewards[variant] = dyme_trainer(args, work, device, variant)
+            self.tokens[variant] = UpdateTokens(self.trainers[variant].model)
+            self.warmup_s[variant] = [self.step(variant, args.mix[0])["step_s"] for _ in range(args.warmup)]
+            self.resident[variant] = mem_allocated(device) - before
+        self.first = next(iter(self.trainers.values()))  # for what all variants share: the model's shape, eos
+        self.params = count_params(self.first.model)
+        self.world = self.first.world
+
+    def meta(self) -> dict[str, dict]:
+        """meta["trainers"] entries: each variant's warm-up seconds, resident bytes and parameter counts."""
+        return {v: {"warmup_s": self.warmup_s[v], "resident_bytes": self.resident[v], "params": self.params}
+                for v in self.trainers}
 
     def step(self, trainer: str, mix: str) -> dict[str, Any]:
-        tr = self.trainer
-        v = DYME_VARIANTS[trainer]  # every setting a variant differs in, set before each step
-        tr.t.method, tr.t.use_refiner, tr.text_rewards = v.method, v.use_refiner, v.text_rewards
-        tr.checker = self.checkers[v.checker]
-        MixState.mix = mix
-        tr.update_tokens = 0
+        tr, tokens = self.trainers[trainer], self.tokens[trainer]
+        self.rewards[trainer].mix = mix
+        tokens.count = 0
         sync(self.device)
         alloc0 = mem_allocated(self.device)
         reset_peak(self.device)
@@ -309,12 +213,13 @@ class DymeRunner:
         m = tr.train_step()
         sync(self.device)
         step_s = time.perf_counter() - t0
+        t = tr.cfg.train
         rec = {"trainer": trainer, "mix": mix, "step_s": step_s, "generation_s": m["time/generation_s"],
                "reward_s": m["time/reward_s"], "update_s": m["time/update_s"],
-               "samples": tr.t.batch_size * tr.t.num_generations * self.world, "gen_tokens": m["tokens"],
-               "update_tokens": tr.update_tokens, "rows_kept": m["rows/kept"], "rows_total": m["rows/total"],
+               "samples": t.batch_size * t.num_generations * tr.world, "gen_tokens": m["tokens"],
+               "update_tokens": tokens.count, "rows_kept": m["rows/kept"], "rows_total": m["rows/total"],
                "completion_len": m["completion/mean_length"], "transient_bytes": mem_peak(self.device) - alloc0,
-               "k": tr.t.num_generations, "prompts": tr.t.batch_size, "new_tokens": tr.t.max_new_tokens,
+               "k": t.num_generations, "prompts": t.batch_size, "new_tokens": t.max_new_tokens,
                "modes": {mode: m[f"mode/{mode}"] for mode in ("memorize", "explore", "skip")},
                "rewards": {key.removeprefix("reward/"): x for key, x in m.items() if key.startswith("reward/")}}
         rec["other_s"] = step_s - rec["generation_s"] - rec["reward_s"] - rec["update_s"]
@@ -477,7 +382,7 @@ class Interleave(TrainerCallback):
 
 def run_trl_phase(kind: str, args: argparse.Namespace, work: Work, device: torch.device, dyme: DymeRunner | None,
                   deadline: float, records: list[dict], meta: dict, flush: Any = None) -> None:
-    suppress = dyme.trainer.suppress if dyme is not None else _suppress_list(args, work, device)
+    suppress = dyme.first.suppress if dyme is not None else _suppress_list(args, work, device)
     max_cache_len = meta["max_cache_len"]
     cb = Interleave(kind, args, device, dyme, deadline, records)
     free_memory(device)
@@ -525,38 +430,6 @@ def max_prompt_len(work: Work, args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ summaries
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def decode_floor(model: torch.nn.Module, rows: int, prompt_len: int, new_tokens: int, max_cache_len: int,
-                 bandwidth: float) -> dict[str, Any]:
-    """Memory-bandwidth floor of one decode step: the bytes it must read / the card's bandwidth.
-
-    A decode step reads every weight of the text decoder and the LM head once (the vision tower and connector do
-    not run; of the input embedding only `rows` rows are read) and the KV cache of every row. The floor takes the
-    cache at the mean length over the decode steps (the left-padded prompt + new_tokens / 2); `floor_static_ms`
-    takes the whole static cache (max_cache_len), which attention over a static cache reads with a mask.
-    """
-    skip = ("vision", "visual", "connector", "multi_modal_projector")
-    emb_in, emb_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                       if not any(k in n for k in skip) and p is not emb_in)
-    if emb_out is emb_in:  # tied head: named_parameters lists it once, as the input embedding skipped above
-        weight_bytes += emb_out.numel() * emb_out.element_size()
-    weight_bytes += rows * emb_in.shape[1] * emb_in.element_size()
-    tc = getattr(model.config, "text_config", model.config)
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
-    kv_per_pos = 2 * tc.num_hidden_layers * kv_heads * head_dim * emb_in.element_size() * rows  # K and V, all rows
-    mean_len = prompt_len + new_tokens / 2
-    return {"bandwidth_tb_s": bandwidth / 1e12, "rows": rows, "weight_bytes": weight_bytes,
-            "kv_bytes_per_position": kv_per_pos, "mean_cache_len": mean_len, "max_cache_len": max_cache_len,
-            "kv_bytes_mean": kv_per_pos * mean_len, "kv_bytes_static": kv_per_pos * max_cache_len,
-            "floor_ms": (weight_bytes + kv_per_pos * mean_len) / bandwidth * 1e3,
-            "floor_static_ms": (weight_bytes + kv_per_pos * max_cache_len) / bandwidth * 1e3}
-
-
 def summarize(records: list[dict], args: argparse.Namespace, meta: dict, peak_flops: float | None) -> list[dict]:
     """One row per (mix, trainer): medians over timed steps, rates, memory, ratios, MFU."""
     rows = []
@@ -574,11 +447,10 @@ def summarize(records: list[dict], args: argparse.Namespace, meta: dict, peak_fl
                    "rows_kept": median([r["rows_kept"] for r in recs]),
                    # generation seconds / new tokens: prefill and the vision tower included, so an upper bound
                    "decode_ms": median([r["generation_s"] / r["new_tokens"] * 1e3 for r in recs]),
-                   "peak_gb": (residents.get(name, residents.get("dyme", 0))
-                               + max(r["transient_bytes"] for r in recs)) / 1e9}
+                   "peak_gb": (residents.get(name, 0) + max(r["transient_bytes"] for r in recs)) / 1e9}
             if name in DYME_VARIANTS:
                 tokens = median([r["update_tokens"] for r in recs])
-                n_train = meta["trainers"]["dyme"]["params"]["trainable"]
+                n_train = meta["trainers"][name]["params"]["trainable"]
                 row["update_tokens"] = tokens
                 if peak_flops:
                     row["update_mfu"] = 6 * n_train * tokens / row["update_s"] / peak_flops
@@ -688,8 +560,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ sweep
-def run_sweep(args: argparse.Namespace, dyme: DymeRunner, deadline: float, out_dir: Path, meta: dict) -> list[dict]:
-    """DyME step time as K, prompts per step and completion length grow (method dyme, mix explore).
+def run_sweep(args: argparse.Namespace, work: Work, device: torch.device, deadline: float, out_dir: Path,
+              meta: dict) -> list[dict]:
+    """DyME step time as K, prompts per step and completion length grow (method dyme, mix explore): one trainer per
+    point, built with that point's config.
 
     The table is rewritten after every point, so a run killed at its time limit keeps what it measured.
     """
@@ -698,7 +572,6 @@ def run_sweep(args: argparse.Namespace, dyme: DymeRunner, deadline: float, out_d
     points += [{**base, "k": k} for k in args.sweep_k if k != args.k]
     points += [{**base, "new_tokens": n} for n in args.sweep_new_tokens if n != args.new_tokens]
     points += [{**base, "prompts": p} for p in args.sweep_prompts if p != args.prompts]
-    t = dyme.trainer.t
     out = []
     last = 0.0
     for p in points:
@@ -706,20 +579,20 @@ def run_sweep(args: argparse.Namespace, dyme: DymeRunner, deadline: float, out_d
             out.append({**p, "skipped": "time budget"})
             continue
         t0 = time.perf_counter()
-        t.num_generations, t.batch_size, t.max_new_tokens = p["k"], p["prompts"], p["new_tokens"]
-        t.max_target_tokens = p["new_tokens"]
-        t.micro_batch_size = args.micro_batch or p["k"] * p["prompts"]
-        warm = [dyme.step("dyme", "explore")["step_s"] for _ in range(args.sweep_warmup)]
-        recs = [dyme.step("dyme", "explore") for _ in range(args.sweep_steps)]
-        row = {**p, "warmup_s": warm, "step_s": median([r["step_s"] for r in recs]),
+        free_memory(device)
+        before = mem_allocated(device)
+        sizes = {"k": p["k"], "prompts": p["prompts"], "new_tokens": p["new_tokens"]}
+        point = DymeRunner(argparse.Namespace(**{**vars(args), **sizes, "trainers": ["dyme"], "mix": ["explore"],
+                                                 "warmup": args.sweep_warmup}), work, device)
+        recs = [point.step("dyme", "explore") for _ in range(args.sweep_steps)]
+        row = {**p, "warmup_s": point.warmup_s["dyme"], "step_s": median([r["step_s"] for r in recs]),
                **{ph: median([r[ph] for r in recs]) for ph in PHASES},
                "samples_per_s": median([r["samples"] / r["step_s"] for r in recs]),
-               "peak_gb": (dyme.resident + max(r["transient_bytes"] for r in recs)) / 1e9}
+               "peak_gb": (mem_allocated(device) - before + max(r["transient_bytes"] for r in recs)) / 1e9}
+        del point
         out.append(row)
         sweep_outputs(out, out_dir, args.label, meta, plot=False)
         last = time.perf_counter() - t0
-    t.num_generations, t.batch_size, t.max_new_tokens = base["k"], base["prompts"], base["new_tokens"]
-    t.max_target_tokens, t.micro_batch_size = base["new_tokens"], args.micro_batch or base["k"] * base["prompts"]
     return out
 
 
@@ -891,15 +764,15 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and args.peak != "off" and rank == 0:
         peak = measure_peak_bf16(device)
         meta["peak_bf16_tflops"] = peak / 1e12
-    work = prepare_work(args, device, rank)
+    work = prepare_work(args.shape, args.work, args.samples, args.seed, device, rank)
     meta["max_prompt_len"] = max_prompt_len(work, args)
     meta["max_cache_len"] = -(-(meta["max_prompt_len"] + args.new_tokens) // 128) * 128
     records: list[dict] = []
     dyme = None
     if dyme_variants(args.trainers):
         dyme = DymeRunner(args, work, device)
-        meta["trainers"]["dyme"] = {"warmup_s": dyme.warmup_s, "resident_bytes": dyme.resident, "params": dyme.params}
-    ref_model = dyme.trainer.model if dyme else load_model(ModelConfig(name_or_path=str(work.model_dir)), "cpu")
+        meta["trainers"].update(dyme.meta())
+    ref_model = dyme.first.model if dyme else load_model(ModelConfig(name_or_path=str(work.model_dir)), "cpu")
     params = dyme.params if dyme else count_params(ref_model)
     meta["decode_floor"] = decode_floor(ref_model, args.k * args.prompts, meta["max_prompt_len"], args.new_tokens,
                                         meta["max_cache_len"], args.bandwidth_tbs * 1e12)
@@ -941,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         if "ddp" in meta:
             print(json.dumps(meta["ddp"], indent=2))
     if args.sweep and dyme is not None and rank == 0 and world == 1:
-        points = run_sweep(args, dyme, deadline, out, meta)
+        points = run_sweep(args, work, device, deadline, out, meta)
         sweep_outputs(points, out, label, meta)
     if rank == 0:
         print(f"total wall time {time.perf_counter() - start:.1f} s; results in {out}")

@@ -1,8 +1,7 @@
-"""Fixtures of the benchmark tests: bench/throughput.py's synthetic charts and random model, at the tiny shape."""
+"""Fixtures of the benchmark tests: the bench toolkit's synthetic charts and random model, at the tiny shape."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,16 +11,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `bench`
 
-from bench.throughput import Work, prepare_work  # noqa: E402
+from bench.common import Work, prepare_work  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def bench_work(tmp_path_factory: pytest.TempPathFactory) -> Work:
     """8 synthetic charts and the random `tiny` model, in a --work cache that the scripts under test reuse."""
     root = tmp_path_factory.mktemp("bench-work")
-    return prepare_work(
-        argparse.Namespace(work=str(root), shape="tiny", samples=8, seed=0), torch.device("cpu"), rank=0
-    )
+    return prepare_work("tiny", root, samples=8, seed=0, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from torch.autograd.profiler_util import Interval
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `bench`
 
 from bench import decode_step as ds  # noqa: E402
-from bench.throughput import Work  # noqa: E402
+from bench.common import Work  # noqa: E402
 
 
 def test_profile_on_the_cpu_writes_ops_per_step_and_categories_that_sum_to_the_total(

@@ -16,8 +16,8 @@ from bench import method_table as mt  # noqa: E402
 from dyme_core.data.schema import Sample  # noqa: E402
 
 FACTS = {"columns": ["label", "value"], "rows": [["Apples", 12], ["Pears", 30], ["Plums", 45]]}
-SMOKE = mt.SCALES["smoke"]  # lr_grid 3e-4,1e-3, shared 1e-3, 2 seeds for the core methods
-SCALE_REC = {"name": "smoke", "overrides": {}, **dataclasses.asdict(SMOKE)}
+SMOKE = mt.load_scale("smoke")  # lr_grid 3e-4,1e-3, shared 1e-3, 2 seeds for the core methods
+SCALE_REC = SMOKE.record()
 
 
 def _sample(i: int, qtype: str = "value_lookup", question: str = "What is the value for Apples?", answer: str = "12",
@@ -65,18 +65,18 @@ def _record(method: str, lr: float | None, seed: int, n_right: int, val_acc: flo
 def test_lr_is_chosen_on_val_and_unlocks_the_other_seeds() -> None:
     samples = [_sample(i) for i in range(10)]
     done = {"base": _record("base", None, 0, 1, 0.1, samples)}
-    ready, remaining = mt.planned_runs(["dyme", "sft_low"], SMOKE, done)
+    ready, remaining = mt.planned_runs(["dyme", "sft_low"], SMOKE.plan, done)
     # the core method's grid first, the extended one after; seed 1 waits for dyme's grid
     assert [r["id"] for r in ready] == ["dyme@lr0.0003@seed0", "dyme@lr0.001@seed0", "sft_low@lr0.0003@seed0",
                                         "sft_low@lr0.001@seed0"]
     assert remaining == 5
     done["dyme@lr0.0003@seed0"] = _record("dyme", 3e-4, 0, 5, 0.6, samples)
     done["dyme@lr0.001@seed0"] = _record("dyme", 1e-3, 0, 9, 0.4, samples)  # better on test: must not matter
-    assert mt.choose_lr("dyme", SMOKE, done) == 3e-4
-    ready, _ = mt.planned_runs(["dyme"], SMOKE, done)
+    assert mt.choose_lr("dyme", SMOKE.plan, done) == 3e-4
+    ready, _ = mt.planned_runs(["dyme"], SMOKE.plan, done)
     assert [r["id"] for r in ready] == ["dyme@lr0.0003@seed1"]
     done["dyme@lr0.0003@seed0"]["val"]["acc"] = 0.4  # a tie goes to the shared LR
-    assert mt.choose_lr("dyme", SMOKE, done) == 1e-3
+    assert mt.choose_lr("dyme", SMOKE.plan, done) == 1e-3
 
 
 def test_records_survive_a_cut_line_and_failures_are_redone(tmp_path: Path) -> None:
@@ -87,7 +87,7 @@ def test_records_survive_a_cut_line_and_failures_are_redone(tmp_path: Path) -> N
     done, failed = mt.load_records([tmp_path])
     assert list(done) == ["base"]
     assert [f["id"] for f in failed] == ["dyme@lr0.001@seed0"]
-    ready, _ = mt.planned_runs(["dyme"], SMOKE, done)
+    ready, _ = mt.planned_runs(["dyme"], SMOKE.plan, done)
     assert "dyme@lr0.001@seed0" in [r["id"] for r in ready]
 
 
@@ -180,3 +180,28 @@ def test_misstated_observations_change_one_observed_value_of_the_chosen_share(tm
     assert changed == 3
     with pytest.raises(ValueError, match="refined_noise must be in"):
         mt.misstate_observations(path, 1.5)
+
+
+def test_a_scale_file_is_config_keys_and_a_plan_and_sets_reach_the_runs(tmp_path: Path) -> None:
+    """`--set train.max_steps=7` is an ordinary config override of every run; a plan field is typed; both recorded."""
+    scale = mt.load_scale("smoke", ["train.max_steps=7", "lr_grid=1e-4,1e-3", "shared_lr=1e-3"])
+    assert scale.value("train.max_steps") == 7 and scale.value("evaluate.max_new_tokens") == 16
+    assert scale.plan.lrs == [1e-4, 1e-3] and scale.plan.shared_lr == 1e-3
+    spec = {"data": str(tmp_path), "base": str(tmp_path / "b"), "refined": str(tmp_path / "r" / "t.jsonl"),
+            "seed": 1, "lr": 1e-4, "method": "dyme"}
+    from dyme_core.config import load_config
+
+    cfg = load_config(None, mt.run_overrides(spec, scale, tmp_path / "run"))
+    assert (cfg.train.max_steps, cfg.train.num_generations, cfg.train.learning_rate, cfg.train.seed) == (7, 4, 1e-4, 1)
+    assert mt.scale_of(scale.record()) == scale and scale.record()["overrides"]["train.max_steps"] == "7"
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["train.max_stepz=3"], "unknown config key train.max_stepz"),
+    (["train.max_steps=0"], "train.max_steps must be >= 1"),
+    (["seeds=3"], "expected section.key=VALUE"),
+    (["seeds_core=two"], "seeds_core='two' is not a int"),
+])
+def test_a_bad_scale_override_is_one_line_naming_it(sets: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        mt.load_scale("smoke", sets)

@@ -1,5 +1,6 @@
-"""bench/throughput.py's dyme-full and dyme-switch: what each step really runs (refiner, checker, text rewards), that
-both see the same mode mix, and the full/switch ratio in the summaries."""
+"""bench/throughput.py's dyme-full and dyme-switch, each a DymeTrainer built through public entry points (config
+keys and the bench's reward table): what each step really runs (refiner, checker, text rewards, full-length
+rollouts), that both see the same mode mix, and the full/switch ratio in the summaries."""
 
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `bench`
 
 from bench import throughput as tp  # noqa: E402
+from bench.common import ControlledRewards, Work, group_kinds, mix_accuracy  # noqa: E402
+from dyme_core.checker import VisualChecker  # noqa: E402
 from dyme_core.models import ANSWER_FLAG  # noqa: E402
 from dyme_core.refiner import rule_refine  # noqa: E402
+from dyme_core.rewards import RewardContext  # noqa: E402
 
 K, PROMPTS = 2, 4
 
 
 @pytest.fixture(scope="module")
-def runner(bench_work: tp.Work, tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterator[tp.DymeRunner]:
-    """One DymeRunner stepping dyme-full and dyme-switch (K=2, 4 prompts, 8 tokens) on the tiny model; run from a
-    temporary folder, where the refiner's default cache (.cache/refine) goes."""
+def runner(bench_work: Work, tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterator[tp.DymeRunner]:
+    """One DymeRunner with a dyme-full and a dyme-switch trainer (K=2, 4 prompts, 8 tokens) on the tiny model; run
+    from a temporary folder, where the refiner's default cache (.cache/refine) goes."""
     argv = (
         f"--device cpu --k {K} --prompts {PROMPTS} --new-tokens 8 --warmup 1 --samples 8 --trl off "
         "--trainers dyme-full,dyme-switch --mix memorize75"
@@ -42,7 +46,7 @@ def test_the_default_trainers_are_still_the_four_of_the_earlier_tables() -> None
         tp.parse_args(["--trainers", "dyme-fast"])
 
 
-def test_dyme_decode_picks_the_trainers_rollout_decode(runner: tp.DymeRunner, bench_work: tp.Work) -> None:
+def test_dyme_decode_picks_the_trainers_rollout_decode(runner: tp.DymeRunner, bench_work: Work) -> None:
     """auto keeps the earlier tables' decode (HF's static cache wherever trl-same-gen has it); the trainer gets the
     settings that the chosen decode names."""
     assert tp.parse_args(["--device", "cuda"]).dyme_decode == "hf-static"
@@ -50,7 +54,7 @@ def test_dyme_decode_picks_the_trainers_rollout_decode(runner: tp.DymeRunner, be
     assert tp.parse_args(["--device", "cpu"]).dyme_decode == "captured"
     with pytest.raises(SystemExit):
         tp.parse_args(["--dyme-decode", "compiled"])
-    t = runner.trainer.t  # built with --device cpu: auto -> captured
+    t = runner.trainers["dyme-full"].cfg.train  # built with --device cpu: auto -> captured
     assert (t.static_cache, t.cuda_graph_decode, t.compile_decode) == (False, True, False)
     for decode, settings in (("hf-static", (True, True, False)), ("captured-compiled", (False, True, True)),
                              ("eager", (False, False, False))):
@@ -59,63 +63,60 @@ def test_dyme_decode_picks_the_trainers_rollout_decode(runner: tp.DymeRunner, be
         assert (cfg.train.static_cache, cfg.train.cuda_graph_decode, cfg.train.compile_decode) == settings, decode
 
 
+def test_each_variant_is_its_own_config_and_runs_full_length_rollouts(runner: tp.DymeRunner) -> None:
+    for name, variant in tp.DYME_VARIANTS.items():
+        if name in runner.trainers:
+            t = runner.trainers[name].cfg.train
+            assert (t.method, t.use_refiner, t.checker, t.ignore_eos) == (
+                variant.method, variant.use_refiner, variant.checker, True)
+    rec = runner.step("dyme-switch", "memorize75")
+    assert rec["completion_len"] == 8  # train.ignore_eos: every rollout has --new-tokens tokens
+    assert rec["update_tokens"] > rec["rows_kept"] * 8  # prompt + completion of every kept row
+
+
 def test_each_step_refines_and_checks_exactly_as_its_variant_says(
     runner: tp.DymeRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tr = runner.trainer
-    seen: dict[str, list] = {"targets": [], "refined": [], "checked": []}
-    target_texts, refine, score_many = tr._target_texts, tr.refiner.refine, runner.checkers["rule"].score_many
+    seen: dict[str, list] = {"refined": [], "checked": []}
+    for name in ("dyme-full", "dyme-switch"):
+        tr = runner.trainers[name]
+        refine, score_many = tr.refiner.refine, tr.checker.score_many
 
-    def spy_targets(samples: list, source: str) -> list[str]:
-        texts = target_texts(samples, source)
-        seen["targets"].append((source, samples, texts))
-        return texts
+        def spy_refine(samples: list, template: str, refine=refine) -> list:
+            seen["refined"].append(len(samples))
+            return refine(samples, template)
 
-    def spy_refine(samples: list, template: str) -> list:
-        seen["refined"].append(len(samples))
-        return refine(samples, template)
+        def spy_checker(items: list, score_many=score_many) -> list[float]:
+            seen["checked"].append(len(items))
+            return score_many(items)
 
-    def spy_checker(items: list) -> list[float]:
-        seen["checked"].append(len(items))
-        return score_many(items)
-
-    monkeypatch.setattr(tr, "_target_texts", spy_targets)
-    monkeypatch.setattr(tr.refiner, "refine", spy_refine)
-    monkeypatch.setattr(runner.checkers["rule"], "score_many", spy_checker)
-    template, observe = tr.templates.current["text"], tr.refiner.observe
-    # full, switch, then full and dyme again: no step keeps the settings of the step before
-    for variant in ("dyme-full", "dyme-switch", "dyme-full", "dyme"):
+        monkeypatch.setattr(tr.refiner, "refine", spy_refine)
+        monkeypatch.setattr(tr.checker, "score_many", spy_checker)
+    # full, switch, then full again: no step keeps the settings of the step before
+    for variant in ("dyme-full", "dyme-switch", "dyme-full"):
         for calls in seen.values():
             calls.clear()
         rec = runner.step(variant, "memorize75")
-        [(source, samples, texts)] = seen["targets"]
-        assert len(samples) == 3  # memorize75 of 4 prompts: 3 MEMORIZE groups
-        refined = [f"{rule_refine(s, template, observe)}\n{ANSWER_FLAG} {s.answer}" for s in samples]
-        hinted = [f"{s.hint}\n{ANSWER_FLAG} {s.answer}" for s in samples]
-        assert refined != hinted  # the two targets differ, so the check below tells them apart
-        if variant == "dyme-switch":
-            assert (source, texts, seen["refined"]) == ("hint", hinted, [])
-        else:  # dyme-full and dyme memorise the online rule refiner's traces
-            assert (source, texts, seen["refined"]) == ("refined", refined, [3])
-        if variant == "dyme-full":  # the rule checker scores every completion's thinking; format from the text
-            assert tr.checker is runner.checkers["rule"] and seen["checked"] == [PROMPTS * K]
+        assert rec["modes"]["memorize"] == 0.75  # memorize75 of 4 prompts: 3 MEMORIZE groups
+        if variant == "dyme-switch":  # memorises the raw hint: the refiner is not asked; no checker
+            assert seen == {"refined": [], "checked": []}
+            assert set(rec["rewards"]) == {"accuracy", "total"}  # the controlled accuracy alone is scored
+        else:  # the online rule refiner writes the 3 MEMORIZE targets; the rule checker scores every thinking
+            assert seen == {"refined": [3], "checked": [PROMPTS * K]}
             assert rec["rewards"]["format"] < 1.0  # a random model's text has no answer line
-        else:  # no checker; format 1 and thinking 0, constant
-            assert tr.checker is runner.checkers["none"] and seen["checked"] == []
-            assert (rec["rewards"]["format"], rec["rewards"]["thinking"]) == (1.0, 0.0)
 
 
 @pytest.mark.parametrize("mix", ["memorize75", "mixed"])
 def test_full_and_switch_see_the_same_mode_mix_and_the_controlled_accuracy(runner: tp.DymeRunner, mix: str) -> None:
     full, switch = runner.step("dyme-full", mix), runner.step("dyme-switch", mix)
-    kinds = tp.group_kinds(mix, PROMPTS)  # all-wrong groups are MEMORIZE, all-right SKIP, mixed EXPLORE
+    kinds = group_kinds(mix, PROMPTS)  # all-wrong groups are MEMORIZE, all-right SKIP, mixed EXPLORE
     expected = {
         "memorize": kinds.count("wrong") / PROMPTS,
         "explore": kinds.count("mixed") / PROMPTS,
         "skip": kinds.count("right") / PROMPTS,
     }
     assert full["modes"] == switch["modes"] == pytest.approx(expected)
-    accuracy = sum(tp.mix_accuracy(mix, PROMPTS, K)) / (PROMPTS * K)
+    accuracy = sum(mix_accuracy(mix, PROMPTS, K)) / (PROMPTS * K)
     assert full["rewards"]["accuracy"] == switch["rewards"]["accuracy"] == pytest.approx(accuracy)
     # the total is recombined with train.reward_weights (all 1 by default), the controlled accuracy in it
     r = full["rewards"]
@@ -123,13 +124,8 @@ def test_full_and_switch_see_the_same_mode_mix_and_the_controlled_accuracy(runne
     assert switch["rewards"]["total"] == pytest.approx(accuracy)
 
 
-def test_full_scoring_reads_format_and_thinking_from_the_text_but_not_the_accuracy(
-    runner: tp.DymeRunner, bench_work: tp.Work, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tr = runner.trainer
-    monkeypatch.setattr(tr, "text_rewards", True)
-    monkeypatch.setattr(tr, "checker", runner.checkers["rule"])
-    monkeypatch.setattr(tp.MixState, "mix", "explore")  # one mixed group: completion 0 right, completion 1 wrong
+def test_full_scoring_reads_format_and_thinking_from_the_text_but_not_the_accuracy(bench_work: Work) -> None:
+    rewards = ControlledRewards("explore")  # one mixed group: completion 0 right, 1 wrong
     sample = bench_work.dataset.split("train")[1]  # "Which month has the highest Revenue value?" -> Mar
     texts = [
         # well formed, thinking that states the chart's values, a wrong answer: the mix makes it right
@@ -137,11 +133,16 @@ def test_full_scoring_reads_format_and_thinking_from_the_text_but_not_the_accura
         # the right answer with no thinking: format 0, thinking 0, and the mix makes it wrong
         f"{ANSWER_FLAG} {sample.answer}",
     ]
-    out = tr._score([sample], texts)
-    assert out["format"].tolist() == [[1.0, 0.0]]
-    assert out["accuracy"].tolist() == [[1.0, 0.0]]
-    assert out["thinking"][0, 0] > 0 and out["thinking"][0, 1] == 0
-    assert torch.allclose(out["total"], out["format"] + out["accuracy"] + out["thinking"])
+    ctx = RewardContext(checker=VisualChecker("rule"), num_generations=2)
+    table = rewards.table()
+    assert table["format"](texts, [sample] * 2, ctx) == [1.0, 0.0]
+    assert table["accuracy"](texts, [sample] * 2, ctx) == [1.0, 0.0]
+    thinking = table["thinking"](texts, [sample] * 2, ctx)
+    assert thinking[0] > 0 and thinking[1] == 0
+    rewards.mix = "memorize75"  # set before a step: the next call sees it (one group: all wrong)
+    assert table["accuracy"](texts, [sample] * 2, ctx) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="not whole groups of K=2"):
+        table["accuracy"](texts[:1], [sample], ctx)
 
 
 def _record(trainer: str, mix: str, step_s: float) -> dict:
@@ -179,7 +180,8 @@ def test_the_full_over_switch_ratio_and_its_target_line_reach_the_json_and_markd
         "date": "2026-11-30",
         "mixes": args.mix,
         "command": "python x",
-        "trainers": {"dyme": {"warmup_s": [2.0], "resident_bytes": 0, "params": {"trainable": 1000}}},
+        "trainers": {name: {"warmup_s": [2.0], "resident_bytes": 0, "params": {"trainable": 1000}}
+                     for name in ("dyme-full", "dyme-switch")},
     }
     rows = tp.summarize(records, args, meta, None)
     ratio = {r["mix"]: r["x_full_vs_switch"] for r in rows if r["trainer"] == "dyme-full"}

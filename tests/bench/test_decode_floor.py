@@ -1,4 +1,4 @@
-"""The decode-step bandwidth floor of bench/throughput.py (BENCHMARKS.md section 1): what it counts as read."""
+"""The decode-step bandwidth floor (bench/common.py, BENCHMARKS.md section 1): what it counts as read."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `bench`
 
-from bench.throughput import decode_floor  # noqa: E402
+from bench.common import decode_floor  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 2, 4, 2, 500
 
