@@ -23,11 +23,12 @@ COPY pipelines/ pipelines/
 # Everything at the exact versions of constraints.txt; only torch comes from TORCH_INDEX_URL.
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt .
 # The embedded default's base model (model.name_or_path: models/chart-base) comes from the repository's
-# example DVC remote, as the `examples` stage of dvc.yaml fetches it; the fetch runs DVC in a scratch
-# project without git, so it needs neither git nor the repository's history.
-COPY examples/ examples/
+# example DVC remote (models/chart-base.dvc names it: `remote: example`); DVC pulls it in a project without
+# git (core.no_scm), so the build needs neither git nor the repository's history.
+COPY .dvc/config .dvc/config
+COPY models/chart-base.dvc models/chart-base.dvc
 COPY dvc-store/ dvc-store/
-RUN python examples/artifacts.py fetch examples/chart-base.yaml models/chart-base
+RUN dvc config core.no_scm true && dvc pull -q models/chart-base.dvc
 
 FROM python:3.11.7-slim-bookworm
 LABEL org.opencontainers.image.title="dyme" \

@@ -13,71 +13,19 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
-from transformers import PreTrainedModel, ProcessorMixin
 
-from dyme_core import generation
 from dyme_core.checker import rule_thinking_score
-from dyme_core.config import Config, EvaluateConfig, ModelConfig
+from dyme_core.config import Config, ModelConfig
 from dyme_core.data.loaders import Dataset
-from dyme_core.families import family_of
+from dyme_core.inference import generate_answers
 from dyme_core.models import (
-    GPU_ATTENTION,
-    attention_kernels,
     load_model,
     load_processor,
-    suppressed_token_ids,
 )
-from dyme_core.rewards import accuracy_reward, direct_accuracy, format_reward, parse_completion
+from dyme_core.rewards import REWARDS, RewardContext, parse_completion
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def generate_answers(
-    model: PreTrainedModel,
-    processor: ProcessorMixin,
-    images: list[Image.Image],
-    questions: list[str],
-    max_new_tokens: int = EvaluateConfig.max_new_tokens,
-    style: str = "reason",
-    cuda_graph_decode: bool = True,
-    prefixes: list[str] | None = None,
-) -> list[str]:
-    """Greedy completions, one per (image, question); the model family's adapter encodes the inputs.
-
-    cuda_graph_decode: on a CUDA model, the decode step replays a CUDA graph (`generation.complete_static`).
-    prefixes: a forced start of each answer, appended to its prompt (the completion continues it).
-    """
-    model.eval()
-    family = family_of(model.config)
-    batch = family.encode(processor, questions, images, style)
-    tok = processor.tokenizer
-    if prefixes is not None:
-        batch.prompt_ids = [torch.cat([p, torch.tensor(tok(x, add_special_tokens=False)["input_ids"], dtype=p.dtype)])
-                            for p, x in zip(batch.prompt_ids, prefixes, strict=True)]
-    rows = list(range(len(questions)))
-    # left-padded prompts (generation appends on the right) with the family's text and image inputs
-    width = max(len(p) for p in batch.prompt_ids)
-    ids = torch.full((len(rows), width), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, p in enumerate(batch.prompt_ids):
-        ids[i, width - len(p):] = p
-        attn[i, width - len(p):] = 1
-    ids, attn = ids.to(model.device), attn.to(model.device)
-    text = family.text_inputs(batch, rows, [0] * len(rows), width, model.device)
-    settings = {"max_new_tokens": max_new_tokens, "eos_token_id": tok.eos_token_id,
-                "suppress_tokens": suppressed_token_ids(model, processor),
-                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                **family.vision_inputs(batch, rows, model.device, model.dtype)}
-    with attention_kernels(GPU_ATTENTION if model.device.type == "cuda" else None):
-        if family.prefill_once:  # the same greedy tokens as `generate`, without its per-step overhead
-            out = generation.complete(model, ids, attn, text_inputs=text, cuda_graph=cuda_graph_decode, **settings)
-        else:
-            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, **text,
-                                 **settings)[:, ids.shape[1]:]
-    return tok.batch_decode(out, skip_special_tokens=True)
 
 
 def evaluate(cfg: Config, dataset: Dataset) -> dict[str, float]:
@@ -94,19 +42,22 @@ def evaluate(cfg: Config, dataset: Dataset) -> dict[str, float]:
     model = load_model(model_cfg, device)
     out_dir = Path(e.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    acc_fn = direct_accuracy if e.prompt_style == "direct" else accuracy_reward
+    # accuracy and format as training scores them: the reward table, with train.min_thinking_chars
+    ctx = RewardContext(e.prompt_style, cfg.train.min_thinking_chars)
     rows = []
     for lo in tqdm(range(0, len(samples), e.batch_size), desc="evaluate", dynamic_ncols=True):
         chunk = samples[lo: lo + e.batch_size]
         texts = generate_answers(model, processor, [dataset.load_image(s) for s in chunk],
                                  [s.question for s in chunk], e.max_new_tokens, e.prompt_style)
-        for s, text in zip(chunk, texts, strict=True):
+        correct, fmt = REWARDS["accuracy"](texts, chunk, ctx), REWARDS["format"](texts, chunk, ctx)
+        for s, text, right, formatted in zip(chunk, texts, correct, fmt, strict=True):
             p = parse_completion(text)
             rows.append({
                 "id": s.id, "qtype": s.qtype or "all", "question": s.question, "reference": s.answer,
-                "completion": text, "answer": p.answer, "correct": acc_fn(text, s.references()),
-                "format": format_reward(text),
-                "grounding": rule_thinking_score(p.thinking, s.visual_facts, p.answer, hint=s.hint),
+                "completion": text, "answer": p.answer, "correct": right,
+                "format": formatted,
+                "grounding": rule_thinking_score(p.thinking, s.visual_facts, p.answer, hint=s.hint,
+                                                 question=s.question),
                 "thinking_length": len(p.thinking),
             })
     metrics = summarize(rows)
@@ -157,28 +108,59 @@ def plot_accuracy_by_type(metrics: dict[str, float], path: Path) -> None:
     plt.close(fig)
 
 
+SMOOTH_STEPS = 10  # the training plots' moving window: one step of a small batch is noise
+MODE_COLORS = {"memorize": "#dd8452", "explore": "#4c72b0", "skip": "#c7c7c7"}
+
+
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """Trailing moving mean: point i is the mean of values[i - window + 1 : i + 1] (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
 def plot_training(metrics_jsonl: Path, out_dir: Path) -> list[Path]:
-    """Reward curves and mode fractions over steps, from the trainer's metrics.jsonl."""
+    """Reward curves (rewards.png) and the shares of the three modes as a stacked area (modes.png) over
+    steps, from the trainer's metrics.jsonl, each a trailing moving mean over SMOOTH_STEPS steps; the
+    modes' legend gives each mode's share over the whole run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     history = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
     steps = [h["step"] for h in history]
+    window = max(1, min(SMOOTH_STEPS, len(history)))
+    smoothed = f"moving mean over {window} steps"
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, keys in (("rewards", ["reward/format", "reward/accuracy", "reward/thinking", "reward/total"]),
-                       ("modes", ["mode/memorize", "mode/explore", "mode/skip"])):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for k in keys:
-            ax.plot(steps, [h.get(k, 0.0) for h in history], label=k.split("/")[1])
-        ax.set_xlabel("step")
-        ax.set_title(name)
-        ax.legend()
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=100, metadata={"Software": None})
-        plt.close(fig)
-        paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for k in ("reward/format", "reward/accuracy", "reward/thinking", "reward/total"):
+        ax.plot(steps, moving_mean([h.get(k, 0.0) for h in history], window), label=k.split("/")[1])
+    ax.set_xlabel("step")
+    ax.set_title(f"Rewards ({smoothed})")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    paths = [_save(fig, out_dir / "rewards.png")]
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    shares = {m: [h.get(f"mode/{m}", 0.0) for h in history] for m in MODE_COLORS}
+    labels = [f"{m} {sum(v) / max(1, len(v)):.0%}" for m, v in shares.items()]
+    ax.stackplot(steps, *(moving_mean(v, window) for v in shares.values()), labels=labels,
+                 colors=list(MODE_COLORS.values()))
+    ax.set_ylim(0, 1)
+    ax.margins(x=0)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of prompt groups")
+    ax.set_title(f"Modes ({smoothed})")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), title="whole run", reverse=True)
+    paths.append(_save(fig, out_dir / "modes.png"))
     return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return path

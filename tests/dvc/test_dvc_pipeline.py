@@ -2,11 +2,13 @@
 
 One module-scoped copy of the project (`git ls-files --cached --others --exclude-standard`, then
 `git init` + commit, so DVC sees a fresh clone) gets a tiny params.yaml (the real one with smaller
-sizes, same sections and keys) and one real `dvc repro`. The tests below then run in file order on
-that copy: what the first repro builds, the example artifacts the `examples` stage fetched from the
-example remote, `dvc status/metrics/plots`; then the copy's results are committed and a `git clone` of
-it runs `dvc repro` again and must leave `git status` clean (same seed, same bytes), and in that fresh
-clone `dvc exp run`, `dvc exp show`, `dvc exp apply` and `dvc exp run --temp` work with no `dvc pull`.
+sizes, same sections and keys) and the README's command, `dvc pull --allow-missing && dvc repro`. The
+tests below then run in file order on that copy: what the first repro builds, the example artifacts
+`dvc pull` fetched from the example remote (and that `dvc push` to a user's remote leaves that remote
+alone), `dvc status/metrics/plots` (the tables fit 120 columns, the PNGs display without JavaScript);
+then the copy's results are committed and a `git clone` of it runs the README's command again and must
+leave `git status` clean (same seed, same bytes), and in that fresh clone `dvc exp run`, the README's
+`dvc exp show` line, `dvc exp apply` and `dvc exp run --temp` work.
 Back in the copy: a no-change repro, a train-param change, a refine-param change, a damaged stage
 output, the validation gate and a bad row stopping ingest (on a user dataset beside data/raw), then
 the whole DAG on a Hugging Face ChartQA-layout parquet folder and on a DyME JSON file, each by editing
@@ -39,8 +41,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
-STAGES = ("examples", "data", "validate", "init_model", "refine", "train", "evaluate", "register")
-PIPELINE = STAGES[1:]  # the stages a data.path change reruns (examples depends on examples/ only)
+STAGES = ("data", "validate", "init_model", "refine", "train", "evaluate", "register")
+EXAMPLES = {"data.dvc": "data/raw", "models/chart-base.dvc": "models/chart-base"}  # in the example remote
+README = (REPO / "README.md").read_text()
 # what repro may write besides stage outputs: DVC's own files, the MLflow store, caches, bytecode, and
 # register's record of what the registry did (gitignored, no output: the registry's ids are not the seed's)
 BOOKKEEPING = re.compile(r"^(\.git/|\.dvc/|mlruns/|mlartifacts/|\.cache/|dvc\.lock$|(.*/)?\.gitignore$|.*__pycache__/"
@@ -85,6 +88,14 @@ def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if done.returncode != 0:
         pytest.fail(f"`{' '.join(done.args)}` exited {done.returncode}:\n{_tail(done)}")
     return done
+
+
+def _pull_and_repro(clone: Clone) -> subprocess.CompletedProcess:
+    """The README's command on a fresh clone: fetch what the example remote serves, then run the DAG
+    (`dvc pull` alone exits 1 while the pipeline's outputs are in no remote; `--allow-missing` says so
+    and goes on)."""
+    pulled = _run(clone, "dvc", "pull", "--allow-missing")
+    return pulled if pulled.returncode else _run(clone, "dvc", "repro")
 
 
 def _ran(output: str) -> list[str]:
@@ -209,10 +220,11 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Clone:
 
 @pytest.fixture(scope="module")
 def repro(clone: Clone) -> Clone:
-    """The first `dvc repro` of the fresh clone (timed; what it wrote is recorded)."""
+    """The README's `dvc pull --allow-missing && dvc repro` in the fresh copy (timed; what it wrote is
+    recorded)."""
     before = _snapshot(clone.root)
     t0 = time.perf_counter()
-    clone.repro = _run(clone, "dvc", "repro")
+    clone.repro = _pull_and_repro(clone)
     clone.repro_s = TIMINGS["tiny dvc repro"] = time.perf_counter() - t0
     print(f"\n[dvc] tiny dvc repro: {clone.repro_s:.1f} s (exit {clone.repro.returncode})")
     after = _snapshot(clone.root)
@@ -244,8 +256,7 @@ def test_repro_builds_every_stage_output(repro: Clone) -> None:
     assert c.repro is not None
     rc, output = c.repro.returncode, _tail(c.repro)
     assert rc == 0, f"dvc repro failed:\n{output}"
-    assert sorted(_ran(c.repro.stdout)) == sorted(STAGES), output
-    assert [s for s in _ran(c.repro.stdout) if s != "examples"] == list(PIPELINE), output
+    assert _ran(c.repro.stdout) == list(STAGES), output
     root = c.root
 
     samples = _dataset_rows(root)
@@ -296,9 +307,10 @@ def test_repro_builds_every_stage_output(repro: Clone) -> None:
     assert volatile <= run_files and lock["train"]["outs"][0]["nfiles"] == len(run_files - volatile)
 
 
-def test_examples_stage_fetches_the_example_remote(repro: Clone) -> None:
-    """The `examples` stage put the example dataset and the base model where the README says, with the
-    content their tracking files pin (the objects of dvc-store/), and so into this clone's DVC cache."""
+def test_dvc_pull_fetches_the_example_remote(repro: Clone) -> None:
+    """`dvc pull` put the example dataset and the base model where the README says, with the content
+    their .dvc files pin, from the example remote (dvc-store/, in git) into this clone's DVC cache, and the
+    example dataset ingests and validates as the project format."""
     _need_repro(repro)
     root = repro.root
     raw = root / "data/raw"
@@ -306,12 +318,13 @@ def test_examples_stage_fetches_the_example_remote(repro: Clone) -> None:
     assert samples and all((raw / r["image"]).is_file() for r in samples)
     assert (root / "models/chart-base/model.safetensors").is_file()
     assert (root / "models/chart-base/config.json").is_file()
-    lock = {o["path"]: o["md5"] for o in yaml.safe_load((root / "dvc.lock").read_text())["stages"]["examples"]["outs"]}
-    for tracking, path in (("examples/data-raw.yaml", "data/raw"), ("examples/chart-base.yaml", "models/chart-base")):
-        pinned = yaml.safe_load((root / tracking).read_text())["outs"][0]["md5"]
-        assert lock[path] == pinned, f"{path}: dvc.lock {lock[path]}, {tracking} {pinned}"
+    for dvc_file, path in EXAMPLES.items():
+        [out] = yaml.safe_load((root / dvc_file).read_text())["outs"]
+        pinned = out["md5"]
         assert (root / "dvc-store/files/md5" / pinned[:2] / pinned[2:]).is_file(), f"{pinned} not in dvc-store/"
         assert (root / ".dvc/cache/files/md5" / pinned[:2] / pinned[2:]).is_file(), f"{path} is not in the DVC cache"
+    status = _status(repro)
+    assert not set(EXAMPLES) & set(status), status
     for config in ([], ["--config", "params.yaml"]):  # the defaults, then the pipeline's stricter checks
         out, report = repro.tmp / f"raw-dataset{len(config)}", repro.tmp / f"raw-validation{len(config)}.json"
         paths = [f"data.out_dir={out}", f"data.report={out}.json", f"validate.report={report}"]
@@ -322,15 +335,35 @@ def test_examples_stage_fetches_the_example_remote(repro: Clone) -> None:
         assert json.loads(report.read_text())["success"] is True
 
 
+def test_dvc_push_leaves_the_example_remote_alone(repro: Clone) -> None:
+    """A user's default remote (README: `dvc remote add -d storage ...`) gets the pipeline's outputs on
+    `dvc push`; the example remote, in git, is not written, and the example artifacts stay out of the
+    user's storage (their .dvc files name the example remote)."""
+    _need_repro(repro)
+    store, example = repro.tmp / "user-storage", repro.root / "dvc-store"
+    before = _snapshot(example)
+    _ok(_run(repro, "dvc", "remote", "add", "--local", "-d", "storage", str(store)))
+    try:
+        _ok(_run(repro, "dvc", "push"))
+    finally:
+        _ok(_run(repro, "dvc", "remote", "remove", "--local", "storage"))
+    assert _snapshot(example) == before
+    pushed = {p.parent.name + p.name for p in (store / "files/md5").glob("*/*")}  # md5 = dir + file name
+    lock = yaml.safe_load((repro.root / "dvc.lock").read_text())["stages"]
+    assert lock["train"]["outs"][0]["md5"] in pushed, "the trained model did not reach the user's storage"
+    for dvc_file in EXAMPLES:
+        assert yaml.safe_load((repro.root / dvc_file).read_text())["outs"][0]["md5"] not in pushed, dvc_file
+
+
 def test_repro_writes_only_declared_outputs(repro: Clone) -> None:
     """Every file a stage writes is a dvc.yaml output: otherwise `dvc checkout` cannot restore it and a
     stale copy survives into the next run."""
     _need_repro(repro)
     lock = yaml.safe_load((repro.root / "dvc.lock").read_text())["stages"]
-    declared = [o["path"].rstrip("/") for s in lock.values() for o in s.get("outs", [])]
+    declared = [o["path"].rstrip("/") for s in lock.values() for o in s.get("outs", [])] + list(EXAMPLES.values())
     undeclared = [p for p in repro.written if not BOOKKEEPING.match(p)
                   and not any(p == d or p.startswith(d + "/") for d in declared)]
-    assert not undeclared, f"dvc repro wrote files no stage declares: {undeclared}"
+    assert not undeclared, f"dvc pull + repro wrote files no stage or .dvc file declares: {undeclared}"
 
 
 def test_status_up_to_date_after_repro(repro: Clone) -> None:
@@ -339,29 +372,46 @@ def test_status_up_to_date_after_repro(repro: Clone) -> None:
     assert not status, f"dvc status after repro: {status}"
 
 
-def test_metrics_show(repro: Clone) -> None:
+def _widest_line(done: subprocess.CompletedProcess) -> int:
+    return max(len(line.rstrip()) for line in _ok(done).stdout.splitlines())
+
+
+def test_metrics_show_lists_the_headline_in_120_columns(repro: Clone) -> None:
+    """`dvc metrics show` lists only the short-named headline (no digests, paths or strings) and fits a
+    120-column terminal; the evaluation's other figures and the stages' reports are plain JSON in git."""
     _need_repro(repro)
-    done = _run(repro, "dvc", "metrics", "show", "--json")
-    _ok(done)
+    done = _ok(_run(repro, "dvc", "metrics", "show", "--json"))
     shown = json.loads(done.stdout[done.stdout.index("{"):])[""]["data"]
-    assert "relaxed_accuracy" in shown["reports/eval/metrics.json"]["data"]
-    assert shown["reports/validation.json"]["data"]["success"] is True
-    assert shown["reports/ingest.json"]["data"]["rows_per_split"] == {"train": 8, "val": 2, "test": 4}
-    summary = shown["reports/eval/train_summary.json"]["data"]
-    assert summary["steps"] == 2 and "reward/accuracy" in summary and "wall_time_s" not in summary
-    assert shown["runs/train/timing.json"]["data"]["wall_time_s"] > 0  # measured: workspace only
+    assert set(shown) == {"reports/eval/headline.json"}, set(shown)
+    figures = shown["reports/eval/headline.json"]["data"]
+    assert set(figures) == {"accuracy", "format", "grounding", "think_chars", "reward", "memorize", "explore",
+                            "skip"}, figures
+    assert all(isinstance(v, int | float) for v in figures.values()), figures
+    evaluated = json.loads((repro.root / "reports/eval/metrics.json").read_text())
+    assert figures["accuracy"] == round(evaluated["relaxed_accuracy"], 4)
+    assert json.loads((repro.root / "reports/ingest.json").read_text())["rows_per_split"] == {
+        "train": 8, "val": 2, "test": 4}
+    width = _widest_line(_run(repro, "dvc", "metrics", "show"))
+    assert width <= 120, f"`dvc metrics show` is {width} columns wide"
 
 
 def test_plots_show_renders_every_plot(repro: Clone) -> None:
+    """Every plot loads, and the PNGs are embedded as images (<img>, displayed with no network); the two
+    interactive curves are the only vega plots (DVC's HTML loads vega from a CDN)."""
     _need_repro(repro)
     out = repro.tmp / "plots"
     done = _run(repro, "dvc", "plots", "show", "-o", str(out))
     _ok(done)
     html = out / "index.html"
     assert html.is_file() and html.stat().st_size > 0
+    images = re.findall(r"<img[^>]*src=\"([^\"]+)\"", html.read_text())
+    assert sorted(Path(src).name.removeprefix("workspace_reports_eval_") for src in images) == [
+        "accuracy_by_type.png", "modes.png", "rewards.png"], images
+    assert all((out / src).is_file() for src in images), images
     # exit 0 does not mean every plot rendered: DVC lists the ones it could not load
     done = _run(repro, "dvc", "plots", "show", "--json", "-o", str(out))  # -o: image plots go there too
-    errors = json.loads(done.stdout[done.stdout.index("{"):]).get("errors") or []
+    shown = json.loads(done.stdout[done.stdout.index("{"):])
+    errors = shown.get("errors") or []
     assert not errors, "dvc plots could not load: " + "; ".join(
         f"{e.get('name')} ({e.get('source', e.get('type'))}): {str(e.get('msg', e)).splitlines()[-1]}" for e in errors)
 
@@ -369,7 +419,8 @@ def test_plots_show_renders_every_plot(repro: Clone) -> None:
 @pytest.fixture(scope="module")
 def fresh(repro: Clone) -> Clone:
     """The copy's first results committed (as a maintainer commits dvc.lock), then `git clone` of it (no
-    DVC cache, no gitignored files) and one `dvc repro` there, as a new user runs it."""
+    DVC cache, no gitignored files) and the README's `dvc pull --allow-missing && dvc repro` there, as a new
+    user runs it."""
     _need_repro(repro)
     _ok(_run(repro, "git", "add", "-A"))
     _ok(_run(repro, "git", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "dvc.lock and results of dvc repro"))
@@ -380,8 +431,8 @@ def fresh(repro: Clone) -> Clone:
     env = {**repro.env, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}"}
     c = Clone(root=root, env=env, tmp=repro.tmp, mlflow_db=mlflow_db)
     t0 = time.perf_counter()
-    c.repro = _run(c, "dvc", "repro")
-    c.repro_s = TIMINGS["fresh-clone dvc repro"] = time.perf_counter() - t0
+    c.repro = _pull_and_repro(c)
+    c.repro_s = TIMINGS["fresh-clone dvc pull + repro"] = time.perf_counter() - t0
     return c
 
 
@@ -401,15 +452,33 @@ def test_fresh_clone_repro_writes_the_committed_bytes(fresh: Clone) -> None:
     assert not dirty.strip(), f"git status after dvc repro in a fresh clone:\n{dirty}\n{diff[-3000:]}"
 
 
+def _readme_exp_show() -> list[str]:
+    """The README's `dvc exp show ...` line, as a user copies it (shell quoting undone)."""
+    import shlex
+
+    lines = [ln.split("  #")[0] for ln in README.splitlines() if ln.startswith("dvc exp show ")]
+    assert len(lines) == 1, f"the README should show one `dvc exp show` line, found {lines}"
+    return shlex.split(lines[0])
+
+
 def test_experiments_in_a_fresh_clone(fresh: Clone) -> None:
-    """The README's experiment commands in a fresh clone, no `dvc pull` anywhere: `dvc exp apply` checks
-    out every output, the example artifacts included, from the cache the pipeline filled."""
+    """The README's experiment commands in a fresh clone, after its one `dvc pull`: the README's
+    `dvc exp show` line compares them in 120 columns, and `dvc exp apply` checks out every output, the
+    example artifacts included, from the cache that pull and the pipeline filled."""
     _ok(fresh.repro)
     lr = _params(fresh)["train"]["learning_rate"]
     _ok(_run(fresh, "dvc", "exp", "run", "-n", "half-lr", "-S", f"train.learning_rate={lr / 2}"))
     done = _ok(_run(fresh, "dvc", "exp", "show", "--json"))
-    assert "half-lr" in done.stdout and "relaxed_accuracy" in done.stdout
+    [run] = [exp["revs"][0] for base in json.loads(done.stdout) for exp in base.get("experiments") or []
+             if exp["name"] == "half-lr"]
+    assert set(run["data"]["metrics"]) == {"reports/eval/headline.json"}, run["data"]["metrics"]
     _ok(_run(fresh, "dvc", "exp", "run", "--temp", "-n", "quarter-lr", "-S", f"train.learning_rate={lr / 4}"))
+    wide = {**fresh.env, "COLUMNS": "120"}
+    table = subprocess.run([*_readme_exp_show(), "--no-pager"], cwd=fresh.root, env=wide, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert _widest_line(table) <= 120 and "…" not in table.stdout, table.stdout
+    shown = ("[half-lr]", "[quarter-lr]", "accuracy", "memorize", "train.learning_rate")
+    assert all(s in table.stdout for s in shown), table.stdout
     _ok(_run(fresh, "git", "checkout", "-q", "--", "."))  # back to the committed workspace
     done = _run(fresh, "dvc", "exp", "apply", "half-lr")
     assert done.returncode == 0, f"dvc exp apply in a fresh clone failed:\n{_tail(done)}"
@@ -556,7 +625,7 @@ def _repro_on(repro: Clone, data_path: Path) -> tuple[subprocess.CompletedProces
     done = _run(repro, "dvc", "repro")
     TIMINGS[f"dvc repro on {data_path.name}"] = time.perf_counter() - t0
     _ok(done)
-    assert _ran(done.stdout) == list(PIPELINE), _tail(done)
+    assert _ran(done.stdout) == list(STAGES), _tail(done)
     assert not _dirty_stages(_status(repro))
     return done, json.loads((repro.root / "data/dataset/manifest.json").read_text())
 
