@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from dyme_core.cli import resolve_tracking
+from dyme_core.cli import quiet_libraries, resolve_tracking
 from dyme_core.config import Config, LLMConfig, load_config
 from dyme_core.llm import ChatClient
 
@@ -30,8 +30,10 @@ DVC_PREFIX = "dvc+"  # data_path = dvc+<git repo URL>#<path in the repo>[?rev=<g
 def step_config(sections: dict[str, dict[str, Any]], paths: dict[str, Any]) -> Config:
     """params sections -> artifact paths and run values (last, so they win), validated once.
 
-    Pinned values are written as JSON so that no path is read back as another YAML type.
+    Pinned values are written as JSON so that no path is read back as another YAML type. Also holds the
+    chatty third-party loggers above INFO, as the CLI does (KFP's executor logs at INFO).
     """
+    quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         params_file = Path(tmp) / "params.yaml"
         params_file.write_text(yaml.safe_dump(sections, sort_keys=False))

@@ -1,11 +1,11 @@
 """One KFP component per pipeline step, each a thin shell over the `dyme_core.steps` function of the
 same name (the one `dyme <step>` calls).
 
-Every component takes the params sections its step reads (`<section>_params`, one dict each, as the
-DVC stage declares them), points the config's paths at its input/output artifacts and calls the
-step; no training, data or registry logic lives here. So KFP's cache key changes when, and only when,
-what the step reads changes. Imports sit inside the bodies: KFP ships each function's source alone
-into the project image, where `dyme_core` and this package are installed.
+Every component takes the params its step reads (`<section>_params`, one dict each, as the DVC stage
+declares them: a whole section, or the keys `select_params_op` picked), points the config's paths at its
+input/output artifacts and calls the step; no training, data or registry logic lives here. So KFP's cache
+key changes when, and only when, what the step reads changes. Imports sit inside the bodies: KFP ships
+each function's source alone into the project image, where `dyme_core` and this package are installed.
 
 Run one locally: `kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False))`, then call it.
 """
@@ -62,21 +62,33 @@ def validate_op(data_params: dict, validate_params: dict, data: Input[Dataset], 
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def refine_op(data_params: dict, model_params: dict, refine_params: dict, train_params: dict,
-              data: Input[Dataset], refined: Output[Dataset]):
-    """Refined reference traces (targets.jsonl, templates.json, refine_stats.json) into `refined`."""
+def select_params_op(section: dict, keys: list) -> dict:
+    """The `keys` of one params section, for a task whose step reads only those (as its DVC stage lists
+    `section.key`): that task's inputs, and so its cache key, stay the same while the rest of the section
+    changes."""
+    return {key: section[key] for key in keys}
+
+
+@dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
+def refine_op(model_params: dict, refine_params: dict, data: Input[Dataset], refined: Output[Dataset]):
+    """Refined reference traces (targets.jsonl, templates.json, refine_stats.json) into `refined`.
+
+    Given only what the DVC stage reads: `refine`, `model_params` = {name_or_path} (the tokenizer the
+    target lengths are counted in) and the dataset (data.out_dir), so a train change or another model key
+    leaves the task cached. (Its warning of a train.max_new_tokens below the targets' p95 length compares
+    with the default; the lengths are in refine_stats.json.)
+    """
     import tempfile
 
     from components.runtime import llm_client, step_config
     from dyme_core import steps
 
     with tempfile.TemporaryDirectory() as cache:
-        sections = {"data": data_params, "model": model_params, "refine": refine_params, "train": train_params}
-        cfg = step_config(sections, {
+        cfg = step_config({"model": model_params, "refine": refine_params}, {
             "data.out_dir": data.path, "refine.out": f"{refined.path}/targets.jsonl",
             "refine.template_pool": f"{refined.path}/templates.json", "refine.cache_dir": cache,
         })
-        steps.refine(cfg, llm_client(cfg.refine.llm, cfg.refine.backend == "llm"))
+        steps.refine(cfg, llm_client(cfg.refine.llm, cfg.refine.backend == "llm" or cfg.refine.facts_from == "vlm"))
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
@@ -107,13 +119,15 @@ def train_op(data_params: dict, model_params: dict, train_params: dict, register
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def evaluate_op(data_params: dict, model_params: dict, evaluate_params: dict, data: Input[Dataset],
-                model: Input[Model], results: Output[Artifact], metrics: Output[Metrics]):
-    """Greedy evaluation of train_op's `model`: predictions.jsonl, metrics.json and plots into `results`."""
+def evaluate_op(data_params: dict, model_params: dict, evaluate_params: dict, train_params: dict,
+                data: Input[Dataset], model: Input[Model], results: Output[Artifact], metrics: Output[Metrics]):
+    """Greedy evaluation of train_op's `model`: predictions.jsonl, metrics.json and plots into `results`.
+    `train_params` = {min_thinking_chars}: format is scored as training scores it."""
     from components.runtime import step_config
     from dyme_core import steps
 
-    cfg = step_config({"data": data_params, "model": model_params, "evaluate": evaluate_params},
+    cfg = step_config({"data": data_params, "model": model_params, "evaluate": evaluate_params,
+                       "train": train_params},
                       {"data.out_dir": data.path, "evaluate.model_path": f"{model.path}/model",
                        "evaluate.out_dir": results.path})
     for key, value in steps.evaluate(cfg).items():

@@ -4,16 +4,19 @@
 
 Commands: ingest, synth, init-model, validate, refine, train, evaluate, register, sync, promote, compare.
 (Kubeflow submission lives on the pipelines side: `dyme-submit`, pipelines/submit.py.)
-`dyme <command> --help` lists the keys the command reads, with their help and defaults. Bad input
+`dyme <command> --help` lists the keys the command reads, with their help and defaults, and the values
+`--config FILE` (else ./params.yaml) and the overrides on the line give them. Bad input
 (missing file, bad config key, corrupt image, failed validation) ends with one line on stderr and a
 non-zero exit status, never a traceback. This module is the only place that reads argv and the
 environment (the LLM API key, torchrun's rank variables, MLflow's tracking URI, DVC's experiment name):
-`resolve_tracking` turns them into `register.*` values that the library receives.
+`resolve_tracking` turns them into `register.*` values that the library receives; `cpu_threads` picks
+torch's CPU threads from the cores and OMP_NUM_THREADS.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -21,7 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -91,7 +94,10 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_refine(cfg: Config, args: argparse.Namespace) -> int:
-    stats = steps.refine(cfg, _llm_client(cfg.refine.llm, cfg.refine.backend == "llm"))
+    if cfg.refine.facts_from == "vlm" and not cfg.refine.llm.base_url:
+        raise UserError("refine.facts_from=vlm needs a vision endpoint: set refine.llm.base_url")
+    needed = cfg.refine.backend == "llm" or cfg.refine.facts_from == "vlm"
+    stats = steps.refine(cfg, _llm_client(cfg.refine.llm, needed))
     print(f"refined {stats['n']} samples -> {cfg.refine.out} ({json.dumps(stats)})")
     return 0
 
@@ -109,6 +115,29 @@ def _init_distributed() -> None:
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
 
 
+def cpu_threads(environ: Mapping[str, str], cores: int) -> int | None:
+    """Intra-op threads for torch on the CPU: None when OMP_NUM_THREADS is set (torch reads it itself),
+    else half the cores this process may use, at least one.
+
+    torch's default, one thread per core, waits at every parallel operation for the thread that another
+    process has pushed off its core: on 2 cores shared with other work (load average 7-13), a training
+    step of the default took 35 s on average with 2 threads and 7.4 s with 1. Half the cores leaves the
+    other half to whatever else runs. (The thread count changes float rounding, so the trained weights'
+    bytes depend on it: dvc.lock is reproduced with the same count.)
+    """
+    return None if environ.get("OMP_NUM_THREADS") else max(1, cores // 2)
+
+
+def _use_cpu_threads() -> None:
+    import torch
+
+    threads = cpu_threads(os.environ, len(os.sched_getaffinity(0)))
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+        log.info("torch on the CPU: %d intra-op thread(s), half the cores (OMP_NUM_THREADS=N sets another count)",
+                 threads)
+
+
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     # Kubernetes stops a pod with SIGTERM: finish the current step, then end the MLflow run as KILLED (the
     # staged run and its checkpoints wait for resume_from=auto). Raising from the handler instead would
@@ -116,6 +145,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     client = _llm_client(cfg.train.llm, cfg.train.checker == "llm")
+    _use_cpu_threads()
     _init_distributed()
     metrics = steps.train(cfg, client, stop=stop)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -124,6 +154,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    _use_cpu_threads()
     metrics = steps.evaluate(cfg)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     return 0
@@ -153,9 +184,14 @@ def cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
-    from dyme_core.tracking import compare
+    from dyme_core.tracking import compare, compare_paired
 
-    print(compare(cfg.register, run_ids=args.runs or None))
+    if args.paired and args.runs:
+        raise UserError("give either --paired RUN_A RUN_B or --runs, not both")
+    if args.paired:
+        print(compare_paired(cfg.register, *args.paired)["text"])
+    else:
+        print(compare(cfg.register, run_ids=args.runs or None))
     return 0
 
 
@@ -224,18 +260,61 @@ def resolve_tracking(cfg: Config, environ: dict[str, str] | None = None, cwd: st
     return cfg
 
 
-def _keys_help(sections: tuple[str, ...]) -> str:
+# Third-party loggers held above INFO in every entry point (the CLI, the KFP components), set before the
+# libraries are imported: their INFO lines would drown the step's own (great_expectations logs about 200
+# at import; httpx one per LLM request; alembic the SQLite store's schema steps).
+QUIET_LOGGERS = {"great_expectations": logging.WARNING, "huggingface_hub": logging.ERROR,  # retries: one error
+                 "httpx": logging.WARNING, "httpx2": logging.WARNING, "alembic": logging.WARNING}
+
+
+def quiet_libraries() -> None:
+    """Hold the QUIET_LOGGERS at their levels and turn transformers' progress bars and notices off."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def help_values(argv: list[str]) -> tuple[Config | None, str]:
+    """The config `dyme <step> ... --help` shows, and where its values come from.
+
+    `--config FILE` (else ./params.yaml when it exists) merged with the `key=value` overrides on the line,
+    so --help shows what that command line (or `dvc repro`) runs; (None, why) for the defaults alone.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    path = known.config or ("params.yaml" if Path("params.yaml").is_file() else None)
+    if path is None:
+        return None, "defaults (no --config and no ./params.yaml)"
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as e:
+        return None, f"defaults ({e})"
+    given = f"{path} and the overrides" if overrides else path
+    return cfg, given if known.config else f"{given} (what `--config params.yaml` and `dvc repro` run)"
+
+
+def _keys_help(sections: tuple[str, ...], values: Config | None = None, source: str = "") -> str:
+    """Each key the step reads with its help, its value in `values` and the default where that differs."""
     rows = [r for r in describe() if r[0].split(".")[0] in sections]
-    return "config keys (section.key=value):\n" + "\n".join(
-        f"  {key:<34} {help_} [default: {default!r}]" for key, help_, default in rows
-    )
+    lines = []
+    for key, help_, default in rows:
+        value = default if values is None else functools.reduce(getattr, key.split("."), values)
+        shown = f"default: {default!r}" if value == default else f"value: {value!r}; default: {default!r}"
+        lines.append(f"  {key:<34} {help_} [{shown}]")
+    return f"config keys (section.key=value), values from {source or 'defaults'}:\n" + "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(values: Config | None = None, source: str = "") -> argparse.ArgumentParser:
+    """The `dyme` parser; each step's --help lists its keys with the values of `values` (else defaults)."""
     parser = argparse.ArgumentParser(prog="dyme", description="DyME training pipeline for small VLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (sections, text) in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text, epilog=_keys_help(sections),
+        p = sub.add_parser(name, help=text, description=text, epilog=_keys_help(sections, values, source),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", default=None, help="YAML file laid out one section per step (params.yaml).")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Config overrides, e.g. train.max_steps=4.")
@@ -244,20 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--alias", default="champion", help="Alias to set.")
         if name == "compare":
             p.add_argument("--runs", nargs="*", default=[], help="Run ids (default: latest runs).")
+            p.add_argument("--paired", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
+                           help="B - A in accuracy on the test rows both runs were evaluated on, with paired-"
+                                "bootstrap 95%% intervals overall and per question type (run ids or names); "
+                                "logged as a comparison run.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    wants_help = "-h" in argv or "--help" in argv
+    args = build_parser(*help_values(argv) if wants_help else ()).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retries are reported as one error
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per LLM request; failures are logged
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    quiet_libraries()
     try:
         cfg = resolve_tracking(load_config(args.config, args.overrides))
         return HANDLERS[args.command](cfg, args)

@@ -2,6 +2,7 @@
 
 `load_model` / `load_processor` take a hub id or a local directory (SmolVLM/Idefics3, LLaVA-OneVision,
 Qwen2-VL families), load safetensors only, and run hub code only when `model.trust_remote_code` is set.
+A hub id is asked of the hub first (`dyme_core.hub`): a bad id or no network is one line within seconds.
 `init_tiny_model` builds a random model (tests, family trials; DESIGN.md section 4) of one family
 (`init_model.family`: SmolVLM/Idefics3 by default, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL; the family
 adapters of `families.py` own each family's processor and config) with a byte-level BPE tokenizer
@@ -29,6 +30,7 @@ from transformers import (
 )
 
 from dyme_core.config import InitModelConfig, ModelConfig
+from dyme_core.hub import hub_access
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _local_files_only(name_or_path: str) -> bool:
+    """False for a local folder or a hub id the hub has (download as usual), True for one to read from the
+    local cache; a bad id, or an unreachable hub without a cached copy, is a one-line HubError within seconds."""
+    return not Path(name_or_path).is_dir() and hub_access(name_or_path, "model.name_or_path")
+
+
 def load_processor(cfg: ModelConfig) -> ProcessorMixin:
     import dyme_core.families  # noqa: F401 (registers the image-text processors of the tiny models)
 
-    processor = AutoProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                              local_files_only=_local_files_only(cfg.name_or_path))
     processor.tokenizer.padding_side = "left"  # generation appends on the right
     return processor
 
@@ -76,6 +85,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrain
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
         attn_implementation=cfg.attn_implementation,
+        local_files_only=_local_files_only(cfg.name_or_path),
     ).to(device)
     if cfg.freeze_vision:
         for name, param in model.named_parameters():

@@ -388,7 +388,10 @@ def _collect(results: list[Any], checks: list[_Check], records: list[dict[str, A
 
 
 def _quiet_ge() -> None:
-    for name in ("great_expectations", "great_expectations.core", "great_expectations.data_context"):
+    """great_expectations' loggers to ERROR. Called before it is imported (the import alone logs about 200 INFO
+    lines) and again after (one of its modules sets its own logger to INFO when imported)."""
+    loggers = [name for name in logging.root.manager.loggerDict if name.startswith("great_expectations.")]
+    for name in ("great_expectations", *loggers):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -398,6 +401,7 @@ def validate_rows(rows: list[dict[str, Any]], root: Path, cfg: ValidateConfig) -
     ``root`` is the dataset root that image paths are relative to. Rows that are not dicts are reported
     (check ``row_type``) and left out of the frame.
     """
+    _quiet_ge()
     import great_expectations as gx
     import pandas as pd
     from great_expectations.data_context.types.base import ProgressBarsConfig

@@ -3,9 +3,10 @@
 This file only wires the components of `components/steps.py` and adds the cluster settings (GPU,
 volumes, Secrets, retries); the steps themselves are `dyme_core.steps`, the same functions `dyme <step>`
 and `dvc repro` run. The pipeline takes one dict per params.yaml section (already merged with any
-`key=value` overrides by `dyme-submit`) and hands each task only the sections its step reads, so
-KFP's cache behaves like DVC's: a `train.*` change reruns train, evaluate and register, not the data,
-validate, init-model or refine steps. Train and register also receive the pipeline run id (checkpoint
+`key=value` overrides by `dyme-submit`) and hands each task only the params its DVC stage reads (whole
+sections, or the keys `select_params_op` picks: refine gets `model.name_or_path` alone), so KFP's cache
+behaves like DVC's: a `train.*` change reruns train, evaluate and register, not the data, validate,
+init-model or refine steps. Train and register also receive the pipeline run id (checkpoint
 folder, MLflow tag), so they run in every pipeline run.
 
     python -m pipelines.dyme_pipeline [--image REPO:TAG]   # recompile pipelines/dyme_pipeline.yaml (committed)
@@ -30,7 +31,16 @@ from kfp.dsl import PipelineTask
 from kfp.dsl.pipeline_channel import PipelineChannel
 
 from components.image import PROJECT_IMAGE
-from components.steps import data_op, evaluate_op, init_model_op, refine_op, register_op, train_op, validate_op
+from components.steps import (
+    data_op,
+    evaluate_op,
+    init_model_op,
+    refine_op,
+    register_op,
+    select_params_op,
+    train_op,
+    validate_op,
+)
 
 COMPILED = Path(__file__).with_name("dyme_pipeline.yaml")
 
@@ -83,8 +93,11 @@ def _train_evaluate_register(p: dict[str, PipelineChannel], checkpoint_root: Pip
                           validation=validate_task.outputs["report"], **base_model)
     use_mlflow(use_llm_key(use_storage(use_gpu(train_task))))
     train_task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2)
+    # evaluate reads train.min_thinking_chars only (dvc.yaml): a learning-rate change reruns it through its model
+    scoring = select_params_op(section=p["train"], keys=["min_thinking_chars"])
+    scoring.set_display_name("evaluate-train-params")
     evaluate_task = use_gpu(evaluate_op(data_params=p["data"], model_params=p["model"],
-                                        evaluate_params=p["evaluate"], data=dataset,
+                                        evaluate_params=p["evaluate"], train_params=scoring.output, data=dataset,
                                         model=train_task.outputs["model"]))
     register_task = register_op(data_params=p["data"], train_params=p["train"], evaluate_params=p["evaluate"],
                                 register_params=p["register"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -108,8 +121,10 @@ def dyme_pipeline(synth: dict, data: dict, init_model: dict, model: dict, valida
                                         data_path=data_path))
     dataset = data_task.outputs["dataset"]
     validate_task = validate_op(data_params=data, validate_params=validate, data=dataset)
-    refine_task = use_llm_key(refine_op(data_params=data, model_params=model, refine_params=refine,
-                                        train_params=train, data=dataset).after(validate_task))
+    # refine reads model.name_or_path only (dvc.yaml): the rest of `model` must not rerun it
+    refine_model = select_params_op(section=model, keys=["name_or_path"]).set_display_name("refine-model-params")
+    refine_task = use_llm_key(refine_op(model_params=refine_model.output, refine_params=refine,
+                                        data=dataset).after(validate_task))
     # The tail sits in both branches: the local runner cannot pass a dsl.OneOf of artifacts out of a condition.
     with dsl.If(use_tiny_model == True):  # noqa: E712 (builds a KFP condition, not a Python bool)
         init_model_task = init_model_op(data_params=data, init_model_params=init_model,

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from kfp.dsl import Artifact, Dataset, Metrics
 
-from components.steps import data_op, refine_op, validate_op
+from components.steps import data_op, refine_op, select_params_op, validate_op
 from dyme_core.config import load_config
 from dyme_core.steps import ValidationFailed
 
@@ -68,8 +68,9 @@ def test_refine_op_writes_one_target_per_train_sample_into_its_artifact(
         sections: dict, ingested: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     refined = Dataset(uri=str(tmp_path / "refined"))
-    refine_op.python_func(data_params=sections["data"], model_params=sections["model"],
-                          refine_params=sections["refine"], train_params=sections["train"],
+    model_params = select_params_op.python_func(section=sections["model"], keys=["name_or_path"])
+    assert model_params == {"name_or_path": sections["model"]["name_or_path"]}  # what the pipeline hands it
+    refine_op.python_func(model_params=model_params, refine_params=sections["refine"],
                           data=Dataset(uri=str(ingested)), refined=refined)
     rows = [json.loads(line) for line in (Path(refined.path) / "targets.jsonl").read_text().splitlines()]
     train_ids = [r["id"] for r in pq.read_table(ingested / "samples.parquet").to_pylist() if r["split"] == "train"]

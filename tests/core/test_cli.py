@@ -1,15 +1,21 @@
-"""The real `dyme` CLI in subprocesses with tiny settings: each step, --help, and one-line errors."""
+"""The real `dyme` CLI in subprocesses with tiny settings: each step, --help (with the values a config runs),
+one-line errors (a dataset id the hub cannot give among them), and the CPU threads it picks."""
 
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dyme_core.cli import cpu_threads
 from dyme_core.config import ConfigError, load_config
 
 DYME = [sys.executable, "-m", "dyme_core.cli"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -95,7 +101,7 @@ def test_data_changed_after_validation_is_refused_in_one_line(tmp_path: Path, ti
     assert proc.returncode == 2
     assert "made for other data" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "runs").exists()  # nothing was started
+    assert not (tmp_path / "runs" / "train").exists()  # nothing was started (the run lock's dot-file aside)
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
@@ -108,3 +114,69 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         load_config(None, ["nosection.x=1"])
     with pytest.raises(ConfigError, match="train.num_generations must be >= 2"):
         load_config(None, ["train.num_generations=1"])
+
+
+def _key_line(help_text: str, key: str) -> str:
+    [line] = [line for line in help_text.splitlines() if line.split()[:1] == [key]]
+    return line
+
+
+def test_help_shows_the_values_the_config_runs(tmp_path: Path) -> None:
+    # no --config and no ./params.yaml: the dataclass defaults, as `dyme train` alone runs them
+    proc = run("train", "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _key_line(proc.stdout, "train.max_steps").endswith("[default: 12]")
+    # --config and overrides: the values that command line runs, each with the default it replaces
+    (tmp_path / "p.yaml").write_text("train:\n  max_steps: 7\n")
+    proc = run("train", "--config", "p.yaml", "train.learning_rate=0.001", "--help", cwd=tmp_path)
+    assert "values from p.yaml and the overrides" in proc.stdout
+    assert _key_line(proc.stdout, "train.max_steps").endswith("[value: 7; default: 12]")
+    assert _key_line(proc.stdout, "train.learning_rate").endswith("[value: 0.001; default: 8e-05]")
+    assert _key_line(proc.stdout, "train.num_generations").endswith("[default: 4]")  # not in p.yaml
+    # ./params.yaml (the repository's): what `dvc repro` runs
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    proc = run("train", "--help", cwd=tmp_path)
+    runs = load_config(ROOT / "params.yaml")
+    assert "values from params.yaml (what `--config params.yaml` and `dvc repro` run)" in proc.stdout
+    assert _key_line(proc.stdout, "train.max_steps").endswith(f"[value: {runs.train.max_steps}; default: 12]")
+    assert f"[value: {runs.model.name_or_path!r}; default: 'models/tiny-smolvlm']" in proc.stdout
+
+
+def test_a_bad_dataset_id_offline_is_one_line_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a loopback port nothing listens on: refused at once, as offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run([*DYME, "ingest", "data.path=dyme-test/no-such-dataset"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("dyme ingest: error: data.path 'dyme-test/no-such-dataset': not a local folder "
+                                  "and the Hugging Face hub is unreachable (offline?")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize(("environ", "cores", "threads"), [
+    ({}, 2, 1),  # a shared 2-core machine: one thread, the other core for whatever else runs
+    ({}, 16, 8),
+    ({}, 1, 1),
+    ({"OMP_NUM_THREADS": "2"}, 2, None),  # set by the user (or torchrun): torch reads it as it is
+])
+def test_cpu_threads_leave_half_the_cores_unless_omp_num_threads_says(environ: dict, cores: int,
+                                                                      threads: int | None) -> None:
+    assert cpu_threads(environ, cores) == threads
+
+
+def test_train_and_evaluate_set_torchs_threads_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from dyme_core import cli
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(6)))
+    try:
+        cli._use_cpu_threads()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -1,5 +1,13 @@
-"""Model loading: Auto classes for the supported families, frozen vision tower, LoRA, safe saving."""
+"""Model loading: Auto classes for the supported families, frozen vision tower, LoRA, safe saving, and a hub id
+that cannot be had (bad id, hub unreachable, offline) failing at once in one line that names it."""
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -7,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from dyme_core.config import ModelConfig
+from dyme_core.hub import HubError
 from dyme_core.models import VISION_MODULE_NAMES, load_model, load_processor, save_model
 
 
@@ -78,3 +87,87 @@ def test_unknown_families_are_refused_with_the_supported_ones_named() -> None:
         family_of(BertConfig())
     with pytest.raises(ConfigError, match="init_model.family"):
         load_config(None, ["init_model.family=llava"])
+
+
+# --- a hub id that cannot be had fails within seconds, in one line naming the id (dyme_core.hub) ---
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on: a connection is refused at once, as on a machine offline."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _NoSuchRepo(BaseHTTPRequestHandler):
+    """The hub's answer to a repository it does not have (or a private one, unauthenticated)."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        body = b'{"error": "Repository not found"}'
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_hub_id_with_the_hub_unreachable_is_one_error_naming_the_id(closed_port: int,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    for load in (load_model, load_processor):
+        with pytest.raises(HubError) as raised:
+            load(ModelConfig(name_or_path="dyme-test/no-such-model"))
+        assert str(raised.value).startswith("model.name_or_path 'dyme-test/no-such-model': not a local folder and "
+                                            "the Hugging Face hub is unreachable (offline?")
+
+
+def test_a_hub_id_the_hub_does_not_have_is_named_as_not_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchRepo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(HubError, match=r"^model.name_or_path 'dyme-test/no-such-model': not a local folder and "
+                                           r"not found on the hub"):
+            load_model(ModelConfig(name_or_path="dyme-test/no-such-model"))
+    finally:
+        server.shutdown()
+
+
+def test_offline_mode_reads_only_the_cache(monkeypatch: pytest.MonkeyPatch, closed_port: int) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    with pytest.raises(HubError, match=r"'dyme-test/no-such-model': not a local folder and not in the local "
+                                       r"Hugging Face cache \(HF_HUB_OFFLINE is set\)"):
+        load_processor(ModelConfig(name_or_path="dyme-test/no-such-model"))
+    with pytest.raises(HubError, match=r"'no/such/model': neither a local folder nor a valid hub id"):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        load_model(ModelConfig(name_or_path="no/such/model"))
+
+
+def test_a_cached_model_loads_while_the_hub_is_unreachable(tiny_setup: dict, tmp_path: Path,
+                                                           closed_port: int) -> None:
+    # the hub cache's layout: models--<owner>--<name>/refs/main names the snapshot holding the files
+    repo = tmp_path / "hub" / "models--dyme-test--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(tiny_setup["model"], repo / "snapshots" / ("0" * 40))
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": f"http://127.0.0.1:{closed_port}"}
+    env.pop("HF_HUB_OFFLINE", None)
+    code = ("from dyme_core.config import ModelConfig; from dyme_core.models import load_model, load_processor; "
+            "cfg = ModelConfig(name_or_path='dyme-test/tiny'); load_processor(cfg); "
+            "print(type(load_model(cfg)).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "Idefics3ForConditionalGeneration"
+    assert "hub (http://127.0.0.1" in done.stderr and "loading the copy in the local cache" in done.stderr

@@ -1,14 +1,16 @@
 """The committed pipeline YAML is what the code compiles to, and it carries the cluster settings:
 a GPU, the volumes and the Secret/ConfigMap of k8s/kfp, checkpoints under the run id with retries, the
-image (overridable), and for each task only the params sections its step reads (KFP's cache key)."""
+image (overridable), and for each task only the params its DVC stage reads (KFP's cache key: a train change
+leaves refine cached)."""
 
 from pathlib import Path
 
 import yaml
 
 from components.image import PROJECT_IMAGE
-from dyme_core.cli import COMMANDS
-from pipelines.dyme_pipeline import COMPILED, TRAIN_RETRIES, compile_pipeline, main
+from components.steps import select_params_op
+from dyme_core.config import load_config
+from pipelines.dyme_pipeline import COMPILED, TRAIN_RETRIES, compile_pipeline, main, sections
 
 ROOT = Path(__file__).resolve().parents[2]
 # task -> the `dyme` command whose step it runs
@@ -58,18 +60,83 @@ def test_manifests_name_the_same_image() -> None:
     assert f"{image['newName']}:{image['newTag']}" == PROJECT_IMAGE
 
 
-def test_each_task_receives_only_the_sections_its_step_reads() -> None:
-    # what `dyme <step>` declares (and dvc.yaml lists); any other section would defeat KFP's cache
+def _received(task: dict, tasks: dict[str, dict]) -> set[str]:
+    """The params a task receives: `section` for a whole section, `section.key` for keys a select task picked."""
+    received = set()
+    for name, spec in task["inputs"].get("parameters", {}).items():
+        if not name.endswith("_params"):
+            continue
+        section = name.removesuffix("_params")
+        if "taskOutputParameter" in spec:
+            picker = tasks[spec["taskOutputParameter"]["producerTask"]]["inputs"]["parameters"]
+            received |= {f"{section}.{key}" for key in picker["keys"]["runtimeValue"]["constant"]}
+        else:
+            received.add(section)
+    return received
+
+
+def test_each_task_receives_only_the_params_its_dvc_stage_reads() -> None:
+    # KFP's cache key is a task's inputs: a params section or key its DVC stage does not list would rerun
+    # the task where `dvc repro` does not (data.out_dir arrives as the dataset artifact)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     pipeline_spec, _ = _load(COMPILED)
+    tasks = _tasks(pipeline_spec)
     seen = set()
-    for name, task in _tasks(pipeline_spec).items():
+    for name, task in tasks.items():
         step = STEP_COMMAND.get(name.rsplit("-", 1)[0] if name[-1].isdigit() else name)
         if step is None:
             continue
         seen.add(step)
-        params = {k.removesuffix("_params") for k in task["inputs"].get("parameters", {}) if k.endswith("_params")}
-        assert params == set(COMMANDS[step][0]), f"{name}: {sorted(params)} vs `dyme {step}` {COMMANDS[step][0]}"
+        dvc_reads = set(stages[step.replace("-", "_").replace("ingest", "data")]["params"]) - {"data.out_dir"}
+        received = _received(task, tasks)
+        sections = {p.split(".")[0] for p in dvc_reads}
+        assert {p.split(".")[0] for p in received} <= sections | {"data"}, f"{name}: {sorted(received)}"
+        assert sections <= {p.split(".")[0] for p in received}, f"{name}: {sorted(received)} vs {sorted(dvc_reads)}"
+        picked = {p for p in received if "." in p}
+        assert picked <= dvc_reads, f"{name} picks {sorted(picked - dvc_reads)}, which dvc.yaml does not list"
     assert seen == set(STEP_COMMAND.values())
+    # refine, exactly: dvc.yaml's refine stage reads data.out_dir, refine and model.name_or_path
+    assert _received(tasks["refine-op"], tasks) == {"refine", "model.name_or_path"}
+    assert set(stages["refine"]["params"]) == {"data.out_dir", "refine", "model.name_or_path"}
+
+
+def _task_inputs(pipeline_spec: dict, arguments: dict) -> dict[str, dict]:
+    """Each task's parameter values for a run with these pipeline `arguments` (what KFP's cache key holds),
+    resolved from the compiled spec: pipeline inputs, constants, and select_params_op's outputs."""
+    tasks = _tasks(pipeline_spec)
+    resolved: dict[str, dict] = {}
+
+    def value(spec: dict) -> object:
+        if "componentInputParameter" in spec:
+            return arguments.get(spec["componentInputParameter"].removeprefix("pipelinechannel--"))
+        if "runtimeValue" in spec:
+            return spec["runtimeValue"]["constant"]
+        producer = spec["taskOutputParameter"]["producerTask"]
+        assert producer.startswith("select-params-op"), producer
+        return select_params_op.python_func(**inputs(producer))
+
+    def inputs(name: str) -> dict:
+        if name not in resolved:
+            resolved[name] = {k: value(v) for k, v in tasks[name]["inputs"].get("parameters", {}).items()}
+        return resolved[name]
+
+    return {name: inputs(name) for name in tasks if name.split("-op")[0] + "-op" in STEP_COMMAND}
+
+
+def test_a_learning_rate_change_leaves_refines_inputs_unchanged() -> None:
+    # the README's promise: KFP's cache reruns what DVC would; a train.* change reruns train, not refine
+    pipeline_spec, _ = _load(COMPILED)
+    base = load_config(ROOT / "params.yaml")
+    changed = load_config(ROOT / "params.yaml", [f"train.learning_rate={base.train.learning_rate * 2}"])
+    before, after = _task_inputs(pipeline_spec, sections(base)), _task_inputs(pipeline_spec, sections(changed))
+    assert before["refine-op"] == after["refine-op"]
+    assert before["refine-op"]["model_params"] == {"name_or_path": base.model.name_or_path}
+    assert before["train-op"] != after["train-op"]  # the change does reach training
+    # a model key refine does not read leaves it cached too; the model it counts tokens with does not
+    lora = _task_inputs(pipeline_spec, sections(load_config(ROOT / "params.yaml", ["model.lora_r=8"])))
+    assert lora["refine-op"] == before["refine-op"]
+    other = _task_inputs(pipeline_spec, sections(load_config(ROOT / "params.yaml", ["model.name_or_path=a/b"])))
+    assert other["refine-op"] != before["refine-op"]
 
 
 def test_train_checkpoints_under_the_run_id_on_the_volume_and_retries() -> None:
