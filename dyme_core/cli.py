@@ -134,8 +134,8 @@ def _use_cpu_threads() -> None:
     threads = cpu_threads(os.environ, len(os.sched_getaffinity(0)))
     if threads and not torch.cuda.is_available():
         torch.set_num_threads(threads)
-        log.info("torch on the CPU: %d intra-op thread(s), half the cores (OMP_NUM_THREADS=N sets another count)",
-                 threads)
+        # said where work starts (the trainer's first line), not here: a bad input stays a one-line error
+        log.debug("torch on the CPU: %d intra-op thread(s), half the cores", threads)
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:

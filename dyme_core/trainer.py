@@ -893,6 +893,9 @@ class DymeTrainer:
             dist.barrier()
         if not self.t.checkpoint_dir:
             self.checkpoint_root = self.stage  # an interrupted run's checkpoints wait there for resume
+        if main and self.device.type == "cpu":
+            log.info("training on the CPU with %d torch thread(s) (OMP_NUM_THREADS=N sets another count)",
+                     torch.get_num_threads())
         if self.t.resume_from == "auto":
             ckpt = self.latest_checkpoint()
             if ckpt is not None:

@@ -1,8 +1,18 @@
-"""Fixtures shared by every test folder."""
+"""Fixtures shared by every test folder.
+
+The suite runs torch on one thread, in this process and in every `dyme` subprocess it starts (they inherit
+the variable): results compared across the two, such as a resumed run's weights against an uninterrupted
+one's, are then computed with the same float rounding, and the 2-core machine is not oversubscribed. It is
+set before anything imports torch, which reads it once.
+"""
 
 from __future__ import annotations
 
-import pytest
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

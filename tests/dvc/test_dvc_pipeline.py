@@ -44,10 +44,11 @@ VENV_BIN = REPO / ".venv" / "bin"
 STAGES = ("data", "validate", "init_model", "refine", "train", "evaluate", "register")
 EXAMPLES = {"data.dvc": "data/raw", "models/chart-base.dvc": "models/chart-base"}  # in the example remote
 README = (REPO / "README.md").read_text()
-# what repro may write besides stage outputs: DVC's own files, the MLflow store, caches, bytecode, and
-# register's record of what the registry did (gitignored, no output: the registry's ids are not the seed's)
+# what repro may write besides stage outputs: DVC's own files, the MLflow store, caches, bytecode,
+# register's record of what the registry did (gitignored, no output: the registry's ids are not the seed's),
+# and the advisory locks `dyme train` holds beside its run and checkpoint folders (gitignored, emptied on exit)
 BOOKKEEPING = re.compile(r"^(\.git/|\.dvc/|mlruns/|mlartifacts/|\.cache/|dvc\.lock$|(.*/)?\.gitignore$|.*__pycache__/"
-                         r"|reports/register\.json$)")
+                         r"|reports/register\.json$|(.*/)?\.[^/]+\.lock$)")
 
 TINY = {
     "synth": {"n_train": 8, "n_val": 2, "n_test": 4, "image_size": 112},
